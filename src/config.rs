@@ -1,0 +1,1002 @@
+//! The config file: its schema, the validation of every invariant that can be checked before
+//! anything binds, and the resulting immutable [`Config`].
+//!
+//! Raw serde structs (unknown keys rejected) convert into validated types; every problem found is
+//! collected, so `portcullis check` prints all of them at once, each naming the file, the key and
+//! the offending value. This module must never bind a socket or start a task: a config that
+//! passes here is only a description, the edge turns it into listeners.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::tls;
+
+/// HSTS max-age used when a site does not set one: one year, as the preload list asks.
+pub const DEFAULT_HSTS_MAX_AGE: u64 = 31_536_000;
+
+/// Why a config could not be loaded. Each variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML, or does not fit the schema (unknown key, wrong type).
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// The file parsed, but breaks one or more rules; every problem is listed.
+    #[error("{}", format_problems(path, problems))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem as its own line, for `portcullis check`.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid { path, problems } => {
+                problems.iter().map(|p| format!("{path}: {p}")).collect()
+            }
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+fn format_problems(path: &str, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(|p| format!("{path}: {p}")).collect();
+    format!("{} problem(s):\n{}", problems.len(), lines.join("\n"))
+}
+
+/// One broken rule: where (`key`), what was there (`value`) and why it is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path to the key, such as `site[1].pool` (with the site's host when known).
+    pub key: String,
+    /// The offending value as written, quoted when it is a string.
+    pub value: String,
+    /// What is wrong and, where it helps, what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.key, self.value, self.message)
+    }
+}
+
+/// The validated configuration. Immutable once built; reloads build a new one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where generated keys and development certificates live.
+    pub state_dir: PathBuf,
+    /// Timeouts and limits of the data plane.
+    pub edge: EdgeSettings,
+    /// Address pools, in file order.
+    pub pools: Vec<Pool>,
+    /// Sites, in file order; `Site::pool` indexes `pools`.
+    pub sites: Vec<Site>,
+}
+
+/// Data-plane timeouts and limits (`[edge]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeSettings {
+    /// Time a new connection has to send its first bytes and finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time a client has to send complete request headers.
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes in either direction for this long is closed once idle.
+    pub idle_timeout: Duration,
+    /// Time to establish a TCP (and TLS) connection to an origin; past it, 504.
+    pub origin_connect_timeout: Duration,
+    /// Time an origin has to start its response once the request is sent; past it, 504.
+    pub origin_response_timeout: Duration,
+    /// How long SIGTERM waits for in-flight requests before exiting anyway.
+    pub shutdown_grace: Duration,
+    /// Largest request head accepted; larger gets 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for EdgeSettings {
+    fn default() -> Self {
+        EdgeSettings {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            origin_connect_timeout: Duration::from_secs(5),
+            origin_response_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            max_header_bytes: 32 * 1024,
+        }
+    }
+}
+
+/// A named group of addresses sharing ports. No cleartext ports means closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub tls_ports: Vec<u16>,
+    pub cleartext_ports: Vec<u16>,
+}
+
+impl Pool {
+    /// A closed pool binds no cleartext socket, so the kernel refuses cleartext connects.
+    pub fn is_closed(&self) -> bool {
+        self.cleartext_ports.is_empty()
+    }
+
+    /// The TLS port redirects point at: the first configured one.
+    pub fn redirect_port(&self) -> u16 {
+        // Validation guarantees at least one TLS port per pool.
+        self.tls_ports.first().copied().unwrap_or(443)
+    }
+
+    /// Every socket this pool listens on, with its kind.
+    pub fn listeners(&self) -> impl Iterator<Item = (SocketAddr, ListenerKind)> + '_ {
+        self.addresses.iter().flat_map(move |ip| {
+            let tls = self
+                .tls_ports
+                .iter()
+                .map(move |p| (SocketAddr::new(*ip, *p), ListenerKind::Tls));
+            let clear = self
+                .cleartext_ports
+                .iter()
+                .map(move |p| (SocketAddr::new(*ip, *p), ListenerKind::Cleartext));
+            tls.chain(clear)
+        })
+    }
+}
+
+/// What a listening socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenerKind {
+    Tls,
+    Cleartext,
+}
+
+impl fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ListenerKind::Tls => "tls",
+            ListenerKind::Cleartext => "cleartext",
+        })
+    }
+}
+
+/// A hostname a site answers for: exact, or `*.suffix` matching exactly one more label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Exact(String),
+    /// Holds the suffix without the `*.`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Parses and lowercases a configured host; returns why it is not a valid DNS name.
+    pub fn parse(raw: &str) -> Result<HostPattern, String> {
+        let lower = raw.trim_end_matches('.').to_ascii_lowercase();
+        let (wild, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_owned()),
+            None => (false, lower),
+        };
+        if name.parse::<IpAddr>().is_ok() {
+            return Err("an IP address is not a hostname (SNI cannot carry it)".into());
+        }
+        validate_dns_name(&name)?;
+        if wild && !name.contains('.') {
+            return Err("a wildcard needs at least two labels after `*.`".into());
+        }
+        Ok(if wild {
+            HostPattern::Wildcard(name)
+        } else {
+            HostPattern::Exact(name)
+        })
+    }
+
+    /// Whether `host` (already lowercase, without port) is covered by this pattern.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Wildcard(suffix) => host
+                .split_once('.')
+                .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+fn validate_dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("a hostname has 1 to 253 characters".into());
+    }
+    for label in name.split('.') {
+        let ok_chars = label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if label.is_empty() || label.len() > 63 || !ok_chars {
+            return Err(format!(
+                "label {label:?} is not a DNS label (letters, digits and '-', 1 to 63 long)"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
+/// What a site does with cleartext requests that reach an open pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CleartextMode {
+    /// Served only from closed pools: no cleartext listener exists for it at all.
+    Closed,
+    /// 301 (GET/HEAD) or 308 to the https URL.
+    Redirect,
+    /// 403 saying the service is HTTPS-only and any credential sent is exposed.
+    Reject,
+    /// Proxied to the origin with `X-Forwarded-Proto: http`.
+    Allow,
+}
+
+impl CleartextMode {
+    pub fn parse(raw: &str) -> Option<CleartextMode> {
+        Some(match raw {
+            "closed" => CleartextMode::Closed,
+            "redirect" => CleartextMode::Redirect,
+            "reject" => CleartextMode::Reject,
+            "allow" => CleartextMode::Allow,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleartextMode::Closed => "closed",
+            CleartextMode::Redirect => "redirect",
+            CleartextMode::Reject => "reject",
+            CleartextMode::Allow => "allow",
+        }
+    }
+}
+
+/// Where a site's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port; the port is explicit only when written.
+    pub authority: Authority,
+}
+
+impl Origin {
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    fn parse(raw: &str) -> Result<Origin, String> {
+        let uri: http::Uri = raw
+            .parse()
+            .map_err(|e| format!("not a URL ({e}); write it like \"http://127.0.0.1:9000\""))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or("missing scheme; write http:// or https://")?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(format!(
+                "scheme {scheme:?} is not supported; use http or https"
+            ));
+        }
+        let authority = uri.authority().cloned().ok_or("missing host")?;
+        if authority.as_str().contains('@') {
+            return Err("credentials in the origin URL are not supported".into());
+        }
+        if authority.host().is_empty() {
+            return Err("missing host".into());
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err("an origin is scheme://host[:port] only; paths and queries are kept from the request".into());
+        }
+        Ok(Origin { scheme, authority })
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// HSTS policy sent on TLS responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hsts {
+    pub max_age: u64,
+    pub include_subdomains: bool,
+    pub preload: bool,
+}
+
+impl Hsts {
+    /// The `Strict-Transport-Security` header value.
+    pub fn header_value(&self) -> String {
+        let mut v = format!("max-age={}", self.max_age);
+        if self.include_subdomains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            v.push_str("; preload");
+        }
+        v
+    }
+}
+
+/// A hostname served by the edge.
+#[derive(Clone)]
+pub struct Site {
+    pub host: HostPattern,
+    /// Index into `Config::pools`.
+    pub pool: usize,
+    pub origin: Origin,
+    pub cleartext: CleartextMode,
+    /// Certificate chain and key from the configured files; `None` means a development
+    /// certificate is issued at start.
+    pub cert: Option<Arc<CertifiedKey>>,
+    /// Extra trust anchors for an `https://` origin, beside the system roots.
+    pub origin_ca: Vec<CertificateDer<'static>>,
+    /// `None` when disabled.
+    pub hsts: Option<Hsts>,
+}
+
+impl fmt::Debug for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Site")
+            .field("host", &self.host)
+            .field("pool", &self.pool)
+            .field("origin", &self.origin)
+            .field("cleartext", &self.cleartext)
+            .field("cert", &self.cert.as_ref().map(|_| "<configured>"))
+            .field("origin_ca", &self.origin_ca.len())
+            .field("hsts", &self.hsts)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are relative to its folder.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let label = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: label.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, &label, base)
+    }
+
+    /// Validates TOML text; `label` names it in errors, `base` anchors relative paths.
+    pub fn from_toml(text: &str, label: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: label.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let mut v = Validator {
+            problems: Vec::new(),
+            base,
+        };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: label.to_owned(),
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// Every listening socket across all pools, with the pool that owns it.
+    pub fn listeners(&self) -> BTreeMap<(SocketAddr, ListenerKind), usize> {
+        let mut out = BTreeMap::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            for key in pool.listeners() {
+                out.insert(key, i);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    edge: RawEdge,
+    #[serde(default)]
+    pool: Vec<RawPool>,
+    #[serde(default)]
+    site: Vec<RawSite>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEdge {
+    handshake_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    origin_connect_timeout: Option<String>,
+    origin_response_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    max_header_bytes: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    addresses: Vec<String>,
+    tls_ports: Vec<i64>,
+    #[serde(default)]
+    cleartext_ports: Vec<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    host: String,
+    pool: String,
+    origin: String,
+    cleartext: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    origin_ca: Option<PathBuf>,
+    hsts: Option<RawHsts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsts {
+    enabled: Option<bool>,
+    max_age: Option<i64>,
+    include_subdomains: Option<bool>,
+    preload: Option<bool>,
+}
+
+struct Validator<'a> {
+    problems: Vec<Problem>,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn problem(
+        &mut self,
+        key: impl Into<String>,
+        value: impl fmt::Display,
+        message: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            key: key.into(),
+            value: value.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let state_dir = raw
+            .state
+            .dir
+            .map(|d| self.path(&d))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/portcullis"));
+        let edge = self.edge(raw.edge);
+        let pools = self.pools(raw.pool);
+        let sites = self.sites(raw.site, &pools);
+        Config {
+            state_dir,
+            edge,
+            pools,
+            sites,
+        }
+    }
+
+    fn edge(&mut self, raw: RawEdge) -> EdgeSettings {
+        let d = EdgeSettings::default();
+        let mut dur = |key: &str, v: Option<String>, default: Duration| match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(&s) {
+                Ok(x) if !x.is_zero() => x,
+                Ok(_) => {
+                    self.problem(
+                        format!("edge.{key}"),
+                        format!("{s:?}"),
+                        "must be more than zero",
+                    );
+                    default
+                }
+                Err(e) => {
+                    self.problem(
+                        format!("edge.{key}"),
+                        format!("{s:?}"),
+                        format!("not a duration ({e}); write it like \"10s\" or \"500ms\""),
+                    );
+                    default
+                }
+            },
+        };
+        let handshake_timeout = dur(
+            "handshake_timeout",
+            raw.handshake_timeout,
+            d.handshake_timeout,
+        );
+        let header_read_timeout = dur(
+            "header_read_timeout",
+            raw.header_read_timeout,
+            d.header_read_timeout,
+        );
+        let idle_timeout = dur("idle_timeout", raw.idle_timeout, d.idle_timeout);
+        let origin_connect_timeout = dur(
+            "origin_connect_timeout",
+            raw.origin_connect_timeout,
+            d.origin_connect_timeout,
+        );
+        let origin_response_timeout = dur(
+            "origin_response_timeout",
+            raw.origin_response_timeout,
+            d.origin_response_timeout,
+        );
+        let shutdown_grace = dur("shutdown_grace", raw.shutdown_grace, d.shutdown_grace);
+        let max_header_bytes = match raw.max_header_bytes {
+            None => d.max_header_bytes,
+            // hyper's smallest read buffer is 8 KiB; 1 MiB is far past any sane request head.
+            Some(n @ 8192..=1_048_576) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "edge.max_header_bytes",
+                    n,
+                    "must be between 8192 and 1048576",
+                );
+                d.max_header_bytes
+            }
+        };
+        EdgeSettings {
+            handshake_timeout,
+            header_read_timeout,
+            idle_timeout,
+            origin_connect_timeout,
+            origin_response_timeout,
+            shutdown_grace,
+            max_header_bytes,
+        }
+    }
+
+    fn ports(&mut self, key: &str, raw: &[i64]) -> Vec<u16> {
+        let mut out = Vec::new();
+        for (i, &p) in raw.iter().enumerate() {
+            match u16::try_from(p) {
+                Ok(port) if port != 0 => {
+                    if out.contains(&port) {
+                        self.problem(format!("{key}[{i}]"), p, "port listed twice");
+                    } else {
+                        out.push(port);
+                    }
+                }
+                _ => self.problem(format!("{key}[{i}]"), p, "port out of range (1 to 65535)"),
+            }
+        }
+        out
+    }
+
+    fn pools(&mut self, raw: Vec<RawPool>) -> Vec<Pool> {
+        let mut pools: Vec<Pool> = Vec::new();
+        // Which pool first claimed each address, to report an address in two pools.
+        let mut owner: HashMap<IpAddr, String> = HashMap::new();
+        for (i, rp) in raw.into_iter().enumerate() {
+            let at = format!("pool[{i}]");
+            let named = format!("pool[{i}] ({:?})", rp.name);
+            if rp.name.trim().is_empty() {
+                self.problem(
+                    format!("{at}.name"),
+                    format!("{:?}", rp.name),
+                    "a pool needs a name",
+                );
+            } else if pools.iter().any(|p| p.name == rp.name) {
+                self.problem(
+                    format!("{at}.name"),
+                    format!("{:?}", rp.name),
+                    "two pools have this name",
+                );
+            }
+            let mut addresses = Vec::new();
+            if rp.addresses.is_empty() {
+                self.problem(
+                    format!("{named}.addresses"),
+                    "[]",
+                    "a pool needs at least one address",
+                );
+            }
+            for (j, a) in rp.addresses.iter().enumerate() {
+                let key = format!("{named}.addresses[{j}]");
+                match a.parse::<IpAddr>() {
+                    Err(_) => self.problem(key, format!("{a:?}"), "not an IP address"),
+                    Ok(ip) => {
+                        if let Some(other) = owner.get(&ip) {
+                            let msg = if *other == rp.name {
+                                "address listed twice in this pool".to_owned()
+                            } else {
+                                format!(
+                                    "address {ip} is in pool {other:?} and pool {:?}; an address belongs to one pool",
+                                    rp.name
+                                )
+                            };
+                            self.problem(key, format!("{a:?}"), msg);
+                        } else {
+                            owner.insert(ip, rp.name.clone());
+                            addresses.push(ip);
+                        }
+                    }
+                }
+            }
+            let tls_ports = self.ports(&format!("{named}.tls_ports"), &rp.tls_ports);
+            let cleartext_ports =
+                self.ports(&format!("{named}.cleartext_ports"), &rp.cleartext_ports);
+            if rp.tls_ports.is_empty() {
+                self.problem(
+                    format!("{named}.tls_ports"),
+                    "[]",
+                    "a pool needs at least one TLS port",
+                );
+            }
+            for p in &cleartext_ports {
+                if tls_ports.contains(p) {
+                    self.problem(
+                        format!("{named}.cleartext_ports"),
+                        p,
+                        "port is also in tls_ports; a port speaks TLS or cleartext, not both",
+                    );
+                }
+            }
+            pools.push(Pool {
+                name: rp.name,
+                addresses,
+                tls_ports,
+                cleartext_ports,
+            });
+        }
+        self.wildcards(&pools);
+        pools
+    }
+
+    /// A wildcard address overlaps every address of its family on the same port, and with
+    /// cleartext ports it would listen on closed addresses too (invariant 1).
+    fn wildcards(&mut self, pools: &[Pool]) {
+        let closed: Vec<&Pool> = pools.iter().filter(|p| p.is_closed()).collect();
+        for (i, pool) in pools.iter().enumerate() {
+            for (j, wild) in pool.addresses.iter().enumerate() {
+                if !wild.is_unspecified() {
+                    continue;
+                }
+                let key = format!("pool[{i}] ({:?}).addresses[{j}]", pool.name);
+                if !pool.cleartext_ports.is_empty() {
+                    if let Some(c) = closed.first() {
+                        let addrs: Vec<String> =
+                            c.addresses.iter().map(|a| a.to_string()).collect();
+                        self.problem(
+                            key.clone(),
+                            format!("\"{wild}\""),
+                            format!(
+                                "wildcard address with cleartext ports {:?} would also listen on closed pool {:?} ({}); list the open pool's addresses explicitly",
+                                pool.cleartext_ports,
+                                c.name,
+                                addrs.join(", ")
+                            ),
+                        );
+                    }
+                }
+                let ports: Vec<u16> = pool
+                    .tls_ports
+                    .iter()
+                    .chain(&pool.cleartext_ports)
+                    .copied()
+                    .collect();
+                for other in pools.iter().filter(|o| o.name != pool.name) {
+                    for addr in other
+                        .addresses
+                        .iter()
+                        .filter(|a| a.is_ipv4() == wild.is_ipv4())
+                    {
+                        let shared: Vec<u16> = other
+                            .tls_ports
+                            .iter()
+                            .chain(&other.cleartext_ports)
+                            .filter(|p| ports.contains(p))
+                            .copied()
+                            .collect();
+                        if !shared.is_empty() {
+                            self.problem(
+                                key.clone(),
+                                format!("\"{wild}\""),
+                                format!(
+                                    "wildcard address overlaps address {addr} of pool {:?} on port(s) {shared:?}",
+                                    other.name
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn sites(&mut self, raw: Vec<RawSite>, pools: &[Pool]) -> Vec<Site> {
+        let mut sites: Vec<Site> = Vec::new();
+        for (i, rs) in raw.into_iter().enumerate() {
+            let at = format!("site[{i}] ({:?})", rs.host);
+            let host = match HostPattern::parse(&rs.host) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    self.problem(format!("site[{i}].host"), format!("{:?}", rs.host), e);
+                    None
+                }
+            };
+            if let Some(h) = &host {
+                if let Some(j) = sites.iter().position(|s| &s.host == h) {
+                    self.problem(
+                        format!("{at}.host"),
+                        format!("{:?}", rs.host),
+                        format!("the same host is configured twice (also site[{j}])"),
+                    );
+                }
+            }
+            let pool = pools.iter().position(|p| p.name == rs.pool);
+            if pool.is_none() {
+                let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                self.problem(
+                    format!("{at}.pool"),
+                    format!("{:?}", rs.pool),
+                    format!("no pool has this name (pools: {names:?})"),
+                );
+            }
+            let origin = match Origin::parse(&rs.origin) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    self.problem(format!("{at}.origin"), format!("{:?}", rs.origin), e);
+                    None
+                }
+            };
+            let mode_raw = rs.cleartext.as_deref().unwrap_or("closed");
+            let cleartext = CleartextMode::parse(mode_raw);
+            if cleartext.is_none() {
+                self.problem(
+                    format!("{at}.cleartext"),
+                    format!("{mode_raw:?}"),
+                    "unknown mode; use closed, redirect, reject or allow",
+                );
+            }
+            if let (Some(mode), Some(p)) = (cleartext, pool) {
+                self.mode_fits_pool(&at, &rs.host, mode, &pools[p]);
+            }
+            let cert = self.site_cert(&at, rs.cert.as_deref(), rs.key.as_deref(), host.as_ref());
+            let origin_ca = match &rs.origin_ca {
+                None => Vec::new(),
+                Some(p) => {
+                    let path = self.path(p);
+                    match tls::load_certs(&path) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.problem(
+                                format!("{at}.origin_ca"),
+                                format!("{:?}", p.display().to_string()),
+                                e.to_string(),
+                            );
+                            Vec::new()
+                        }
+                    }
+                }
+            };
+            let hsts = self.hsts(&at, rs.hsts);
+            if let (Some(host), Some(pool), Some(origin), Some(cleartext)) =
+                (host, pool, origin, cleartext)
+            {
+                sites.push(Site {
+                    host,
+                    pool,
+                    origin,
+                    cleartext,
+                    cert,
+                    origin_ca,
+                    hsts,
+                });
+            }
+        }
+        sites
+    }
+
+    fn mode_fits_pool(&mut self, at: &str, host: &str, mode: CleartextMode, pool: &Pool) {
+        let addrs: Vec<String> = pool.addresses.iter().map(|a| a.to_string()).collect();
+        let addrs = addrs.join(", ");
+        if mode == CleartextMode::Closed && !pool.is_closed() {
+            self.problem(
+                format!("{at}.cleartext"),
+                "\"closed\"",
+                format!(
+                    "site {host:?} is closed to cleartext but pool {:?} listens for cleartext on port(s) {:?} of {addrs}; move the site to a pool without cleartext_ports, or choose redirect, reject or allow",
+                    pool.name, pool.cleartext_ports
+                ),
+            );
+        } else if mode != CleartextMode::Closed && pool.is_closed() {
+            self.problem(
+                format!("{at}.cleartext"),
+                format!("{:?}", mode.as_str()),
+                format!(
+                    "site {host:?} is on pool {:?} ({addrs}), which has no cleartext ports, so its cleartext mode must be \"closed\"",
+                    pool.name
+                ),
+            );
+        }
+    }
+
+    fn site_cert(
+        &mut self,
+        at: &str,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        host: Option<&HostPattern>,
+    ) -> Option<Arc<CertifiedKey>> {
+        let (cert, key) = match (cert, key) {
+            (None, None) => return None,
+            (Some(c), Some(k)) => (self.path(c), self.path(k)),
+            (Some(c), None) => {
+                self.problem(
+                    format!("{at}.key"),
+                    "(missing)",
+                    format!(
+                        "cert {:?} is set, so key must be too",
+                        c.display().to_string()
+                    ),
+                );
+                return None;
+            }
+            (None, Some(k)) => {
+                self.problem(
+                    format!("{at}.cert"),
+                    "(missing)",
+                    format!(
+                        "key {:?} is set, so cert must be too",
+                        k.display().to_string()
+                    ),
+                );
+                return None;
+            }
+        };
+        match tls::load_certified_key(&cert, &key) {
+            Err(e) => {
+                self.problem(
+                    format!("{at}.cert"),
+                    format!("{:?}", cert.display().to_string()),
+                    format!("{e} (key {:?})", key.display().to_string()),
+                );
+                None
+            }
+            Ok(ck) => {
+                if let Some(h) = host {
+                    if let Err(e) = tls::check_covers(&ck, h) {
+                        self.problem(
+                            format!("{at}.cert"),
+                            format!("{:?}", cert.display().to_string()),
+                            e.to_string(),
+                        );
+                    }
+                }
+                Some(ck)
+            }
+        }
+    }
+
+    fn hsts(&mut self, at: &str, raw: Option<RawHsts>) -> Option<Hsts> {
+        let Some(raw) = raw else {
+            return Some(Hsts {
+                max_age: DEFAULT_HSTS_MAX_AGE,
+                include_subdomains: false,
+                preload: false,
+            });
+        };
+        if raw.enabled == Some(false) {
+            return None;
+        }
+        let max_age = match raw.max_age {
+            None => DEFAULT_HSTS_MAX_AGE,
+            Some(n) if n >= 0 => n as u64,
+            Some(n) => {
+                self.problem(
+                    format!("{at}.hsts.max_age"),
+                    n,
+                    "must be zero or more seconds",
+                );
+                DEFAULT_HSTS_MAX_AGE
+            }
+        };
+        let hsts = Hsts {
+            max_age,
+            include_subdomains: raw.include_subdomains.unwrap_or(false),
+            preload: raw.preload.unwrap_or(false),
+        };
+        if hsts.preload && (!hsts.include_subdomains || hsts.max_age < DEFAULT_HSTS_MAX_AGE) {
+            self.problem(
+                format!("{at}.hsts.preload"),
+                "true",
+                "the preload list requires include_subdomains = true and max_age >= 31536000",
+            );
+        }
+        Some(hsts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matches_one_label_only() {
+        let p = HostPattern::parse("*.Example.com.").expect("valid wildcard");
+        assert!(p.matches("a.example.com"));
+        assert!(!p.matches("example.com"));
+        assert!(!p.matches("a.b.example.com"));
+        assert!(!p.matches(".example.com"));
+    }
+
+    #[test]
+    fn hostnames_are_checked() {
+        assert!(HostPattern::parse("127.0.0.1").is_err());
+        assert!(HostPattern::parse("bad_host.com").is_err());
+        assert!(HostPattern::parse("*.com").is_err());
+        assert!(HostPattern::parse("-a.com").is_err());
+        assert_eq!(
+            HostPattern::parse("API.example.com").expect("valid"),
+            HostPattern::Exact("api.example.com".into())
+        );
+    }
+
+    #[test]
+    fn origins_are_checked() {
+        assert!(Origin::parse("http://127.0.0.1:9000").is_ok());
+        assert!(Origin::parse("https://origin.example/").is_ok());
+        assert!(Origin::parse("ftp://x").is_err());
+        assert!(Origin::parse("http://u:p@x").is_err());
+        assert!(Origin::parse("http://x/path").is_err());
+        assert!(Origin::parse("127.0.0.1:9000").is_err());
+    }
+}

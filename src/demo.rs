@@ -1,0 +1,237 @@
+//! The built-in demo: a closed pool and an open pool on two loopback addresses, three sites
+//! (an HTTPS-only API, a redirecting website, a legacy API in reject mode) and an echo origin,
+//! with curl lines that show each behaviour.
+//!
+//! The demo config is TOML text run through the same validator as any file, so the demo can
+//! never show something a real config could not do. It must never bind outside loopback.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigError};
+use crate::edge::{Edge, EdgeError};
+use crate::tls::DevCa;
+
+/// Where the demo listens; every address must be loopback.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Address of the closed pool (no cleartext listener).
+    pub closed_addr: Ipv4Addr,
+    /// Address of the open pool (cleartext listener in redirect/reject modes).
+    pub open_addr: Ipv4Addr,
+    pub tls_port: u16,
+    pub cleartext_port: u16,
+    /// Holds the development CA that signs the demo's certificates.
+    pub state_dir: PathBuf,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            closed_addr: Ipv4Addr::new(127, 0, 0, 2),
+            open_addr: Ipv4Addr::new(127, 0, 0, 3),
+            tls_port: 8443,
+            cleartext_port: 8080,
+            state_dir: std::env::temp_dir().join("portcullis-demo"),
+        }
+    }
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    #[error("demo addresses must be loopback (127.0.0.0/8), got {0}")]
+    NotLoopback(Ipv4Addr),
+    #[error("the closed and open pools need two different addresses")]
+    SameAddress,
+    #[error("cannot start the demo origin: {0}")]
+    Origin(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0} (another demo running? pick other addresses with --closed-addr/--open-addr or ports with --tls-port/--cleartext-port)")]
+    Edge(#[from] EdgeError),
+}
+
+/// A running demo: the edge and the address of its echo origin.
+pub struct Demo {
+    pub edge: Edge,
+    pub origin: SocketAddr,
+    pub options: DemoOptions,
+}
+
+/// Starts the echo origin and the edge.
+pub async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
+    for a in [options.closed_addr, options.open_addr] {
+        if !a.is_loopback() {
+            return Err(DemoError::NotLoopback(a));
+        }
+    }
+    if options.closed_addr == options.open_addr {
+        return Err(DemoError::SameAddress);
+    }
+    let origin_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(DemoError::Origin)?;
+    let origin = origin_listener.local_addr().map_err(DemoError::Origin)?;
+    tokio::spawn(echo_origin(origin_listener));
+    let config = Config::from_toml(
+        &demo_toml(&options, origin),
+        "(demo config)",
+        Path::new("."),
+    )?;
+    let edge = Edge::start(config).await?;
+    Ok(Demo {
+        edge,
+        origin,
+        options,
+    })
+}
+
+/// The demo's config, as a file would say it.
+pub fn demo_toml(o: &DemoOptions, origin: SocketAddr) -> String {
+    let state = toml_string(&o.state_dir.display().to_string());
+    format!(
+        r#"[state]
+dir = {state}
+
+[[pool]]
+name = "closed"
+addresses = ["{closed}"]
+tls_ports = [{tls}]
+cleartext_ports = []
+
+[[pool]]
+name = "legacy"
+addresses = ["{open}"]
+tls_ports = [{tls}]
+cleartext_ports = [{clear}]
+
+[[site]]
+host = "api.demo.test"
+pool = "closed"
+origin = "http://{origin}"
+cleartext = "closed"
+
+[[site]]
+host = "www.demo.test"
+pool = "legacy"
+origin = "http://{origin}"
+cleartext = "redirect"
+
+[[site]]
+host = "legacy.demo.test"
+pool = "legacy"
+origin = "http://{origin}"
+cleartext = "reject"
+"#,
+        closed = o.closed_addr,
+        open = o.open_addr,
+        tls = o.tls_port,
+        clear = o.cleartext_port,
+    )
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// What to try, as printed by `portcullis demo`. Every `curl` line works pasted as is.
+pub fn instructions(o: &DemoOptions) -> String {
+    let ca = DevCa::cert_path(&o.state_dir).display().to_string();
+    let ca = shell_quote(&ca);
+    let (c, op, t, p) = (o.closed_addr, o.open_addr, o.tls_port, o.cleartext_port);
+    format!(
+        r#"portcullis demo: an HTTPS-only edge on loopback.
+  closed pool  {c}  TLS port {t}, no cleartext listener at all
+  open pool    {op}  TLS port {t}, cleartext port {p}
+  sites        api.demo.test (closed), www.demo.test (redirect), legacy.demo.test (reject)
+
+Try these; each works pasted as is:
+
+# 1. HTTPS-only API, cleartext: the kernel refuses the connection, no request byte is sent
+curl -sS http://api.demo.test:{p}/v1/items --resolve api.demo.test:{p}:{c}
+#    -> curl: (7) Failed to connect ...: the connection was refused (RST)
+
+# 2. The same API over TLS, HTTP/2: 200 with HSTS, and the origin's echo
+curl -sS -i --http2 --cacert {ca} --resolve api.demo.test:{t}:{c} https://api.demo.test:{t}/v1/items
+
+# 3. Website on the open pool, cleartext: redirected to https
+curl -sS -i --resolve www.demo.test:{p}:{op} 'http://www.demo.test:{p}/login?next=/'
+#    -> HTTP/1.1 301 Moved Permanently, location: https://www.demo.test:{t}/login?next=/
+
+# 4. Legacy API in reject mode: 403, and the key it just sent in the clear must be rotated
+curl -sS -i -H 'X-API-Key: demo-key-123' --resolve legacy.demo.test:{p}:{op} http://legacy.demo.test:{p}/v1/items
+
+# 5. Cleartext HTTP sent to a TLS port: 400 saying the port speaks HTTPS only
+curl -sS -i --resolve www.demo.test:{t}:{op} http://www.demo.test:{t}/
+
+# 6. A name this address does not serve: no certificate, TLS alert unrecognized_name
+curl -sS --cacert {ca} --resolve www.demo.test:{t}:{c} https://www.demo.test:{t}/
+#    -> curl: (35) ... unrecognized name
+
+Press Ctrl-C to stop (in-flight requests drain first).
+"#
+    )
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// An origin that says what it received: method, path, host, and whether the client reached
+/// the edge over TLS (from `X-Forwarded-Proto`).
+pub async fn echo_origin(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service_fn(echo))
+                .await;
+        });
+    }
+}
+
+async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let h = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let proto = h("x-forwarded-proto");
+    let tls = if proto == "https" { "yes" } else { "no" };
+    let body = format!(
+        "portcullis demo origin\nmethod: {}\npath: {}\nhost: {}\nover TLS: {tls} (X-Forwarded-Proto: {proto})\nclient: {}\n",
+        req.method(),
+        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        h("host"),
+        h("x-forwarded-for"),
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Ok(resp)
+}

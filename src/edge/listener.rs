@@ -1,0 +1,299 @@
+//! Accept loops and the life of one connection: protocol sniffing on TLS ports, the TLS
+//! handshake with SNI checked against the pool, then HTTP/1.1 or HTTP/2 until drained or idle.
+
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{sleep, timeout_at, Instant};
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::http::{handle, ConnInfo};
+use super::io::Activity;
+use super::{bump, Shared};
+use crate::config::ListenerKind;
+
+/// The answer to cleartext HTTP on a TLS port. Fixed bytes: no input is echoed.
+const TLS_ONLY_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Content-Length: 76\r\n\
+Connection: close\r\n\
+\r\n\
+This port speaks HTTPS only: plain HTTP is not served here. Use https:// .\r\n";
+
+/// A fatal TLS alert record, `unrecognized_name` (112), sent when SNI names no site here.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+
+/// Opens a listening socket. IPv6 sockets are v6-only, so `::` never also takes IPv4.
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Lets a restarted edge bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // A deep backlog absorbs bursts of new TLS connections.
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    key: (SocketAddr, ListenerKind),
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let shared2 = shared.clone();
+                shared.tracker.spawn(async move {
+                    let shutdown = shared2.shutdown.clone();
+                    match key.1 {
+                        ListenerKind::Tls => tls_conn(shared2, key, stream, peer, shutdown).await,
+                        ListenerKind::Cleartext => {
+                            bump(&shared2.stats.cleartext_connections);
+                            let info = conn_info(&shared2, key, peer, None);
+                            serve_http(shared2, info, stream, false, shutdown).await
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(addr = %key.0, error = %e, "accept failed");
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn conn_info(
+    shared: &Shared,
+    key: (SocketAddr, ListenerKind),
+    peer: SocketAddr,
+    sni: Option<String>,
+) -> Arc<ConnInfo> {
+    let snap = shared.snapshot.load();
+    let pool = snap
+        .listeners
+        .get(&key)
+        .and_then(|i| snap.pools.get(*i))
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    Arc::new(ConnInfo {
+        key,
+        peer,
+        pool,
+        sni,
+    })
+}
+
+async fn tls_conn(
+    shared: Arc<Shared>,
+    key: (SocketAddr, ListenerKind),
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let snap = shared.snapshot.load_full();
+    let deadline = Instant::now() + snap.config.edge.handshake_timeout;
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        p = timeout_at(deadline, stream.peek(&mut first)) => p,
+    };
+    match peeked {
+        Err(_) => {
+            bump(&shared.stats.handshake_timeouts);
+            return;
+        }
+        Ok(Ok(1)) => {}
+        Ok(_) => return,
+    }
+    match first[0] {
+        // TLS handshake record.
+        0x16 => {}
+        // Every HTTP method token starts with an uppercase letter.
+        b'A'..=b'Z' => {
+            bump(&shared.stats.cleartext_on_tls_port);
+            tracing::debug!(%peer, addr = %key.0, "cleartext HTTP on a TLS port");
+            answer_and_close(stream, TLS_ONLY_400).await;
+            return;
+        }
+        _ => {
+            bump(&shared.stats.garbage_on_tls_port);
+            return;
+        }
+    }
+
+    let mut acceptor = pin!(LazyConfigAcceptor::new(
+        rustls::server::Acceptor::default(),
+        stream
+    ));
+    let start = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        s = timeout_at(deadline, acceptor.as_mut()) => s,
+    };
+    let mut start = match start {
+        Err(_) => {
+            bump(&shared.stats.handshake_timeouts);
+            return;
+        }
+        Ok(Err(e)) => {
+            bump(&shared.stats.handshake_failures);
+            tracing::debug!(%peer, error = %e, "bad ClientHello");
+            if let Some(mut io) = acceptor.take_io() {
+                let _ = io.shutdown().await;
+            }
+            return;
+        }
+        Ok(Ok(s)) => s,
+    };
+    let sni = start
+        .client_hello()
+        .server_name()
+        .map(|s| s.to_ascii_lowercase());
+    let known = sni.as_deref().is_some_and(|name| {
+        let pool = snap.listeners.get(&key).and_then(|i| snap.pools.get(*i));
+        pool.and_then(|p| p.find(name)).is_some()
+    });
+    if !known {
+        bump(&shared.stats.unknown_sni);
+        tracing::debug!(%peer, sni = sni.as_deref().unwrap_or("(none)"), "unrecognized SNI");
+        let _ = start.io.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+        let _ = start.io.shutdown().await;
+        return;
+    }
+    let handshake = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        h = timeout_at(deadline, start.into_stream(snap.tls.clone())) => h,
+    };
+    let tls = match handshake {
+        Err(_) => {
+            bump(&shared.stats.handshake_timeouts);
+            return;
+        }
+        Ok(Err(e)) => {
+            bump(&shared.stats.handshake_failures);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Ok(Ok(s)) => s,
+    };
+    bump(&shared.stats.handshakes);
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let info = conn_info(&shared, key, peer, sni);
+    drop(snap);
+    serve_http(shared, info, tls, h2, shutdown).await
+}
+
+/// Writes a fixed answer, stops sending, and reads a little of what the client sent so the
+/// close does not turn into a reset that destroys the answer before the client reads it.
+async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
+    if stream.write_all(answer).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0;
+        // 64 KiB is more than any request head we would have accepted.
+        while total < 65_536 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+async fn serve_http<T>(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    io: T,
+    h2: bool,
+    shutdown: CancellationToken,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let edge = shared.snapshot.load().config.edge.clone();
+    // Cleartext answers (the reject page above all) must be byte-for-byte stable, so they
+    // carry no Date header.
+    let date = info.sni.is_some();
+    let (io, ticks) = Activity::new(io);
+    let io = TokioIo::new(io);
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req| handle(svc_shared.clone(), info.clone(), req));
+    if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(edge.max_header_bytes as u32)
+            .serve_connection(io, svc);
+        drive(conn, shutdown, ticks, edge.idle_timeout).await;
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(edge.header_read_timeout)
+            .max_buf_size(edge.max_header_bytes)
+            .auto_date_header(date)
+            .serve_connection(io, svc);
+        drive(conn, shutdown, ticks, edge.idle_timeout).await;
+    }
+}
+
+/// Runs a connection until it ends; on shutdown, or after `idle` without a byte either way,
+/// asks it to finish in-flight requests and close.
+async fn drive<C>(conn: C, shutdown: CancellationToken, ticks: Arc<AtomicU64>, idle: Duration)
+where
+    C: GracefulConnection<Error = hyper::Error>,
+{
+    let mut conn = pin!(conn);
+    let mut closing = false;
+    let mut seen = ticks.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    // Checking four times per period closes an idle connection within 1.25 periods.
+    let step = idle / 4;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = sleep(step), if !closing => {
+                let now = ticks.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    quiet_since = Instant::now();
+                } else if quiet_since.elapsed() >= idle {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

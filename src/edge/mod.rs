@@ -1,0 +1,269 @@
+//! The data plane: one listener per pool address and port, TLS termination, cleartext modes,
+//! HSTS and the reverse proxy to origins.
+//!
+//! The running configuration is an immutable [`Snapshot`] swapped atomically on reload; every
+//! request reads the current one, so reloads never touch established connections. A closed
+//! pool gets no cleartext socket at all: that absence is what makes the kernel refuse the
+//! connection before a request byte is sent. This module never touches a store and never waits
+//! on anything but the client and the origin.
+
+mod http;
+mod io;
+mod listener;
+mod proxy;
+mod snapshot;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ListenerKind};
+use crate::tls::{DevCa, Resumption, TlsError};
+
+pub use snapshot::Snapshot;
+
+/// Why the edge could not start or apply a config.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EdgeError {
+    /// A listening socket could not be opened (address not local, port in use, no permission).
+    #[error("cannot listen on {addr} ({kind}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        kind: ListenerKind,
+        source: std::io::Error,
+    },
+    /// Certificates or the TLS configuration could not be prepared.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// An origin's TLS client could not be built.
+    #[error("origin client for site {site}: {reason}")]
+    Origin { site: String, reason: String },
+}
+
+/// Counters of events that happen before any request exists. The analytics module reads them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Cleartext HTTP sent to a TLS port, answered with 400.
+    pub cleartext_on_tls_port: AtomicU64,
+    /// Bytes on a TLS port that were neither TLS nor HTTP; closed.
+    pub garbage_on_tls_port: AtomicU64,
+    /// Connections that sent nothing (or too little) within the handshake timeout.
+    pub handshake_timeouts: AtomicU64,
+    /// TLS handshakes that failed (bad ClientHello, no shared version or cipher, ...).
+    pub handshake_failures: AtomicU64,
+    /// ClientHellos whose SNI named no site on that address, or had none.
+    pub unknown_sni: AtomicU64,
+    /// TLS handshakes completed.
+    pub handshakes: AtomicU64,
+    /// Cleartext connections accepted on open pools.
+    pub cleartext_connections: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub cleartext_on_tls_port: u64,
+    pub garbage_on_tls_port: u64,
+    pub handshake_timeouts: u64,
+    pub handshake_failures: u64,
+    pub unknown_sni: u64,
+    pub handshakes: u64,
+    pub cleartext_connections: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            cleartext_on_tls_port: r(&self.cleartext_on_tls_port),
+            garbage_on_tls_port: r(&self.garbage_on_tls_port),
+            handshake_timeouts: r(&self.handshake_timeouts),
+            handshake_failures: r(&self.handshake_failures),
+            unknown_sni: r(&self.unknown_sni),
+            handshakes: r(&self.handshakes),
+            cleartext_connections: r(&self.cleartext_connections),
+        }
+    }
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// State every task of the edge shares.
+pub(crate) struct Shared {
+    /// The live config; swapped whole on reload.
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    pub(crate) stats: Stats,
+    /// Cancelled once at shutdown: listeners stop accepting, connections drain.
+    pub(crate) shutdown: CancellationToken,
+    /// Every listener and connection task, so shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+    /// Session cache and ticket keys kept across reloads, so resumption survives them.
+    resumption: Resumption,
+    /// Opened on first need: only sites without a configured certificate use it.
+    dev_ca: std::sync::Mutex<Option<Arc<DevCa>>>,
+}
+
+struct ListenerHandle {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A running edge: listeners, the live snapshot and the connections they serve.
+pub struct Edge {
+    shared: Arc<Shared>,
+    /// Accept loops by socket; the async mutex serialises reloads.
+    listeners: Mutex<HashMap<(SocketAddr, ListenerKind), ListenerHandle>>,
+}
+
+impl Edge {
+    /// Binds every listener of `config` and starts serving. Fails without side effects if any
+    /// socket cannot be bound.
+    pub async fn start(config: Config) -> Result<Edge, EdgeError> {
+        let resumption = Resumption::new()?;
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::empty(&resumption)?),
+            stats: Stats::default(),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            resumption,
+            dev_ca: std::sync::Mutex::new(None),
+        });
+        let edge = Edge {
+            shared,
+            listeners: Mutex::new(HashMap::new()),
+        };
+        edge.reload(config).await?;
+        Ok(edge)
+    }
+
+    /// Applies a validated config: binds new sockets, swaps the snapshot, closes removed
+    /// sockets. On error nothing changes and the previous config keeps serving.
+    pub async fn reload(&self, config: Config) -> Result<(), EdgeError> {
+        let mut listeners = self.listeners.lock().await;
+        let generation = self.shared.snapshot.load().generation + 1;
+        let snap = Snapshot::build(config, generation, &self.shared)?;
+        let wanted = snap.listener_keys();
+        let removed: Vec<_> = listeners
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        let freed: Vec<SocketAddr> = removed.iter().map(|(a, _)| *a).collect();
+        // Sockets whose address a removed listener still holds (a port switching between TLS
+        // and cleartext) can only be bound once that listener is gone.
+        let (later, now): (Vec<&(SocketAddr, ListenerKind)>, Vec<_>) = wanted
+            .iter()
+            .filter(|k| !listeners.contains_key(k))
+            .partition(|(a, _)| freed.contains(a));
+        let mut bound = Vec::new();
+        for key in now {
+            bound.push((
+                *key,
+                listener::bind(key.0).map_err(|source| bind_err(*key, source))?,
+            ));
+        }
+        self.shared.snapshot.store(Arc::new(snap));
+        for key in removed {
+            if let Some(h) = listeners.remove(&key) {
+                h.stop.cancel();
+                let _ = h.task.await;
+                tracing::info!(addr = %key.0, kind = %key.1, "stopped listening");
+            }
+        }
+        let mut late_error = None;
+        for key in later {
+            match listener::bind(key.0) {
+                Ok(l) => bound.push((*key, l)),
+                Err(source) => late_error = Some(bind_err(*key, source)),
+            }
+        }
+        for (key, l) in bound {
+            tracing::info!(addr = %key.0, kind = %key.1, "listening");
+            let stop = self.shared.shutdown.child_token();
+            let task = tokio::spawn(listener::accept_loop(
+                self.shared.clone(),
+                key,
+                l,
+                stop.clone(),
+            ));
+            listeners.insert(key, ListenerHandle { stop, task });
+        }
+        match late_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The live snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Pre-request event counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Sockets currently listening.
+    pub async fn listening(&self) -> Vec<(SocketAddr, ListenerKind)> {
+        let mut v: Vec<_> = self.listeners.lock().await.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// The development CA's certificate path, if any site uses it.
+    pub fn dev_ca_path(&self) -> Option<std::path::PathBuf> {
+        self.shared
+            .dev_ca
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|ca| ca.ca_path())
+    }
+
+    /// Stops accepting, asks every connection to finish its in-flight requests, and waits up to
+    /// `grace` for them. Returns whether everything drained in time.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.shared.shutdown.cancel();
+        let listeners = std::mem::take(&mut *self.listeners.lock().await);
+        for (_, h) in listeners {
+            let _ = h.task.await;
+        }
+        self.shared.tracker.close();
+        tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+fn bind_err(key: (SocketAddr, ListenerKind), source: std::io::Error) -> EdgeError {
+    EdgeError::Bind {
+        addr: key.0,
+        kind: key.1,
+        source,
+    }
+}
+
+impl Shared {
+    /// The development CA, opened on first use.
+    pub(crate) fn dev_ca(&self, dir: &std::path::Path) -> Result<Arc<DevCa>, TlsError> {
+        let mut slot = self.dev_ca.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ca) = slot.as_ref() {
+            return Ok(ca.clone());
+        }
+        let ca = Arc::new(DevCa::open(dir)?);
+        *slot = Some(ca.clone());
+        Ok(ca)
+    }
+}

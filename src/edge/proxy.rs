@@ -1,0 +1,275 @@
+//! Forwarding to origins: a pooled keep-alive client per site (certificate-verified for
+//! `https://` origins), hop-by-hop headers removed, forwarding headers set, bodies streamed.
+
+use std::error::Error as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+
+use super::http::{text, Body};
+use crate::config::{EdgeSettings, Origin, Site};
+use crate::tls;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// A site's way to its origin.
+pub(crate) struct OriginClient {
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    origin: Origin,
+}
+
+impl OriginClient {
+    pub(crate) fn new(site: &Site, edge: &EdgeSettings) -> Result<OriginClient, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(edge.origin_connect_timeout));
+        let connector = if site.origin.is_https() {
+            let mut roots = RootCertStore::empty();
+            roots.extend(system_roots().roots.iter().cloned());
+            for ca in &site.origin_ca {
+                roots
+                    .add(ca.clone())
+                    .map_err(|e| format!("origin_ca: {e}"))?;
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(cfg)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http)
+        } else {
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(empty_client_config()?)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http)
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            // Origins usually keep idle connections 60 to 75 s; close ours first.
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Ok(OriginClient {
+            client,
+            origin: site.origin.clone(),
+        })
+    }
+}
+
+fn empty_client_config() -> Result<rustls::ClientConfig, String> {
+    Ok(rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth())
+}
+
+/// System trust anchors, read once per process.
+fn system_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %e, "reading system trust anchors");
+        }
+        roots.add_parsable_certificates(found.certs);
+        roots
+    })
+}
+
+/// Sends `req` to the site's origin and returns its response, or 502/504 of our own.
+pub(crate) async fn forward(
+    origin: &OriginClient,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    proto: &'static str,
+    host: &str,
+    edge: &EdgeSettings,
+) -> Response<Body> {
+    let authority_for_host = req.headers().get(HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = Uri::builder()
+        .scheme(origin.origin.scheme.clone())
+        .authority(origin.origin.authority.clone())
+        .path_and_query(pq)
+        .build();
+    let Ok(uri) = uri else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: unusable request target.\n",
+        );
+    };
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    if let Some(h) = authority_for_host {
+        headers.insert(HOST, h);
+    }
+    set_forwarding(headers, peer.ip(), proto, host);
+
+    let sent = tokio::time::timeout(edge.origin_response_timeout, origin.client.request(req)).await;
+    match sent {
+        Ok(Ok(mut resp)) => {
+            strip_hop_by_hop(resp.headers_mut());
+            resp.map(Either::Left)
+        }
+        Ok(Err(e)) if is_timeout(&e) => gateway_timeout(),
+        Ok(Err(e)) => {
+            tracing::warn!(origin = %origin.origin, error = %error_chain(&e), "origin unreachable");
+            text(
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: the origin server could not be reached.\n",
+            )
+        }
+        Err(_) => gateway_timeout(),
+    }
+}
+
+fn gateway_timeout() -> Response<Body> {
+    text(
+        StatusCode::GATEWAY_TIMEOUT,
+        "504 Gateway Timeout: the origin server did not answer in time.\n",
+    )
+}
+
+fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        cur = err.source();
+    }
+    out
+}
+
+/// Removes headers that describe one connection (RFC 9110 section 7.6.1), including those
+/// the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// The edge is the first hop clients reach, so it states the client address itself rather
+/// than trusting forwarding headers the client may have forged.
+fn set_forwarding(headers: &mut HeaderMap, ip: IpAddr, proto: &'static str, host: &str) {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto={proto};host=\"{host}\"")) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_including_named_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn forwarding_headers_replace_client_supplied_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        set_forwarding(
+            &mut h,
+            "2001:db8::1".parse().expect("ip"),
+            "https",
+            "a.example",
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "2001:db8::1");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=\"[2001:db8::1]\";proto=https;host=\"a.example\""
+        );
+    }
+}

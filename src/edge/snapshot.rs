@@ -1,0 +1,163 @@
+//! The immutable runtime view of one config: routing tables per pool, the TLS server config,
+//! origin clients and precomputed header values.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::HeaderValue;
+use rustls::ServerConfig;
+
+use super::proxy::OriginClient;
+use super::{EdgeError, Shared};
+use crate::config::{CleartextMode, Config, HostPattern, ListenerKind};
+use crate::tls::{self, SniCerts};
+
+/// One config made ready to serve.
+pub struct Snapshot {
+    /// The validated config this was built from.
+    pub config: Arc<Config>,
+    /// Increases by one on each successful reload.
+    pub generation: u64,
+    pub(crate) tls: Arc<ServerConfig>,
+    pub(crate) pools: Vec<PoolRoutes>,
+    pub(crate) sites: Vec<SiteRuntime>,
+    pub(crate) listeners: BTreeMap<(SocketAddr, ListenerKind), usize>,
+}
+
+/// Which site answers a hostname on one pool's addresses.
+#[derive(Default)]
+pub(crate) struct PoolRoutes {
+    pub(crate) name: String,
+    exact: HashMap<String, usize>,
+    wildcard: HashMap<String, usize>,
+}
+
+impl PoolRoutes {
+    /// The site index for a lowercase hostname.
+    pub(crate) fn find(&self, host: &str) -> Option<usize> {
+        if let Some(i) = self.exact.get(host) {
+            return Some(*i);
+        }
+        let (label, rest) = host.split_once('.')?;
+        if label.is_empty() {
+            return None;
+        }
+        self.wildcard.get(rest).copied()
+    }
+}
+
+/// A site with everything a request needs, prepared once per snapshot.
+pub(crate) struct SiteRuntime {
+    pub(crate) host: HostPattern,
+    pub(crate) mode: CleartextMode,
+    /// `Strict-Transport-Security` value, `None` when disabled.
+    pub(crate) hsts: Option<HeaderValue>,
+    /// The TLS port of the site's pool that redirects point at.
+    pub(crate) redirect_port: u16,
+    pub(crate) origin: OriginClient,
+}
+
+impl Snapshot {
+    /// A snapshot serving nothing, in place until the first config is applied.
+    pub(crate) fn empty(resumption: &tls::Resumption) -> Result<Snapshot, EdgeError> {
+        Ok(Snapshot {
+            config: Arc::new(Config {
+                state_dir: Default::default(),
+                edge: Default::default(),
+                pools: Vec::new(),
+                sites: Vec::new(),
+            }),
+            generation: 0,
+            tls: tls::server_config(SniCerts::default(), resumption)?,
+            pools: Vec::new(),
+            sites: Vec::new(),
+            listeners: BTreeMap::new(),
+        })
+    }
+
+    pub(crate) fn build(
+        config: Config,
+        generation: u64,
+        shared: &Shared,
+    ) -> Result<Snapshot, EdgeError> {
+        let mut certs = SniCerts::default();
+        let mut pools: Vec<PoolRoutes> = config
+            .pools
+            .iter()
+            .map(|p| PoolRoutes {
+                name: p.name.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let mut sites = Vec::with_capacity(config.sites.len());
+        for (i, site) in config.sites.iter().enumerate() {
+            let ck = match &site.cert {
+                Some(ck) => ck.clone(),
+                None => {
+                    let ca = shared.dev_ca(&config.state_dir)?;
+                    tracing::warn!(
+                        site = %site.host,
+                        ca = %ca.ca_path().display(),
+                        "no cert configured: serving a certificate from the development CA, which clients do not trust unless told to"
+                    );
+                    ca.certificate(&site.host)?
+                }
+            };
+            certs.insert(&site.host, ck);
+            let routes = &mut pools[site.pool];
+            match &site.host {
+                HostPattern::Exact(h) => routes.exact.insert(h.clone(), i),
+                HostPattern::Wildcard(s) => routes.wildcard.insert(s.clone(), i),
+            };
+            let hsts = site
+                .hsts
+                .as_ref()
+                .map(|h| HeaderValue::from_str(&h.header_value()))
+                .transpose()
+                .map_err(|e| EdgeError::Origin {
+                    site: site.host.to_string(),
+                    reason: format!("HSTS header: {e}"),
+                })?;
+            sites.push(SiteRuntime {
+                host: site.host.clone(),
+                mode: site.cleartext,
+                hsts,
+                redirect_port: config.pools[site.pool].redirect_port(),
+                origin: OriginClient::new(site, &config.edge).map_err(|reason| {
+                    EdgeError::Origin {
+                        site: site.host.to_string(),
+                        reason,
+                    }
+                })?,
+            });
+        }
+        let tls = tls::server_config(certs, &shared.resumption)?;
+        let listeners = config.listeners();
+        Ok(Snapshot {
+            config: Arc::new(config),
+            generation,
+            tls,
+            pools,
+            sites,
+            listeners,
+        })
+    }
+
+    pub(crate) fn listener_keys(&self) -> Vec<(SocketAddr, ListenerKind)> {
+        self.listeners.keys().copied().collect()
+    }
+
+    /// The pool serving a listener, or, for a connection whose listener was removed by a
+    /// reload, the pool it was accepted for (by name).
+    pub(crate) fn pool_for(
+        &self,
+        key: &(SocketAddr, ListenerKind),
+        name: &str,
+    ) -> Option<&PoolRoutes> {
+        match self.listeners.get(key) {
+            Some(i) => self.pools.get(*i),
+            None => self.pools.iter().find(|p| p.name == name),
+        }
+    }
+}

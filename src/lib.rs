@@ -1,0 +1,20 @@
+//! Portcullis: an HTTPS-only edge.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML schema, every load-time invariant, and the validated [`config::Config`].
+//! - [`tls`]: PEM loading, the development CA, and the rustls server config (certificate by SNI).
+//! - [`edge`]: listeners per pool address, protocol sniffing, cleartext modes, HSTS, proxying;
+//!   reloads by diff and graceful drain.
+//! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
+//! - [`demo`]: the built-in demo: a loopback config and an echo origin.
+//!
+//! The binary (`main.rs`) only parses arguments and calls into these modules.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod edge;
+pub mod serve;
+pub mod tls;

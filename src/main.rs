@@ -1,0 +1,159 @@
+//! Command-line parsing only; everything else lives in the library.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use portcullis::config::Config;
+use portcullis::demo::{self, DemoOptions};
+
+/// An HTTPS-only edge: closed pools refuse cleartext at the transport layer.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything on loopback with a built-in origin; prints curl lines to try.
+    ///
+    /// Example: portcullis demo
+    Demo {
+        /// Loopback address of the closed pool.
+        #[arg(long, default_value = "127.0.0.2")]
+        closed_addr: Ipv4Addr,
+        /// Loopback address of the open pool.
+        #[arg(long, default_value = "127.0.0.3")]
+        open_addr: Ipv4Addr,
+        #[arg(long, default_value_t = 8443)]
+        tls_port: u16,
+        #[arg(long, default_value_t = 8080)]
+        cleartext_port: u16,
+        /// Where the demo's development CA is kept [default: $TMPDIR/portcullis-demo].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Runtime worker threads [default: one per core].
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Run the edge from a config file. SIGHUP reloads it, SIGTERM drains and exits.
+    ///
+    /// Example: portcullis serve -c /etc/portcullis/portcullis.toml
+    Serve {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Runtime worker threads [default: one per core].
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a config file, print every problem, and exit 1 if there is any.
+    ///
+    /// Example: portcullis check -c examples/portcullis.toml
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => Ok(check(&config)),
+        Command::Serve { config, workers } => {
+            init_logging();
+            runtime(workers)?.block_on(portcullis::serve::serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            closed_addr,
+            open_addr,
+            tls_port,
+            cleartext_port,
+            state_dir,
+            workers,
+        } => {
+            init_logging();
+            let mut options = DemoOptions {
+                closed_addr,
+                open_addr,
+                tls_port,
+                cleartext_port,
+                ..DemoOptions::default()
+            };
+            if let Some(dir) = state_dir {
+                options.state_dir = dir;
+            }
+            runtime(workers)?.block_on(async {
+                let d = demo::start(options).await?;
+                println!("{}", demo::instructions(&d.options));
+                portcullis::serve::run_until_signal(d.edge, None).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::from_file(path) {
+        Ok(c) => {
+            let listeners = c.listeners().len();
+            println!(
+                "{}: OK ({} pools, {} sites, {} listeners)",
+                path.display(),
+                c.pools.len(),
+                c.sites.len(),
+                listeners
+            );
+            for s in c.sites.iter().filter(|s| s.cert.is_none()) {
+                println!(
+                    "{}: note: site {} has no cert; a development certificate (untrusted by clients) will be issued",
+                    path.display(),
+                    s.host
+                );
+            }
+            for w in portcullis::serve::foreign_listeners(&c) {
+                println!("{}: warning: {w}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all().build().context("starting the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,177 @@
+//! The `serve` life cycle: start the edge from a file, reload it on SIGHUP, drain and stop on
+//! SIGTERM or SIGINT.
+//!
+//! A reload first validates the new file; on any error the running config stays and the error
+//! is logged. This module never exits the process itself: it returns to `main`.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{Config, ConfigError};
+use crate::edge::{Edge, EdgeError};
+
+/// Ports that one large CDN treats as cleartext HTTP; another program listening on one of
+/// them, on a wildcard address, defeats a closed pool.
+pub const WELL_KNOWN_CLEARTEXT_PORTS: [u16; 7] = [80, 8080, 8880, 2052, 2082, 2086, 2095];
+
+/// Why `serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the edge from `path` until SIGTERM or SIGINT, reloading on SIGHUP.
+pub async fn serve(path: PathBuf) -> Result<(), ServeError> {
+    let config = Config::from_file(&path)?;
+    for warning in foreign_listeners(&config) {
+        tracing::warn!("{warning}");
+    }
+    let edge = Edge::start(config).await?;
+    run_until_signal(edge, Some(&path)).await
+}
+
+/// Serves until SIGTERM or SIGINT; on SIGHUP reloads from `reload_from` when given.
+pub async fn run_until_signal(edge: Edge, reload_from: Option<&Path>) -> Result<(), ServeError> {
+    let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match reload_from {
+                Some(path) => reload(&edge, path).await,
+                None => tracing::info!("SIGHUP ignored: no config file to reload"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let grace = edge.snapshot().config.edge.shutdown_grace;
+    tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
+    if edge.shutdown(grace).await {
+        tracing::info!("drained; bye");
+    } else {
+        tracing::warn!("grace period over; closing the remaining connections");
+    }
+    Ok(())
+}
+
+async fn reload(edge: &Edge, path: &Path) {
+    match Config::from_file(path) {
+        Err(e) => {
+            for line in e.lines() {
+                tracing::error!("reload rejected, previous config kept: {line}");
+            }
+        }
+        Ok(config) => {
+            for warning in foreign_listeners(&config) {
+                tracing::warn!("{warning}");
+            }
+            match edge.reload(config).await {
+                Ok(()) => {
+                    tracing::info!(generation = edge.snapshot().generation, "config reloaded")
+                }
+                Err(e) => tracing::error!("reload failed, previous config kept: {e}"),
+            }
+        }
+    }
+}
+
+/// Warnings about sockets other programs hold that would accept cleartext on a closed pool's
+/// addresses: a listener on the address itself, or on the wildcard of its family.
+pub fn foreign_listeners(config: &Config) -> Vec<String> {
+    let listening = listening_sockets();
+    let mut ports: Vec<u16> = WELL_KNOWN_CLEARTEXT_PORTS.to_vec();
+    for p in &config.pools {
+        ports.extend(&p.cleartext_ports);
+    }
+    let mut out = Vec::new();
+    for pool in config.pools.iter().filter(|p| p.is_closed()) {
+        for addr in &pool.addresses {
+            let wildcard: IpAddr = if addr.is_ipv4() {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u8; 16])
+            };
+            for port in &ports {
+                for holder in [
+                    SocketAddr::new(*addr, *port),
+                    SocketAddr::new(wildcard, *port),
+                ] {
+                    if listening.contains(&holder) {
+                        out.push(format!(
+                            "another program listens on {holder}, so cleartext connections to {addr}:{port} of closed pool {:?} are accepted, not refused; stop it, bind it to other addresses, or apply the nftables rules",
+                            pool.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Listening TCP sockets from /proc/net/tcp{,6}; empty where those files do not exist.
+fn listening_sockets() -> HashSet<SocketAddr> {
+    let mut out = HashSet::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // Column 3 is the state; 0A is LISTEN.
+            if cols.len() > 3 && cols[3] == "0A" {
+                if let Some(a) = parse_proc_addr(cols[1]) {
+                    out.insert(a);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Parses `0100007F:1F90`: 32-bit words printed in host order, then a hex port.
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (hex, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..hex.len()).step_by(8) {
+        let word = u32::from_str_radix(hex.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn proc_addresses_parse() {
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().expect("addr"))
+        );
+        assert_eq!(parse_proc_addr("zz:1"), None);
+    }
+}

@@ -1,0 +1,291 @@
+//! TLS material: PEM loading, the development certificate authority, and the rustls server
+//! config whose certificate is chosen by SNI.
+//!
+//! Only TLS 1.2 and 1.3 with the aws-lc-rs provider. The resolver answers for configured names
+//! only: there is no default certificate, so a client with an unknown or missing SNI never
+//! learns which other hostnames live here. This module must never log key material.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+use crate::config::HostPattern;
+
+/// ALPN protocols offered to clients, preferred first.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Why TLS material could not be loaded or made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file could not be read or holds no usable item.
+    #[error("cannot load {path}: {reason}")]
+    Pem { path: String, reason: String },
+    /// The private key is not the one the certificate was issued for.
+    #[error("key {key} does not match certificate {cert}")]
+    KeyMismatch { cert: String, key: String },
+    /// The certificate does not cover the site's hostname.
+    #[error("certificate does not cover host {host}: {reason}")]
+    NotCovering { host: String, reason: String },
+    /// The state directory or the development CA in it could not be used.
+    #[error("development CA in {dir}: {reason}")]
+    DevCa { dir: String, reason: String },
+    /// rustls refused the configuration (should not happen with the fixed settings here).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The one crypto provider used everywhere.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Every certificate in a PEM file, in order.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_err = |reason: String| TlsError::Pem {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_err("no CERTIFICATE block in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// A certificate chain and its private key, checked to belong together.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+        path: key.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| TlsError::Pem {
+            path: key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(|_| TlsError::KeyMismatch {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// Checks that the leaf certificate is valid for the host (or, for a wildcard site, for a
+/// name the wildcard matches).
+pub fn check_covers(ck: &CertifiedKey, host: &HostPattern) -> Result<(), TlsError> {
+    let name = match host {
+        HostPattern::Exact(h) => h.clone(),
+        HostPattern::Wildcard(s) => format!("portcullis-check.{s}"),
+    };
+    let not_covering = |reason: String| TlsError::NotCovering {
+        host: host.to_string(),
+        reason,
+    };
+    let leaf = ck
+        .end_entity_cert()
+        .map_err(|e| not_covering(e.to_string()))?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| not_covering(e.to_string()))?;
+    let server_name = ServerName::try_from(name).map_err(|e| not_covering(e.to_string()))?;
+    ee.verify_is_valid_for_subject_name(&server_name)
+        .map_err(|e| not_covering(e.to_string()))
+}
+
+/// Certificates by SNI: exact names first, then `*.suffix` for one extra label.
+#[derive(Debug, Default)]
+pub struct SniCerts {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl SniCerts {
+    pub fn insert(&mut self, host: &HostPattern, ck: Arc<CertifiedKey>) {
+        match host {
+            HostPattern::Exact(h) => self.exact.insert(h.clone(), ck),
+            HostPattern::Wildcard(s) => self.wildcard.insert(s.clone(), ck),
+        };
+    }
+
+    /// The certificate for a lowercase SNI name, if any site covers it.
+    pub fn get(&self, sni: &str) -> Option<&Arc<CertifiedKey>> {
+        self.exact.get(sni).or_else(|| {
+            let (label, rest) = sni.split_once('.')?;
+            if label.is_empty() {
+                return None;
+            }
+            self.wildcard.get(rest)
+        })
+    }
+}
+
+impl ResolvesServerCert for SniCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // rustls hands over the SNI already lowercased and validated as a DNS name.
+        self.get(hello.server_name()?).cloned()
+    }
+}
+
+/// State shared by every server config across reloads, so sessions resume after a reload.
+#[derive(Debug)]
+pub struct Resumption {
+    storage: Arc<dyn StoresServerSessions>,
+    ticketer: Arc<dyn ProducesTickets>,
+}
+
+impl Resumption {
+    pub fn new() -> Result<Resumption, TlsError> {
+        Ok(Resumption {
+            // Stateful cache for TLS 1.2 session IDs; 4096 entries is a few hundred KiB.
+            storage: rustls::server::ServerSessionMemoryCache::new(4096),
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+        })
+    }
+}
+
+/// A server config for TLS 1.2 and 1.3, ALPN h2 and http/1.1, certificates by SNI.
+pub fn server_config(
+    certs: SniCerts,
+    resumption: &Resumption,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certs));
+    cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    cfg.session_storage = resumption.storage.clone();
+    cfg.ticketer = resumption.ticketer.clone();
+    Ok(Arc::new(cfg))
+}
+
+/// A certificate authority kept in the state directory, issuing certificates for sites that
+/// configure none. Operators (and the demo's curl lines) trust `dev-ca.pem` explicitly.
+pub struct DevCa {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    /// Issued certificates by host, so reloads keep serving the same certificate.
+    issued: Mutex<HashMap<HostPattern, Arc<CertifiedKey>>>,
+}
+
+impl DevCa {
+    /// Path of the CA certificate that clients can trust.
+    pub fn cert_path(dir: &Path) -> PathBuf {
+        dir.join("dev-ca.pem")
+    }
+
+    /// Opens the CA in `dir`, creating the directory, key (mode 0600) and certificate if absent.
+    pub fn open(dir: &Path) -> Result<DevCa, TlsError> {
+        let fail = |reason: String| TlsError::DevCa {
+            dir: dir.display().to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create: {e}")))?;
+        let key_path = dir.join("dev-ca.key");
+        let cert_path = Self::cert_path(dir);
+        let key = if key_path.exists() && cert_path.exists() {
+            let pem = std::fs::read_to_string(&key_path)
+                .map_err(|e| fail(format!("cannot read dev-ca.key: {e}")))?;
+            KeyPair::from_pem(&pem).map_err(|e| fail(format!("dev-ca.key: {e}")))?
+        } else {
+            let key =
+                KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+            let cert = ca_params()
+                .self_signed(&key)
+                .map_err(|e| fail(e.to_string()))?;
+            write_private(&key_path, key.serialize_pem().as_bytes())
+                .map_err(|e| fail(format!("cannot write dev-ca.key: {e}")))?;
+            std::fs::write(&cert_path, cert.pem())
+                .map_err(|e| fail(format!("cannot write dev-ca.pem: {e}")))?;
+            key
+        };
+        Ok(DevCa {
+            dir: dir.to_owned(),
+            issuer: Issuer::new(ca_params(), key),
+            issued: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Path of the CA certificate that clients can trust.
+    pub fn ca_path(&self) -> PathBuf {
+        Self::cert_path(&self.dir)
+    }
+
+    /// A certificate for `host`, issued once per process and reused.
+    pub fn certificate(&self, host: &HostPattern) -> Result<Arc<CertifiedKey>, TlsError> {
+        let mut issued = self
+            .issued
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(ck) = issued.get(host) {
+            return Ok(ck.clone());
+        }
+        let fail = |reason: String| TlsError::DevCa {
+            dir: self.dir.display().to_string(),
+            reason,
+        };
+        let mut params =
+            CertificateParams::new(vec![host.to_string()]).map_err(|e| fail(e.to_string()))?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, host.to_string());
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| fail(e.to_string()))?;
+        let ca_der = load_certs(&self.ca_path())?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(ca_der);
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = provider().key_provider.load_private_key(der)?;
+        let ck = Arc::new(CertifiedKey::new(chain, signing));
+        issued.insert(host.clone(), ck.clone());
+        Ok(ck)
+    }
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "portcullis development CA");
+    params
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
