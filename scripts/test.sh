@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs the Debian packages the tests use when run as root;
+# otherwise names what is missing and stops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        echo "installing test dependencies: ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "missing Debian packages needed by the tests: ${need[*]}" >&2
+        echo "install them with: sudo apt-get install ${need[*]}" >&2
+        exit 1
+    fi
+fi
+
+cargo test --all-targets "$@"

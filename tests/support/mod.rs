@@ -1,0 +1,381 @@
+//! Shared test harness: a real edge on a random loopback address, a test origin, and clients
+//! that speak real TLS (rustls) and HTTP/1.1 or HTTP/2 (hyper) to it.
+//!
+//! Each test picks its own 127.x.y.z addresses, so tests run in parallel without port clashes.
+
+// Each test file uses a different subset of the harness.
+#![allow(dead_code)]
+
+use std::collections::hash_map::RandomState;
+use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis::config::Config;
+use portcullis::edge::Edge;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::RootCertStore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// A random address in 127.0.0.0/8, away from 127.0.0.x which people use by hand.
+pub fn loopback() -> Ipv4Addr {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    let r = h.finish();
+    Ipv4Addr::new(
+        127,
+        1 + (r % 250) as u8,
+        ((r >> 8) % 256) as u8,
+        1 + ((r >> 16) % 250) as u8,
+    )
+}
+
+/// A running edge built from a TOML text, with its temporary directory.
+pub struct Harness {
+    pub edge: Edge,
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Writes `toml` (with `STATE` replaced by a temp state dir) and starts the edge.
+    pub async fn start(toml: &str) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = toml.replace("STATE", &dir.path().join("state").display().to_string());
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, text).expect("write config");
+        let config = Config::from_file(&path).unwrap_or_else(|e| panic!("config: {e}"));
+        let edge = Edge::start(config).await.expect("edge starts");
+        Harness { edge, dir }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.toml")
+    }
+
+    /// The development CA that signs certificates of sites without a configured one.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("state").join("dev-ca.pem")
+    }
+
+    pub fn roots(&self) -> RootCertStore {
+        roots_from(&self.ca())
+    }
+
+    /// Applies a new TOML text as a reload.
+    pub async fn reload(&self, toml: &str) -> Result<(), String> {
+        let text = toml.replace(
+            "STATE",
+            &self.dir.path().join("state").display().to_string(),
+        );
+        let config =
+            Config::from_toml(&text, "reload", self.dir.path()).map_err(|e| e.to_string())?;
+        self.edge.reload(config).await.map_err(|e| e.to_string())
+    }
+}
+
+pub fn roots_from(pem: &Path) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for c in portcullis::tls::load_certs(pem).expect("CA pem") {
+        roots.add(c).expect("CA cert");
+    }
+    roots
+}
+
+/// A TLS client config trusting `roots`, offering the given ALPN protocols.
+pub fn client_config(roots: RootCertStore, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// Connects to `addr` and completes a TLS handshake with SNI `name`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let server_name = ServerName::try_from(name.to_owned()).expect("server name");
+    TlsConnector::from(cfg).connect(server_name, tcp).await
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+    pub version: http::Version,
+}
+
+/// Sends one request over a fresh TLS connection, HTTP/2 if `h2`.
+pub async fn https(
+    addr: SocketAddr,
+    sni: &str,
+    roots: RootCertStore,
+    h2: bool,
+    req: Request<Full<Bytes>>,
+) -> Got {
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let tls = tls_connect(addr, sni, client_config(roots, alpn))
+        .await
+        .expect("TLS handshake");
+    send(TokioIo::new(tls), h2, req).await
+}
+
+/// Sends one cleartext HTTP/1.1 request.
+pub async fn http(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    send(TokioIo::new(tcp), false, req).await
+}
+
+pub async fn send<T>(io: TokioIo<T>, h2: bool, req: Request<Full<Bytes>>) -> Got
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let resp = if h2 {
+        let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        s.send_request(req).await.expect("h2 response")
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        s.send_request(req).await.expect("h1 response")
+    };
+    read(resp).await
+}
+
+pub async fn read(resp: Response<Incoming>) -> Got {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        version: parts.version,
+    }
+}
+
+/// A GET request with a Host header (HTTP/1.1) or authority (HTTP/2).
+pub fn get(url: &str) -> Request<Full<Bytes>> {
+    let uri: http::Uri = url.parse().expect("url");
+    let host = uri.authority().expect("authority").to_string();
+    Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+/// An HTTP/2 request carries the authority in the URI, not in Host.
+pub fn get_h2(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+/// A loopback origin for tests. Routes:
+/// - `/slow/MS`: answers after MS milliseconds;
+/// - `/stream`: sends "first\n" at once, then "second\n" after `/release` is requested;
+/// - `/echo-body`: streams the request body back as it arrives;
+/// - anything else: the method, path and every request header, one per line.
+pub struct TestOrigin {
+    pub addr: SocketAddr,
+    release: Arc<tokio::sync::Notify>,
+    pub hits: Arc<AtomicU64>,
+}
+
+impl TestOrigin {
+    pub async fn start() -> TestOrigin {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("origin bind");
+        let addr = listener.local_addr().expect("origin addr");
+        let release = Arc::new(tokio::sync::Notify::new());
+        let hits = Arc::new(AtomicU64::new(0));
+        let (r, h) = (release.clone(), hits.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (r, h) = (r.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| origin_handle(req, r.clone(), h.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        TestOrigin {
+            addr,
+            release,
+            hits,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn release(&self) {
+        self.release.notify_waiters();
+        self.release.notify_one();
+    }
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn origin_handle(
+    req: Request<Incoming>,
+    release: Arc<tokio::sync::Notify>,
+    hits: Arc<AtomicU64>,
+) -> Result<Response<OriginBody>, Infallible> {
+    hits.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_owned();
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        let ms: u64 = ms.parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return Ok(Response::new(
+            Full::new(Bytes::from(format!("slept {ms}\n"))).boxed(),
+        ));
+    }
+    if path == "/release" {
+        release.notify_waiters();
+        return Ok(Response::new(Full::new(Bytes::from("released\n")).boxed()));
+    }
+    if path == "/stream" {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Frame::data(Bytes::from("first\n")))).await;
+            release.notified().await;
+            let _ = tx.send(Ok(Frame::data(Bytes::from("second\n")))).await;
+        });
+        let body = StreamBody::new(tokio_stream_from(rx));
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    if path == "/echo-body" {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    if tx.send(Ok(Frame::data(data))).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Ok(Response::new(BodyExt::boxed(StreamBody::new(
+            tokio_stream_from(rx),
+        ))));
+    }
+    let mut text = format!("method: {}\npath: {}\n", req.method(), req.uri());
+    for (k, v) in req.headers() {
+        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+    }
+    Ok(Response::new(Full::new(Bytes::from(text)).boxed()))
+}
+
+/// Adapts an mpsc receiver into a `Stream` without pulling in tokio-stream.
+fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> ReceiverStream<T> {
+    ReceiverStream(rx)
+}
+
+pub struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// The value of the header line `name: value` in an origin echo.
+pub fn echoed<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+}
+
+/// Whether a TCP connect to `addr` is refused by the kernel.
+pub async fn refused(addr: SocketAddr) -> bool {
+    match TcpStream::connect(addr).await {
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Ok(_) => false,
+    }
+}
+
+/// Certificate files signed by a throwaway CA, for sites that configure `cert` and `key`.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub cert_pem: String,
+    pub der: CertificateDer<'static>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "portcullis test CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("self-signed");
+        TestCa {
+            cert_pem: cert.pem(),
+            der: cert.der().clone(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` for the given DNS names into `dir`.
+    pub fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let c = dir.join(format!("{file}.pem"));
+        let k = dir.join(format!("{file}.key"));
+        std::fs::write(&c, cert.pem()).expect("write cert");
+        std::fs::write(&k, key.serialize_pem()).expect("write key");
+        (c, k)
+    }
+
+    pub fn roots(&self) -> RootCertStore {
+        let mut r = RootCertStore::empty();
+        r.add(self.der.clone()).expect("root");
+        r
+    }
+
+    pub fn write_ca(&self, dir: &Path) -> PathBuf {
+        let p = dir.join("test-ca.pem");
+        std::fs::write(&p, &self.cert_pem).expect("write ca");
+        p
+    }
+}
