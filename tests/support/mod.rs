@@ -204,28 +204,62 @@ pub struct TestOrigin {
     pub addr: SocketAddr,
     release: Arc<tokio::sync::Notify>,
     pub hits: Arc<AtomicU64>,
+    /// TCP connections accepted, to observe pooling.
+    pub conns: Arc<AtomicU64>,
 }
 
 impl TestOrigin {
     pub async fn start() -> TestOrigin {
+        TestOrigin::start_inner(None).await
+    }
+
+    /// An origin speaking HTTPS with a certificate for `localhost` from `ca`.
+    pub async fn start_tls(ca: &TestCa) -> TestOrigin {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (cert, key) = ca.issue(dir.path(), "origin", &["localhost"]);
+        let ck = portcullis::tls::load_certified_key(&cert, &key).expect("origin cert");
+        let cfg = rustls::ServerConfig::builder_with_provider(portcullis::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_cert_resolver({
+                let mut certs = portcullis::tls::SniCerts::default();
+                certs.insert(
+                    &portcullis::config::HostPattern::Exact("localhost".into()),
+                    ck,
+                );
+                Arc::new(certs)
+            });
+        TestOrigin::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> TestOrigin {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("origin bind");
         let addr = listener.local_addr().expect("origin addr");
         let release = Arc::new(tokio::sync::Notify::new());
         let hits = Arc::new(AtomicU64::new(0));
-        let (r, h) = (release.clone(), hits.clone());
+        let conns = Arc::new(AtomicU64::new(0));
+        let (r, h, c) = (release.clone(), hits.clone(), conns.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
+                c.fetch_add(1, Ordering::Relaxed);
                 let (r, h) = (r.clone(), h.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| origin_handle(req, r.clone(), h.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    let b = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => b.serve_connection(TokioIo::new(s), svc).await,
+                        Some(acceptor) => match acceptor.accept(s).await {
+                            Ok(t) => b.serve_connection(TokioIo::new(t), svc).await,
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
@@ -233,6 +267,7 @@ impl TestOrigin {
             addr,
             release,
             hits,
+            conns,
         }
     }
 
@@ -261,6 +296,16 @@ async fn origin_handle(
         return Ok(Response::new(
             Full::new(Bytes::from(format!("slept {ms}\n"))).boxed(),
         ));
+    }
+    if path == "/hop" {
+        let resp = Response::builder()
+            .header("connection", "x-resp-hop")
+            .header("x-resp-hop", "1")
+            .header("keep-alive", "timeout=9")
+            .header("x-end-to-end", "kept")
+            .body(Full::new(Bytes::from("hop\n")).boxed())
+            .expect("response");
+        return Ok(resp);
     }
     if path == "/release" {
         release.notify_waiters();
@@ -300,7 +345,7 @@ async fn origin_handle(
 }
 
 /// Adapts an mpsc receiver into a `Stream` without pulling in tokio-stream.
-fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> ReceiverStream<T> {
+pub fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> ReceiverStream<T> {
     ReceiverStream(rx)
 }
 

@@ -1,0 +1,361 @@
+//! The reverse proxy: HTTP/1.1 and HTTP/2 clients, forwarding headers, streaming both ways,
+//! pooled origin connections, https origins, HSTS, and the edge's own error answers.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{
+    client_config, echoed, get, get_h2, https, loopback, tls_connect, Harness, TestCa, TestOrigin,
+};
+
+struct Setup {
+    h: Harness,
+    a: SocketAddr,
+    origin: TestOrigin,
+}
+
+async fn setup(extra_sites: &str) -> Setup {
+    let origin = TestOrigin::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let ip = loopback();
+    let toml = format!(
+        r#"
+[state]
+dir = "STATE"
+[edge]
+origin_response_timeout = "500ms"
+max_header_bytes = 8192
+[[pool]]
+name = "main"
+addresses = ["{ip}"]
+tls_ports = [7443]
+[[site]]
+host = "app.test"
+pool = "main"
+origin = "{o}"
+hsts = {{ max_age = 63072000, include_subdomains = true, preload = true }}
+[[site]]
+host = "nohsts.test"
+pool = "main"
+origin = "{o}"
+hsts = {{ enabled = false }}
+[[site]]
+host = "dead.test"
+pool = "main"
+origin = "http://{dead}"
+{extra_sites}
+"#,
+        o = origin.url()
+    );
+    let h = Harness::start(&toml).await;
+    Setup {
+        h,
+        a: SocketAddr::from((ip, 7443)),
+        origin,
+    }
+}
+
+#[tokio::test]
+async fn http1_and_http2_are_proxied_with_forwarding_headers_and_host_kept() {
+    let s = setup("").await;
+    for h2 in [false, true] {
+        let req = Request::get(if h2 {
+            "https://app.test:7443/p/q?x=1"
+        } else {
+            "/p/q?x=1"
+        })
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-client", "kept");
+        let req = if h2 {
+            req
+        } else {
+            req.header("host", "app.test:7443")
+        };
+        let got = https(
+            s.a,
+            "app.test",
+            s.h.roots(),
+            h2,
+            req.body(Full::new(Bytes::new())).expect("req"),
+        )
+        .await;
+        assert_eq!(got.status, 200, "h2={h2}");
+        assert_eq!(
+            got.version,
+            if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            }
+        );
+        let b = &got.body;
+        assert!(b.contains("path: /p/q?x=1"), "{b}");
+        assert_eq!(echoed(b, "host"), Some("app.test:7443"), "{b}");
+        assert_eq!(echoed(b, "x-forwarded-for"), Some("127.0.0.1"), "{b}");
+        assert_eq!(echoed(b, "x-forwarded-proto"), Some("https"));
+        assert_eq!(
+            echoed(b, "forwarded"),
+            Some("for=127.0.0.1;proto=https;host=\"app.test\"")
+        );
+        assert_eq!(echoed(b, "x-client"), Some("kept"));
+        assert_eq!(
+            got.headers["strict-transport-security"],
+            "max-age=63072000; includeSubDomains; preload"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let s = setup("").await;
+    let req = Request::get("/echo")
+        .header("host", "app.test")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret-hop")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let got = https(s.a, "app.test", s.h.roots(), false, req).await;
+    for h in ["x-hop", "keep-alive", "proxy-connection"] {
+        assert_eq!(
+            echoed(&got.body, h),
+            None,
+            "{h} reached the origin: {}",
+            got.body
+        );
+    }
+    let got = https(
+        s.a,
+        "app.test",
+        s.h.roots(),
+        true,
+        get_h2("https://app.test/hop"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert!(got.headers.get("x-resp-hop").is_none());
+    assert!(got.headers.get("keep-alive").is_none());
+    assert_eq!(got.headers["x-end-to-end"], "kept");
+}
+
+#[tokio::test]
+async fn hsts_can_be_disabled_per_site() {
+    let s = setup("").await;
+    let got = https(
+        s.a,
+        "nohsts.test",
+        s.h.roots(),
+        false,
+        get("https://nohsts.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert!(got.headers.get("strict-transport-security").is_none());
+}
+
+#[tokio::test]
+async fn origin_connections_are_pooled_and_kept_alive() {
+    let s = setup("").await;
+    for _ in 0..5 {
+        let got = https(
+            s.a,
+            "app.test",
+            s.h.roots(),
+            false,
+            get("https://app.test/"),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+    }
+    assert_eq!(s.origin.hits.load(Ordering::Relaxed), 5);
+    assert_eq!(
+        s.origin.conns.load(Ordering::Relaxed),
+        1,
+        "five client connections, one origin connection"
+    );
+}
+
+#[tokio::test]
+async fn response_bodies_stream_without_waiting_for_the_end() {
+    let s = setup("").await;
+    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
+        .await
+        .expect("tls");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(get_h2("https://app.test/stream"))
+        .await
+        .expect("resp");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first chunk arrives while the origin still holds the rest")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(first.into_data().expect("data"), "first\n");
+    s.origin.release();
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(rest, "second\n");
+}
+
+#[tokio::test]
+async fn request_bodies_stream_to_the_origin_without_waiting_for_the_end() {
+    let s = setup("").await;
+    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
+        .await
+        .expect("tls");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let req = Request::post("https://app.test/echo-body")
+        .body(StreamBody::new(support::tokio_stream_from(rx)))
+        .expect("req");
+    tx.send(Ok(Frame::data(Bytes::from("ping-1"))))
+        .await
+        .expect("send");
+    let resp = sender.send_request(req).await.expect("resp");
+    let mut body = resp.into_body();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the origin saw the first chunk while the request body is still open")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(echoed.into_data().expect("data"), "ping-1");
+    tx.send(Ok(Frame::data(Bytes::from("ping-2"))))
+        .await
+        .expect("send");
+    drop(tx);
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(rest, "ping-2");
+}
+
+#[tokio::test]
+async fn unreachable_origin_is_502_and_slow_origin_is_504() {
+    let s = setup("").await;
+    let got = https(
+        s.a,
+        "dead.test",
+        s.h.roots(),
+        false,
+        get("https://dead.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 502);
+    assert!(got.body.contains("could not be reached"));
+    let got = https(
+        s.a,
+        "app.test",
+        s.h.roots(),
+        true,
+        get_h2("https://app.test/slow/3000"),
+    )
+    .await;
+    assert_eq!(got.status, 504);
+    assert!(got.body.contains("did not answer in time"));
+    let got = https(
+        s.a,
+        "app.test",
+        s.h.roots(),
+        true,
+        get_h2("https://app.test/slow/10"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test]
+async fn oversized_request_headers_get_431_on_http1_and_http2() {
+    let s = setup("").await;
+    let big = "x".repeat(20_000);
+    let req = Request::get("/")
+        .header("host", "app.test")
+        .header("x-big", big.as_str());
+    let got = https(
+        s.a,
+        "app.test",
+        s.h.roots(),
+        false,
+        req.body(Full::new(Bytes::new())).expect("req"),
+    )
+    .await;
+    assert_eq!(got.status, 431);
+    let req = Request::get("https://app.test/").header("x-big", big.as_str());
+    let got = https(
+        s.a,
+        "app.test",
+        s.h.roots(),
+        true,
+        req.body(Full::new(Bytes::new())).expect("req"),
+    )
+    .await;
+    assert_eq!(got.status, 431);
+    assert_eq!(s.origin.hits.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn https_origins_are_certificate_verified() {
+    let ca = TestCa::new();
+    let tls_origin = TestOrigin::start_tls(&ca).await;
+    let ca_dir = tempfile::tempdir().expect("tmp");
+    let ca_file = ca.write_ca(ca_dir.path());
+    let port = tls_origin.addr.port();
+    let sites = format!(
+        r#"
+[[site]]
+host = "secure.test"
+pool = "main"
+origin = "https://localhost:{port}"
+origin_ca = "{ca}"
+[[site]]
+host = "untrusted.test"
+pool = "main"
+origin = "https://localhost:{port}"
+"#,
+        ca = ca_file.display()
+    );
+    let s = setup(&sites).await;
+    let got = https(
+        s.a,
+        "secure.test",
+        s.h.roots(),
+        false,
+        get("https://secure.test/x"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(echoed(&got.body, "x-forwarded-proto"), Some("https"));
+    let got = https(
+        s.a,
+        "untrusted.test",
+        s.h.roots(),
+        false,
+        get("https://untrusted.test/x"),
+    )
+    .await;
+    assert_eq!(
+        got.status, 502,
+        "an origin certificate from an unknown CA is refused"
+    );
+    assert_eq!(tls_origin.hits.load(Ordering::Relaxed), 1);
+}
