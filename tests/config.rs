@@ -1,0 +1,194 @@
+//! `portcullis check`: every rule of the validator, reported with file, key and value, all at
+//! once, with exit status 1; and the example configs pass.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::TestCa;
+
+fn check(path: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .expect("run portcullis check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("bad.toml");
+    std::fs::write(&p, text).expect("write");
+    p
+}
+
+#[test]
+fn example_configs_pass() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).expect("examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (ok, stdout, stderr) = check(&path);
+            assert!(ok, "{}: {stderr}", path.display());
+            assert!(stdout.contains("OK"), "{stdout}");
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn every_problem_is_reported_with_file_key_value_and_the_parties_involved() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = TestCa::new();
+    let (cert_a, _) = ca.issue(dir.path(), "a", &["mismatch.test"]);
+    let (_, key_b) = ca.issue(dir.path(), "b", &["mismatch.test"]);
+    let (cert_c, key_c) = ca.issue(dir.path(), "c", &["someone-else.test"]);
+    let text = format!(
+        r#"
+[[pool]]
+name = "closed"
+addresses = ["192.0.2.10"]
+tls_ports = [443]
+
+[[pool]]
+name = "open"
+addresses = ["192.0.2.20", "192.0.2.10"]
+tls_ports = [443, 70000]
+cleartext_ports = [80, 0]
+
+[[pool]]
+name = "everywhere"
+addresses = ["0.0.0.0"]
+tls_ports = [8443]
+cleartext_ports = [8080]
+
+[[site]]
+host = "closed-on-open.test"
+pool = "open"
+origin = "http://127.0.0.1:9000"
+cleartext = "closed"
+
+[[site]]
+host = "redirect-on-closed.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cleartext = "redirect"
+
+[[site]]
+host = "twice.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+
+[[site]]
+host = "TWICE.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+
+[[site]]
+host = "lost.test"
+pool = "nowhere"
+origin = "http://127.0.0.1:9000"
+
+[[site]]
+host = "badorigin.test"
+pool = "closed"
+origin = "ftp://files.example/dir"
+
+[[site]]
+host = "unreadable.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "/nonexistent/cert.pem"
+key = "/nonexistent/key.pem"
+
+[[site]]
+host = "mismatch.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "{cert_a}"
+key = "{key_b}"
+
+[[site]]
+host = "notcovered.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "{cert_c}"
+key = "{key_c}"
+
+[[site]]
+host = "mode.test"
+pool = "open"
+origin = "http://127.0.0.1:9000"
+cleartext = "maybe"
+"#,
+        cert_a = cert_a.display(),
+        key_b = key_b.display(),
+        cert_c = cert_c.display(),
+        key_c = key_c.display(),
+    );
+    let path = write(dir.path(), &text);
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok, "check must fail");
+    let file = path.display().to_string();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.iter().all(|l| l.starts_with(&file)), "every line names the file:\n{stderr}");
+    let expect = |fragments: &[&str]| {
+        assert!(
+            lines.iter().any(|l| fragments.iter().all(|f| l.contains(f))),
+            "no line contains all of {fragments:?}:\n{stderr}"
+        );
+    };
+    // A closed site on a pool with cleartext ports: site, pool and address named.
+    expect(&["closed-on-open.test", "\"open\"", "192.0.2.20", "cleartext = \"closed\""]);
+    // A site on a closed pool with another mode.
+    expect(&["redirect-on-closed.test", "\"closed\"", "192.0.2.10", "\"redirect\""]);
+    // An address in two pools.
+    expect(&["addresses[1]", "192.0.2.10", "\"closed\"", "\"open\""]);
+    // The same host twice (case-insensitive).
+    expect(&["TWICE.test", "twice", "configured twice"]);
+    // Unknown pool.
+    expect(&["lost.test", "pool = \"nowhere\"", "no pool"]);
+    // Bad origin URL.
+    expect(&["badorigin.test", "origin = \"ftp://files.example/dir\""]);
+    // Unreadable and mismatched certificate files; certificate not covering the host.
+    expect(&["unreadable.test", "/nonexistent/cert.pem"]);
+    expect(&["mismatch.test", "does not match"]);
+    expect(&["notcovered.test", "does not cover"]);
+    // Ports out of range.
+    expect(&["tls_ports[1] = 70000", "out of range"]);
+    expect(&["cleartext_ports[1] = 0", "out of range"]);
+    // A wildcard address with cleartext ports while a closed pool exists.
+    expect(&["\"everywhere\"", "0.0.0.0", "closed pool \"closed\"", "192.0.2.10"]);
+    // Unknown mode.
+    expect(&["mode.test", "\"maybe\"", "unknown mode"]);
+    assert!(lines.len() >= 13, "all problems at once:\n{stderr}");
+}
+
+#[test]
+fn unknown_keys_and_syntax_errors_name_the_place() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = write(
+        dir.path(),
+        "[[pool]]\nname = \"p\"\naddresses = [\"192.0.2.1\"]\ntls_ports = [443]\nclear_ports = [80]\n",
+    );
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    assert!(stderr.contains("clear_ports"), "{stderr}");
+    assert!(stderr.contains("line 5"), "{stderr}");
+
+    let path = write(dir.path(), "[[site]\nhost = 1\n");
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    assert!(stderr.contains("line 1"), "{stderr}");
+
+    let (ok, _, stderr) = check(&dir.path().join("missing.toml"));
+    assert!(!ok);
+    assert!(stderr.contains("missing.toml") && stderr.contains("cannot read"), "{stderr}");
+}
