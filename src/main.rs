@@ -1,5 +1,6 @@
 //! Command-line parsing only; everything else lives in the library.
 
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,9 +100,14 @@ fn run() -> anyhow::Result<ExitCode> {
                 options.state_dir = dir;
             }
             runtime(workers)?.block_on(async {
+                let signals = portcullis::serve::Signals::install()?;
                 let d = demo::start(options).await?;
-                println!("{}", demo::instructions(&d.options));
-                portcullis::serve::run_until_signal(d.edge, None).await?;
+                // A reader that went away (`portcullis demo | head`) must not stop the demo.
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(demo::instructions(&d.options).as_bytes());
+                let _ = out.flush();
+                drop(out);
+                portcullis::serve::run_until_signal(d.edge, None, signals).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{Config, ConfigError};
 use crate::edge::{Edge, EdgeError};
@@ -32,27 +32,48 @@ pub enum ServeError {
 
 /// Runs the edge from `path` until SIGTERM or SIGINT, reloading on SIGHUP.
 pub async fn serve(path: PathBuf) -> Result<(), ServeError> {
+    let signals = Signals::install()?;
     let config = Config::from_file(&path)?;
     for warning in foreign_listeners(&config) {
         tracing::warn!("{warning}");
     }
     let edge = Edge::start(config).await?;
-    run_until_signal(edge, Some(&path)).await
+    run_until_signal(edge, Some(&path), signals).await
+}
+
+/// The signals `serve` and `demo` answer to. Install them before announcing readiness, so a
+/// signal sent right after never meets the default action (which kills the process).
+pub struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Signals, ServeError> {
+        let s = |kind| signal(kind).map_err(ServeError::Signals);
+        Ok(Signals {
+            hup: s(SignalKind::hangup())?,
+            term: s(SignalKind::terminate())?,
+            int: s(SignalKind::interrupt())?,
+        })
+    }
 }
 
 /// Serves until SIGTERM or SIGINT; on SIGHUP reloads from `reload_from` when given.
-pub async fn run_until_signal(edge: Edge, reload_from: Option<&Path>) -> Result<(), ServeError> {
-    let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signals)?;
-    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
+pub async fn run_until_signal(
+    edge: Edge,
+    reload_from: Option<&Path>,
+    mut signals: Signals,
+) -> Result<(), ServeError> {
     loop {
         tokio::select! {
-            _ = hup.recv() => match reload_from {
+            _ = signals.hup.recv() => match reload_from {
                 Some(path) => reload(&edge, path).await,
                 None => tracing::info!("SIGHUP ignored: no config file to reload"),
             },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
         }
     }
     let grace = edge.snapshot().config.edge.shutdown_grace;

@@ -138,17 +138,32 @@ cleartext = "maybe"
     assert!(!ok, "check must fail");
     let file = path.display().to_string();
     let lines: Vec<&str> = stderr.lines().collect();
-    assert!(lines.iter().all(|l| l.starts_with(&file)), "every line names the file:\n{stderr}");
+    assert!(
+        lines.iter().all(|l| l.starts_with(&file)),
+        "every line names the file:\n{stderr}"
+    );
     let expect = |fragments: &[&str]| {
         assert!(
-            lines.iter().any(|l| fragments.iter().all(|f| l.contains(f))),
+            lines
+                .iter()
+                .any(|l| fragments.iter().all(|f| l.contains(f))),
             "no line contains all of {fragments:?}:\n{stderr}"
         );
     };
     // A closed site on a pool with cleartext ports: site, pool and address named.
-    expect(&["closed-on-open.test", "\"open\"", "192.0.2.20", "cleartext = \"closed\""]);
+    expect(&[
+        "closed-on-open.test",
+        "\"open\"",
+        "192.0.2.20",
+        "cleartext = \"closed\"",
+    ]);
     // A site on a closed pool with another mode.
-    expect(&["redirect-on-closed.test", "\"closed\"", "192.0.2.10", "\"redirect\""]);
+    expect(&[
+        "redirect-on-closed.test",
+        "\"closed\"",
+        "192.0.2.10",
+        "\"redirect\"",
+    ]);
     // An address in two pools.
     expect(&["addresses[1]", "192.0.2.10", "\"closed\"", "\"open\""]);
     // The same host twice (case-insensitive).
@@ -165,7 +180,12 @@ cleartext = "maybe"
     expect(&["tls_ports[1] = 70000", "out of range"]);
     expect(&["cleartext_ports[1] = 0", "out of range"]);
     // A wildcard address with cleartext ports while a closed pool exists.
-    expect(&["\"everywhere\"", "0.0.0.0", "closed pool \"closed\"", "192.0.2.10"]);
+    expect(&[
+        "\"everywhere\"",
+        "0.0.0.0",
+        "closed pool \"closed\"",
+        "192.0.2.10",
+    ]);
     // Unknown mode.
     expect(&["mode.test", "\"maybe\"", "unknown mode"]);
     assert!(lines.len() >= 13, "all problems at once:\n{stderr}");
@@ -190,5 +210,8 @@ fn unknown_keys_and_syntax_errors_name_the_place() {
 
     let (ok, _, stderr) = check(&dir.path().join("missing.toml"));
     assert!(!ok);
-    assert!(stderr.contains("missing.toml") && stderr.contains("cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("missing.toml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::{handle, ConnInfo};
 use super::io::Activity;
-use super::{bump, Shared};
+use super::{bump, Shared, Snapshot};
 use crate::config::ListenerKind;
 
 /// The answer to cleartext HTTP on a TLS port. Fixed bytes: no input is echoed.
@@ -70,7 +70,7 @@ pub(crate) async fn accept_loop(
                         ListenerKind::Tls => tls_conn(shared2, key, stream, peer, shutdown).await,
                         ListenerKind::Cleartext => {
                             bump(&shared2.stats.cleartext_connections);
-                            let info = conn_info(&shared2, key, peer, None);
+                            let info = conn_info(&shared2.snapshot.load(), key, peer, None);
                             serve_http(shared2, info, stream, false, shutdown).await
                         }
                     }
@@ -85,13 +85,13 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// Connection facts, resolved against the snapshot current when the connection was accepted.
 fn conn_info(
-    shared: &Shared,
+    snap: &Snapshot,
     key: (SocketAddr, ListenerKind),
     peer: SocketAddr,
     sni: Option<String>,
 ) -> Arc<ConnInfo> {
-    let snap = shared.snapshot.load();
     let pool = snap
         .listeners
         .get(&key)
@@ -200,7 +200,7 @@ async fn tls_conn(
     };
     bump(&shared.stats.handshakes);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let info = conn_info(&shared, key, peer, sni);
+    let info = conn_info(&snap, key, peer, sni);
     drop(snap);
     serve_http(shared, info, tls, h2, shutdown).await
 }

@@ -1,0 +1,98 @@
+//! `portcullis demo`: runs the real binary and executes every curl line it prints, exactly as
+//! printed, checking that each shows the behaviour its comment promises.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+#[path = "support/mod.rs"]
+mod support;
+
+#[test]
+fn every_printed_curl_line_works_when_pasted() {
+    assert!(
+        Command::new("curl").arg("--version").output().is_ok(),
+        "curl is missing: install Debian's curl (scripts/test.sh does it as root)"
+    );
+    let (closed, open) = (support::loopback(), support::loopback());
+    let state = tempfile::tempdir().expect("tmp");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "demo",
+            "--closed-addr",
+            &closed.to_string(),
+            "--open-addr",
+            &open.to_string(),
+        ])
+        .arg("--state-dir")
+        .arg(state.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut printed = Vec::new();
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        let done = line.starts_with("Press Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    // Keep reading whatever else it prints, so the demo never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let curls: Vec<&String> = printed.iter().filter(|l| l.starts_with("curl ")).collect();
+    assert_eq!(curls.len(), 6, "{printed:#?}");
+    let run = |line: &str| {
+        let out = Command::new("sh")
+            .args(["-c", line])
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .output()
+            .expect("sh");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text.to_ascii_lowercase())
+    };
+    let expectations: [(Option<i32>, &[&str]); 6] = [
+        (Some(7), &["failed to connect"]),
+        (
+            Some(0),
+            &[
+                "http/2 200",
+                "strict-transport-security: max-age=31536000",
+                "over tls: yes",
+                "path: /v1/items",
+            ],
+        ),
+        (
+            Some(0),
+            &[
+                "301 moved permanently",
+                "location: https://www.demo.test:8443/login?next=/",
+            ],
+        ),
+        (Some(0), &["403 forbidden", "https-only", "rotate"]),
+        (Some(0), &["400 bad request", "https only"]),
+        (Some(35), &["unrecognized name"]),
+    ];
+    for (line, (code, fragments)) in curls.iter().zip(expectations) {
+        let (got_code, text) = run(line);
+        assert_eq!(got_code, code, "{line}\n{text}");
+        for f in fragments {
+            assert!(text.contains(f), "{line}: expected {f:?} in\n{text}");
+        }
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "demo exits 0 on SIGTERM: {status:?}");
+}
