@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""portcullis vs nginx, as TLS-terminating reverse proxies on loopback.
+
+Both proxies: ECDSA P-256 certificate, TLS 1.3, the same worker count, access logs off, HSTS
+added, keep-alive connections to the same nginx origin. Runs alternate between the two for
+several rounds; each figure is the median over rounds. Reports requests/s and p99 for
+HTTP/1.1 keep-alive (wrk), requests/s for HTTP/2 (h2load), new TLS connections per second
+(wrk with Connection: close), and CPU time per request of the proxy process(es).
+"""
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "portcullis")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+HOSTS_MARK = "# portcullis-bench"
+ADDR = {"nginx": "127.0.0.20", "portcullis": "127.0.0.21"}
+PORT = 9443
+ORIGIN_PORT = 18080
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def host(proxy):
+    return f"{proxy}.bench.test"
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def setup_hosts():
+    with open("/etc/hosts") as f:
+        lines = [l for l in f.read().splitlines() if HOSTS_MARK not in l]
+    lines += [f"{ADDR[p]} {host(p)} {HOSTS_MARK}" for p in ADDR]
+    write("/etc/hosts", "\n".join(lines) + "\n")
+
+
+def cleanup_hosts():
+    with open("/etc/hosts") as f:
+        lines = [l for l in f.read().splitlines() if HOSTS_MARK not in l]
+    write("/etc/hosts", "\n".join(lines) + "\n")
+
+
+def make_cert(d):
+    key, crt = os.path.join(d, "bench.key"), os.path.join(d, "bench.pem")
+    sh(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-days", "2", "-subj", "/CN=bench.test", "-keyout", key, "-out", crt,
+        "-addext", f"subjectAltName=DNS:{host('nginx')},DNS:{host('portcullis')}"])
+    return crt, key
+
+
+def nginx_conf(d, name, workers, body):
+    conf = os.path.join(d, f"{name}.conf")
+    write(conf, f"""
+worker_processes {workers};
+pid {d}/{name}.pid;
+error_log {d}/{name}.error.log warn;
+daemon on;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    {body}
+}}
+""")
+    return conf
+
+
+def start_nginx(conf, d, name):
+    sh(["nginx", "-c", conf, "-p", d])
+    pidfile = os.path.join(d, f"{name}.pid")
+    for _ in range(100):
+        if os.path.exists(pidfile):
+            return int(open(pidfile).read().strip())
+        time.sleep(0.05)
+    sys.exit(f"nginx {name} did not start; see {d}/{name}.error.log")
+
+
+def stop_nginx(master):
+    try:
+        os.kill(master, signal.SIGQUIT)
+    except ProcessLookupError:
+        pass
+
+
+def procs_of(pid):
+    """pid and its children (nginx workers)."""
+    out = [pid]
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(p))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total / CLK_TCK
+
+
+def wait_port(addr, port):
+    import socket
+    for _ in range(200):
+        try:
+            socket.create_connection((addr, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on {addr}:{port}")
+
+
+def to_ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(url, conns, threads, duration, extra=()):
+    out = sh(["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", *extra, url]).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99 = to_ms(*m.groups()) if m else float("nan")
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    bad = (errors.group(1) if errors else "") + (f" non-2xx {non2xx.group(1)}" if non2xx else "")
+    return rps, p99, total, bad.strip()
+
+
+def run_h2load(proxy, conns, streams, duration, threads):
+    url = f"https://{host(proxy)}:{PORT}/"
+    out = sh(["h2load", f"-c{conns}", f"-m{streams}", f"-t{threads}", f"-D{duration}",
+              "--warm-up-time=1", url]).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    done, failed = int(m.group(1)), int(m.group(3))
+    return rps, done, ("failed %d" % failed) if failed else ""
+
+
+def measure(proxy, pids, fn):
+    before = cpu_seconds(pids)
+    result = fn()
+    used = cpu_seconds(pids) - before
+    return result, used
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=8, help="seconds per measurement")
+    ap.add_argument("--conns", type=int, default=64, help="keep-alive connections (HTTP/1.1)")
+    ap.add_argument("--workers", type=int, default=2, help="proxy worker processes/threads")
+    args = ap.parse_args()
+    if not os.path.exists(BIN):
+        sys.exit(f"{BIN} missing: cargo build --release")
+
+    d = tempfile.mkdtemp(prefix="portcullis-bench-")
+    crt, key = make_cert(d)
+    setup_hosts()
+    origin_conf = nginx_conf(d, "origin", 1, f"""
+    server {{
+        listen 127.0.0.1:{ORIGIN_PORT};
+        location / {{ return 200 "hello from the origin\\n"; }}
+    }}""")
+    proxy_conf = nginx_conf(d, "nginx", args.workers, f"""
+    upstream origin {{ server 127.0.0.1:{ORIGIN_PORT}; keepalive 256; }}
+    server {{
+        listen {ADDR['nginx']}:{PORT} ssl http2;
+        server_name {host('nginx')};
+        ssl_certificate {crt};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        add_header Strict-Transport-Security "max-age=31536000" always;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+        }}
+    }}""")
+    write(os.path.join(d, "portcullis.toml"), f"""
+[state]
+dir = "{d}/state"
+[[pool]]
+name = "bench"
+addresses = ["{ADDR['portcullis']}"]
+tls_ports = [{PORT}]
+[[site]]
+host = "{host('portcullis')}"
+pool = "bench"
+origin = "http://127.0.0.1:{ORIGIN_PORT}"
+cert = "{crt}"
+key = "{key}"
+""")
+
+    origin = start_nginx(origin_conf, d, "origin")
+    nginx = start_nginx(proxy_conf, d, "nginx")
+    pc = subprocess.Popen([BIN, "serve", "--workers", str(args.workers), "-c", os.path.join(d, "portcullis.toml")],
+                          stderr=open(os.path.join(d, "portcullis.log"), "w"), env={**os.environ, "RUST_LOG": "warn"})
+    try:
+        wait_port(ADDR["nginx"], PORT)
+        wait_port(ADDR["portcullis"], PORT)
+        pids = {"nginx": procs_of(nginx), "portcullis": [pc.pid]}
+        # Warm both up (origin keep-alive pools, page cache, CPU frequency).
+        for p in ("portcullis", "nginx"):
+            run_wrk(f"https://{host(p)}:{PORT}/", args.conns, 2, 2)
+
+        results = {p: {"h1": [], "h1p99": [], "h1cpu": [], "h2": [], "h2cpu": [], "conn": [], "conncpu": []} for p in ADDR}
+        print(f"rounds={args.rounds} duration={args.duration}s conns={args.conns} workers={args.workers} cores={os.cpu_count()}")
+        for r in range(args.rounds):
+            order = ["portcullis", "nginx"] if r % 2 == 0 else ["nginx", "portcullis"]
+            for p in order:
+                url = f"https://{host(p)}:{PORT}/"
+                (rps, p99, n, bad), cpu = measure(p, pids[p], lambda: run_wrk(url, args.conns, 2, args.duration))
+                results[p]["h1"].append(rps)
+                results[p]["h1p99"].append(p99)
+                results[p]["h1cpu"].append(cpu / n * 1e6)
+                print(f"  round {r+1} {p:10} h1 keep-alive {rps:10.0f} req/s  p99 {p99:7.2f} ms  cpu {cpu / n * 1e6:6.1f} us/req {bad}")
+                (rps, n, bad), cpu = measure(p, pids[p], lambda: run_h2load(p, 16, 16, args.duration, 2))
+                results[p]["h2"].append(rps)
+                results[p]["h2cpu"].append(cpu / n * 1e6)
+                print(f"  round {r+1} {p:10} h2            {rps:10.0f} req/s                cpu {cpu / n * 1e6:6.1f} us/req {bad}")
+                (rps, p99, n, bad), cpu = measure(p, pids[p], lambda: run_wrk(url, 32, 2, args.duration, ("-H", "Connection: close")))
+                results[p]["conn"].append(rps)
+                results[p]["conncpu"].append(cpu / n * 1e6)
+                print(f"  round {r+1} {p:10} new TLS conns {rps:10.0f} conn/s               cpu {cpu / n * 1e6:6.1f} us/conn {bad}")
+
+        med = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in results.items()}
+        pcm, ngm = med["portcullis"], med["nginx"]
+        rows = [
+            ("HTTP/1.1 keep-alive req/s", "h1", True),
+            ("HTTP/1.1 keep-alive p99 ms", "h1p99", False),
+            ("HTTP/1.1 CPU us/request", "h1cpu", False),
+            ("HTTP/2 req/s", "h2", True),
+            ("HTTP/2 CPU us/request", "h2cpu", False),
+            ("new TLS connections/s", "conn", True),
+            ("new TLS conn CPU us/conn", "conncpu", False),
+        ]
+        print()
+        print(f"{'median of ' + str(args.rounds) + ' rounds':32} {'portcullis':>12} {'nginx':>12} {'portcullis/nginx':>17}")
+        for label, k, _ in rows:
+            ratio = pcm[k] / ngm[k] if ngm[k] else float("nan")
+            print(f"{label:32} {pcm[k]:12.2f} {ngm[k]:12.2f} {ratio:16.2f}x")
+    finally:
+        pc.send_signal(signal.SIGTERM)
+        try:
+            pc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pc.kill()
+        stop_nginx(nginx)
+        stop_nginx(origin)
+        cleanup_hosts()
+
+
+if __name__ == "__main__":
+    main()
