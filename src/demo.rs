@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError};
-use crate::edge::{Edge, EdgeError};
+use crate::edge::{Edge, EdgeError, Workers};
 use crate::tls::DevCa;
 
 /// Where the demo listens; every address must be loopback.
@@ -71,7 +71,7 @@ pub struct Demo {
 }
 
 /// Starts the echo origin and the edge.
-pub async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
+pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<Demo, DemoError> {
     for a in [options.closed_addr, options.open_addr] {
         if !a.is_loopback() {
             return Err(DemoError::NotLoopback(a));
@@ -90,7 +90,7 @@ pub async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
         "(demo config)",
         Path::new("."),
     )?;
-    let edge = Edge::start(config).await?;
+    let edge = Edge::start_on(config, workers).await?;
     Ok(Demo {
         edge,
         origin,

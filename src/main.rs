@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
 use portcullis::demo::{self, DemoOptions};
+use portcullis::edge::Workers;
 
 /// An HTTPS-only edge: closed pools refuse cleartext at the transport layer.
 #[derive(Parser)]
@@ -77,7 +78,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Check { config } => Ok(check(&config)),
         Command::Serve { config, workers } => {
             init_logging();
-            runtime(workers)?.block_on(portcullis::serve::serve(config))?;
+            let workers = Workers::spawn(worker_count(workers))?;
+            control_runtime()?.block_on(portcullis::serve::serve(config, &workers))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
@@ -99,9 +101,10 @@ fn run() -> anyhow::Result<ExitCode> {
             if let Some(dir) = state_dir {
                 options.state_dir = dir;
             }
-            runtime(workers)?.block_on(async {
+            let workers = Workers::spawn(worker_count(workers))?;
+            control_runtime()?.block_on(async {
                 let signals = portcullis::serve::Signals::install()?;
-                let d = demo::start(options).await?;
+                let d = demo::start(options, Some(&workers)).await?;
                 // A reader that went away (`portcullis demo | head`) must not stop the demo.
                 let mut out = std::io::stdout().lock();
                 let _ = out.write_all(demo::instructions(&d.options).as_bytes());
@@ -147,12 +150,17 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
-    }
-    b.enable_all().build().context("starting the async runtime")
+/// The runtime of the main thread: signals, reloads, the demo origin. Connections run on the
+/// worker threads.
+fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn worker_count(flag: Option<usize>) -> usize {
+    flag.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn init_logging() {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{Config, ConfigError};
-use crate::edge::{Edge, EdgeError};
+use crate::edge::{Edge, EdgeError, Workers};
 
 /// Ports that one large CDN treats as cleartext HTTP; another program listening on one of
 /// them, on a wildcard address, defeats a closed pool.
@@ -31,13 +31,13 @@ pub enum ServeError {
 }
 
 /// Runs the edge from `path` until SIGTERM or SIGINT, reloading on SIGHUP.
-pub async fn serve(path: PathBuf) -> Result<(), ServeError> {
+pub async fn serve(path: PathBuf, workers: &Workers) -> Result<(), ServeError> {
     let signals = Signals::install()?;
     let config = Config::from_file(&path)?;
     for warning in foreign_listeners(&config) {
         tracing::warn!("{warning}");
     }
-    let edge = Edge::start(config).await?;
+    let edge = Edge::start_on(config, Some(workers)).await?;
     run_until_signal(edge, Some(&path), signals).await
 }
 

@@ -108,7 +108,7 @@ async fn http1_and_http2_are_proxied_with_forwarding_headers_and_host_kept() {
         assert_eq!(echoed(b, "x-forwarded-proto"), Some("https"));
         assert_eq!(
             echoed(b, "forwarded"),
-            Some("for=127.0.0.1;proto=https;host=\"app.test\"")
+            Some("for=127.0.0.1;proto=https;host=\"app.test:7443\"")
         );
         assert_eq!(echoed(b, "x-client"), Some("kept"));
         assert_eq!(

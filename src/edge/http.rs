@@ -4,6 +4,7 @@
 //! Every answer built here comes from the configured site, never from an unchecked Host
 //! header, and the reject answer is the same bytes whatever the request carried.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use super::proxy::forward;
+use super::proxy::{forward, ClientAddr};
 use super::snapshot::SiteRuntime;
 use super::Shared;
 use crate::config::{CleartextMode, HostPattern, ListenerKind};
@@ -31,7 +32,8 @@ unencrypted: consider it exposed, and revoke or rotate it. Use https:// instead.
 /// What a connection knows about itself, fixed at accept time.
 pub(crate) struct ConnInfo {
     pub(crate) key: (SocketAddr, ListenerKind),
-    pub(crate) peer: SocketAddr,
+    /// The client's address as forwarding headers write it.
+    pub(crate) client: ClientAddr,
     /// The pool the listener belonged to at accept time, used if a reload removes it.
     pub(crate) pool: String,
     /// Lowercase SNI of a TLS connection.
@@ -63,7 +65,7 @@ pub(crate) async fn handle(
             if !site.host.matches(sni) {
                 return Ok(misdirected());
             }
-            let mut resp = forward(&site.origin, req, conn.peer, "https", &host, edge).await;
+            let mut resp = forward(&site.origin, req, &conn.client, "https", edge).await;
             if let Some(v) = &site.hsts {
                 resp.headers_mut()
                     .insert(STRICT_TRANSPORT_SECURITY, v.clone());
@@ -72,9 +74,7 @@ pub(crate) async fn handle(
         }
         None => Ok(match site.mode {
             CleartextMode::Redirect => redirect(site, &host, &req),
-            CleartextMode::Allow => {
-                forward(&site.origin, req, conn.peer, "http", &host, edge).await
-            }
+            CleartextMode::Allow => forward(&site.origin, req, &conn.client, "http", edge).await,
             // `closed` cannot be reached on a cleartext port (validation forbids it); should it
             // ever be, refusing is the only safe answer.
             CleartextMode::Reject | CleartextMode::Closed => reject(),
@@ -84,7 +84,7 @@ pub(crate) async fn handle(
 
 /// The request's hostname, lowercase, without port: from the URI authority (HTTP/2
 /// `:authority`, absolute-form HTTP/1.1) or else the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+fn request_host(req: &Request<Incoming>) -> Option<Cow<'_, str>> {
     let raw = match req.uri().authority() {
         Some(a) => a.host(),
         None => {
@@ -96,7 +96,11 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     if host.is_empty() {
         return None;
     }
-    Some(host.to_ascii_lowercase())
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 fn strip_port(h: &str) -> &str {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::{handle, ConnInfo};
 use super::io::Activity;
+use super::proxy::ClientAddr;
 use super::{bump, Shared, Snapshot};
 use crate::config::ListenerKind;
 
@@ -34,7 +35,8 @@ This port speaks HTTPS only: plain HTTP is not served here. Use https:// .\r\n";
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
 
 /// Opens a listening socket. IPv6 sockets are v6-only, so `::` never also takes IPv4.
-pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// `reuse_port` lets each worker bind its own socket on the same address.
+pub(crate) fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     if addr.is_ipv6() {
@@ -42,19 +44,30 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
     // Lets a restarted edge bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     // A deep backlog absorbs bursts of new TLS connections.
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     key: (SocketAddr, ListenerKind),
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     stop: CancellationToken,
 ) {
+    // Registered here, with the reactor of the runtime this loop runs on.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %key.0, error = %e, "cannot register listener");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -100,7 +113,7 @@ fn conn_info(
         .unwrap_or_default();
     Arc::new(ConnInfo {
         key,
-        peer,
+        client: ClientAddr::new(peer.ip()),
         pool,
         sni,
     })

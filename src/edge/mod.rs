@@ -12,6 +12,7 @@ mod io;
 mod listener;
 mod proxy;
 mod snapshot;
+mod workers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use crate::config::{Config, ListenerKind};
 use crate::tls::{DevCa, Resumption, TlsError};
 
 pub use snapshot::Snapshot;
+pub use workers::Workers;
 
 /// Why the edge could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
@@ -112,11 +114,21 @@ pub(crate) struct Shared {
     resumption: Resumption,
     /// Opened on first need: only sites without a configured certificate use it.
     dev_ca: std::sync::Mutex<Option<Arc<DevCa>>>,
+    /// Runtimes that run accept loops and connections; empty means the caller's runtime.
+    workers: Vec<tokio::runtime::Handle>,
+}
+
+impl Shared {
+    /// How many accept loops (and origin client pools) each listener gets.
+    pub(crate) fn worker_count(&self) -> usize {
+        self.workers.len().max(1)
+    }
 }
 
 struct ListenerHandle {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// A running edge: listeners, the live snapshot and the connections they serve.
@@ -127,9 +139,14 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// Binds every listener of `config` and starts serving. Fails without side effects if any
-    /// socket cannot be bound.
+    /// Binds every listener of `config` and starts serving on the caller's runtime. Fails
+    /// without side effects if any socket cannot be bound.
     pub async fn start(config: Config) -> Result<Edge, EdgeError> {
+        Edge::start_on(config, None).await
+    }
+
+    /// Like [`Edge::start`], with connections served on `workers` when given.
+    pub async fn start_on(config: Config, workers: Option<&Workers>) -> Result<Edge, EdgeError> {
         let resumption = Resumption::new()?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty(&resumption)?),
@@ -138,6 +155,7 @@ impl Edge {
             tracker: TaskTracker::new(),
             resumption,
             dev_ca: std::sync::Mutex::new(None),
+            workers: workers.map(|w| w.handles().to_vec()).unwrap_or_default(),
         });
         let edge = Edge {
             shared,
@@ -170,39 +188,52 @@ impl Edge {
         for key in now {
             bound.push((
                 *key,
-                listener::bind(key.0).map_err(|source| bind_err(*key, source))?,
+                self.bind(key.0).map_err(|source| bind_err(*key, source))?,
             ));
         }
         self.shared.snapshot.store(Arc::new(snap));
         for key in removed {
             if let Some(h) = listeners.remove(&key) {
                 h.stop.cancel();
-                let _ = h.task.await;
+                for t in h.tasks {
+                    let _ = t.await;
+                }
                 tracing::info!(addr = %key.0, kind = %key.1, "stopped listening");
             }
         }
         let mut late_error = None;
         for key in later {
-            match listener::bind(key.0) {
+            match self.bind(key.0) {
                 Ok(l) => bound.push((*key, l)),
                 Err(source) => late_error = Some(bind_err(*key, source)),
             }
         }
-        for (key, l) in bound {
+        for (key, sockets) in bound {
             tracing::info!(addr = %key.0, kind = %key.1, "listening");
             let stop = self.shared.shutdown.child_token();
-            let task = tokio::spawn(listener::accept_loop(
-                self.shared.clone(),
-                key,
-                l,
-                stop.clone(),
-            ));
-            listeners.insert(key, ListenerHandle { stop, task });
+            let tasks = sockets
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let accept = listener::accept_loop(self.shared.clone(), key, l, stop.clone());
+                    match self.shared.workers.get(i) {
+                        Some(h) => h.spawn(accept),
+                        None => tokio::spawn(accept),
+                    }
+                })
+                .collect();
+            listeners.insert(key, ListenerHandle { stop, tasks });
         }
         match late_error {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// One socket per worker; several share the address through SO_REUSEPORT.
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
+        let n = self.shared.workers.len();
+        (0..n.max(1)).map(|_| listener::bind(addr, n > 1)).collect()
     }
 
     /// The live snapshot.
@@ -238,7 +269,9 @@ impl Edge {
         self.shared.shutdown.cancel();
         let listeners = std::mem::take(&mut *self.listeners.lock().await);
         for (_, h) in listeners {
-            let _ = h.task.await;
+            for t in h.tasks {
+                let _ = t.await;
+            }
         }
         self.shared.tracker.close();
         tokio::time::timeout(grace, self.shared.tracker.wait())

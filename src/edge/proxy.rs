@@ -2,7 +2,7 @@
 //! `https://` origins), hop-by-hop headers removed, forwarding headers set, bodies streamed.
 
 use std::error::Error as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
 use super::http::{text, Body};
+use super::workers;
 use crate::config::{EdgeSettings, Origin, Site};
 use crate::tls;
 
@@ -26,14 +27,32 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// A site's way to its origin.
+/// A site's way to its origin: one pooled client per worker, so an origin connection is only
+/// ever used by the worker thread that drives it.
 pub(crate) struct OriginClient {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    clients: Vec<Client<HttpsConnector<HttpConnector>, Incoming>>,
     origin: Origin,
 }
 
 impl OriginClient {
-    pub(crate) fn new(site: &Site, edge: &EdgeSettings) -> Result<OriginClient, String> {
+    pub(crate) fn new(
+        site: &Site,
+        edge: &EdgeSettings,
+        workers: usize,
+    ) -> Result<OriginClient, String> {
+        let clients = (0..workers.max(1))
+            .map(|_| Self::client(site, edge))
+            .collect::<Result<_, _>>()?;
+        Ok(OriginClient {
+            clients,
+            origin: site.origin.clone(),
+        })
+    }
+
+    fn client(
+        site: &Site,
+        edge: &EdgeSettings,
+    ) -> Result<Client<HttpsConnector<HttpConnector>, Incoming>, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -63,16 +82,12 @@ impl OriginClient {
                 .enable_http1()
                 .wrap_connector(http)
         };
-        let client = Client::builder(TokioExecutor::new())
+        Ok(Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             // Origins usually keep idle connections 60 to 75 s; close ours first.
             .pool_idle_timeout(Duration::from_secs(50))
             .pool_max_idle_per_host(1024)
-            .build(connector);
-        Ok(OriginClient {
-            client,
-            origin: site.origin.clone(),
-        })
+            .build(connector))
     }
 }
 
@@ -102,9 +117,8 @@ fn system_roots() -> &'static RootCertStore {
 pub(crate) async fn forward(
     origin: &OriginClient,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    client: &ClientAddr,
     proto: &'static str,
-    host: &str,
     edge: &EdgeSettings,
 ) -> Response<Body> {
     let authority_for_host = req.headers().get(HOST).cloned().or_else(|| {
@@ -132,12 +146,19 @@ pub(crate) async fn forward(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    // RFC 7239: `host` is the Host header as the proxy received it. It is safe to quote: it
+    // matched a configured site, so it is a DNS name with at most a numeric port.
+    let host = authority_for_host
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    set_forwarding(headers, client, proto, host);
     if let Some(h) = authority_for_host {
         headers.insert(HOST, h);
     }
-    set_forwarding(headers, peer.ip(), proto, host);
 
-    let sent = tokio::time::timeout(edge.origin_response_timeout, origin.client.request(req)).await;
+    let client = &origin.clients[workers::current() % origin.clients.len()];
+    let sent = tokio::time::timeout(edge.origin_response_timeout, client.request(req)).await;
     match sent {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
@@ -189,6 +210,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Removes headers that describe one connection (RFC 9110 section 7.6.1), including those
 /// the Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one scan of the names is cheaper than a hashed
+    // removal per hop-by-hop header.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -199,39 +225,70 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-    ] {
+    for n in HOP_BY_HOP {
         headers.remove(n);
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// How a client address is written in forwarding headers, prepared once per connection.
+pub(crate) struct ClientAddr {
+    /// `X-Forwarded-For` value.
+    xff: HeaderValue,
+    /// `for=` parameter of `Forwarded` (RFC 7239: IPv6 quoted and bracketed).
+    node: String,
+}
+
+impl ClientAddr {
+    pub(crate) fn new(ip: IpAddr) -> ClientAddr {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        ClientAddr {
+            // An IP address's text is always a valid header value.
+            xff: HeaderValue::try_from(ip.to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            node,
+        }
     }
 }
 
 /// The edge is the first hop clients reach, so it states the client address itself rather
 /// than trusting forwarding headers the client may have forged.
-fn set_forwarding(headers: &mut HeaderMap, ip: IpAddr, proto: &'static str, host: &str) {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+fn set_forwarding(headers: &mut HeaderMap, client: &ClientAddr, proto: &'static str, host: &str) {
+    headers.insert(X_FORWARDED_FOR, client.xff.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto={proto};host=\"{host}\"")) {
+    let mut v = String::with_capacity(client.node.len() + host.len() + 24);
+    v.push_str("for=");
+    v.push_str(&client.node);
+    v.push_str(";proto=");
+    v.push_str(proto);
+    v.push_str(";host=\"");
+    v.push_str(host);
+    v.push('"');
+    if let Ok(v) = HeaderValue::try_from(v) {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -262,7 +319,7 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         set_forwarding(
             &mut h,
-            "2001:db8::1".parse().expect("ip"),
+            &ClientAddr::new("2001:db8::1".parse().expect("ip")),
             "https",
             "a.example",
         );

@@ -124,12 +124,12 @@ impl Snapshot {
                 mode: site.cleartext,
                 hsts,
                 redirect_port: config.pools[site.pool].redirect_port(),
-                origin: OriginClient::new(site, &config.edge).map_err(|reason| {
-                    EdgeError::Origin {
+                origin: OriginClient::new(site, &config.edge, shared.worker_count()).map_err(
+                    |reason| EdgeError::Origin {
                         site: site.host.to_string(),
                         reason,
-                    }
-                })?,
+                    },
+                )?,
             });
         }
         let tls = tls::server_config(certs, &shared.resumption)?;
