@@ -278,3 +278,24 @@ cleartext = "reject"
         403
     );
 }
+
+#[tokio::test]
+async fn absolute_form_targets_cannot_smuggle_another_host_and_connect_is_refused() {
+    let s = setup().await;
+    let addr = SocketAddr::from((s.open, 8080));
+    let out = raw(
+        addr,
+        "GET http://evil.example/x HTTP/1.1\r\nHost: www.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8(out).expect("utf8");
+    assert!(text.starts_with("HTTP/1.1 421"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("location"));
+    let out = raw(
+        addr,
+        "CONNECT www.test:443 HTTP/1.1\r\nHost: www.test:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8(out).expect("utf8");
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+}

@@ -215,3 +215,27 @@ fn unknown_keys_and_syntax_errors_name_the_place() {
         "{stderr}"
     );
 }
+
+#[test]
+fn another_program_listening_on_a_closed_address_cleartext_port_is_warned_about() {
+    let ip = support::loopback();
+    // Stands in for another program holding a cleartext port on the closed address.
+    let other = std::net::TcpListener::bind((ip, 8880)).expect("bind");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = write(
+        dir.path(),
+        &format!(
+            "[[pool]]\nname = \"api\"\naddresses = [\"{ip}\"]\ntls_ports = [443]\n\n[[site]]\nhost = \"api.test\"\npool = \"api\"\norigin = \"http://127.0.0.1:9\"\n"
+        ),
+    );
+    let (ok, stdout, _) = check(&path);
+    assert!(ok, "a warning, not an error");
+    assert!(
+        stdout.contains(&format!("warning: another program listens on {ip}:8880"))
+            && stdout.contains("\"api\""),
+        "{stdout}"
+    );
+    drop(other);
+    let (_, stdout, _) = check(&path);
+    assert!(!stdout.contains("warning"), "{stdout}");
+}

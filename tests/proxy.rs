@@ -359,3 +359,109 @@ origin = "https://localhost:{port}"
     );
     assert_eq!(tls_origin.hits.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn a_client_slow_to_send_its_headers_is_cut_off_after_the_header_read_timeout() {
+    let origin = TestOrigin::start().await;
+    let ip = loopback();
+    let toml = format!(
+        r#"
+[state]
+dir = "STATE"
+[edge]
+header_read_timeout = "300ms"
+[[pool]]
+name = "p"
+addresses = ["{ip}"]
+tls_ports = [7443]
+[[site]]
+host = "slow.test"
+pool = "p"
+origin = "{o}"
+"#,
+        o = origin.url()
+    );
+    let h = Harness::start(&toml).await;
+    let mut tls = tls_connect(
+        SocketAddr::from((ip, 7443)),
+        "slow.test",
+        client_config(h.roots(), &[b"http/1.1"]),
+    )
+    .await
+    .expect("tls");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: slow.test\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let started = tokio::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf))
+        .await
+        .expect("the edge closes the connection");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    assert_eq!(origin.hits.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn an_origin_that_does_not_accept_the_connection_in_time_is_504() {
+    // A listener with a zero backlog that never accepts: once its queue is full, the kernel
+    // drops further SYNs, so connecting to it hangs until the edge's connect timeout.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+        .expect("bind");
+    socket.listen(0).expect("listen");
+    let stuck: SocketAddr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(stuck),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let ip = loopback();
+    let toml = format!(
+        r#"
+[state]
+dir = "STATE"
+[edge]
+origin_connect_timeout = "300ms"
+[[pool]]
+name = "p"
+addresses = ["{ip}"]
+tls_ports = [7443]
+[[site]]
+host = "stuck.test"
+pool = "p"
+origin = "http://{stuck}"
+"#
+    );
+    let h = Harness::start(&toml).await;
+    let started = tokio::time::Instant::now();
+    let got = https(
+        SocketAddr::from((ip, 7443)),
+        "stuck.test",
+        h.roots(),
+        false,
+        get("https://stuck.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 504, "{}", got.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded by the connect timeout"
+    );
+}

@@ -31,6 +31,8 @@ unencrypted: consider it exposed, and revoke or rotate it. Use https:// instead.
 
 /// What a connection knows about itself, fixed at accept time.
 pub(crate) struct ConnInfo {
+    /// The edge, reached through the connection so a request clones no edge-wide Arc.
+    pub(crate) shared: Arc<Shared>,
     pub(crate) key: (SocketAddr, ListenerKind),
     /// The client's address as forwarding headers write it.
     pub(crate) client: ClientAddr,
@@ -41,11 +43,16 @@ pub(crate) struct ConnInfo {
 }
 
 pub(crate) async fn handle(
-    shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let snap = shared.snapshot.load_full();
+    if req.method() == Method::CONNECT {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed: this edge is not a forward proxy.\n",
+        ));
+    }
+    let snap = conn.shared.snapshot.load_full();
     let Some(host) = request_host(&req) else {
         return Ok(text(
             StatusCode::BAD_REQUEST,

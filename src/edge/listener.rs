@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::http::{handle, ConnInfo};
 use super::io::Activity;
@@ -77,17 +78,21 @@ pub(crate) async fn accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let shared2 = shared.clone();
-                shared.tracker.spawn(async move {
+                // One span per connection; free unless debug logging is on.
+                let span = tracing::debug_span!("conn", %peer, listener = %key.0, kind = %key.1);
+                let conn = async move {
                     let shutdown = shared2.shutdown.clone();
                     match key.1 {
                         ListenerKind::Tls => tls_conn(shared2, key, stream, peer, shutdown).await,
                         ListenerKind::Cleartext => {
                             bump(&shared2.stats.cleartext_connections);
-                            let info = conn_info(&shared2.snapshot.load(), key, peer, None);
+                            let info =
+                                conn_info(&shared2, &shared2.snapshot.load(), key, peer, None);
                             serve_http(shared2, info, stream, false, shutdown).await
                         }
                     }
-                });
+                };
+                shared.tracker.spawn(conn.instrument(span));
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.
@@ -100,6 +105,7 @@ pub(crate) async fn accept_loop(
 
 /// Connection facts, resolved against the snapshot current when the connection was accepted.
 fn conn_info(
+    shared: &Arc<Shared>,
     snap: &Snapshot,
     key: (SocketAddr, ListenerKind),
     peer: SocketAddr,
@@ -112,6 +118,7 @@ fn conn_info(
         .map(|p| p.name.clone())
         .unwrap_or_default();
     Arc::new(ConnInfo {
+        shared: shared.clone(),
         key,
         client: ClientAddr::new(peer.ip()),
         pool,
@@ -213,7 +220,7 @@ async fn tls_conn(
     };
     bump(&shared.stats.handshakes);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let info = conn_info(&snap, key, peer, sni);
+    let info = conn_info(&shared, &snap, key, peer, sni);
     drop(snap);
     serve_http(shared, info, tls, h2, shutdown).await
 }
@@ -254,8 +261,7 @@ async fn serve_http<T>(
     let date = info.sni.is_some();
     let (io, ticks) = Activity::new(io);
     let io = TokioIo::new(io);
-    let svc_shared = shared.clone();
-    let svc = service_fn(move |req| handle(svc_shared.clone(), info.clone(), req));
+    let svc = service_fn(move |req| handle(info.clone(), req));
     if h2 {
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
