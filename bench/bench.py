@@ -111,15 +111,17 @@ def procs_of(pid):
 
 
 def cpu_seconds(pids):
-    total = 0
+    """(user, system) CPU seconds of the processes so far."""
+    user = system = 0
     for p in pids:
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])
+            system += int(fields[12])
         except FileNotFoundError:
             pass
-    return total / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def wait_port(addr, port):
@@ -159,11 +161,22 @@ def run_h2load(proxy, conns, streams, duration, threads):
     return rps, done, ("failed %d" % failed) if failed else ""
 
 
+class Cpu:
+    """CPU used during one measurement, split into user and system time."""
+
+    def __init__(self, before, after):
+        self.user = after[0] - before[0]
+        self.system = after[1] - before[1]
+        self.total = self.user + self.system
+
+    def per(self, n):
+        return f"cpu {self.total / n * 1e6:6.1f} us (user {self.user / n * 1e6:5.1f} + sys {self.system / n * 1e6:5.1f})"
+
+
 def measure(proxy, pids, fn):
     before = cpu_seconds(pids)
     result = fn()
-    used = cpu_seconds(pids) - before
-    return result, used
+    return result, Cpu(before, cpu_seconds(pids))
 
 
 def main():
@@ -239,16 +252,16 @@ key = "{key}"
                 (rps, p99, n, bad), cpu = measure(p, pids[p], lambda: run_wrk(url, args.conns, 2, args.duration))
                 results[p]["h1"].append(rps)
                 results[p]["h1p99"].append(p99)
-                results[p]["h1cpu"].append(cpu / n * 1e6)
-                print(f"  round {r+1} {p:10} h1 keep-alive {rps:10.0f} req/s  p99 {p99:7.2f} ms  cpu {cpu / n * 1e6:6.1f} us/req {bad}")
+                results[p]["h1cpu"].append(cpu.total / n * 1e6)
+                print(f"  round {r+1} {p:10} h1 keep-alive {rps:10.0f} req/s  p99 {p99:7.2f} ms  {cpu.per(n)}/req {bad}")
                 (rps, n, bad), cpu = measure(p, pids[p], lambda: run_h2load(p, 16, 16, args.duration, 2))
                 results[p]["h2"].append(rps)
-                results[p]["h2cpu"].append(cpu / n * 1e6)
-                print(f"  round {r+1} {p:10} h2            {rps:10.0f} req/s                cpu {cpu / n * 1e6:6.1f} us/req {bad}")
+                results[p]["h2cpu"].append(cpu.total / n * 1e6)
+                print(f"  round {r+1} {p:10} h2            {rps:10.0f} req/s                {cpu.per(n)}/req {bad}")
                 (rps, p99, n, bad), cpu = measure(p, pids[p], lambda: run_wrk(url, 32, 2, args.duration, ("-H", "Connection: close")))
                 results[p]["conn"].append(rps)
-                results[p]["conncpu"].append(cpu / n * 1e6)
-                print(f"  round {r+1} {p:10} new TLS conns {rps:10.0f} conn/s               cpu {cpu / n * 1e6:6.1f} us/conn {bad}")
+                results[p]["conncpu"].append(cpu.total / n * 1e6)
+                print(f"  round {r+1} {p:10} new TLS conns {rps:10.0f} conn/s               {cpu.per(n)}/conn {bad}")
 
         med = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in results.items()}
         pcm, ngm = med["portcullis"], med["nginx"]
