@@ -89,6 +89,72 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// Sites, in file order; `Site::pool` indexes `pools`.
     pub sites: Vec<Site>,
+    /// Traffic analytics and credential exposure (`[analytics]`).
+    pub analytics: AnalyticsSettings,
+    /// When a site counts as ready to close cleartext (`[readiness]`).
+    pub readiness: Readiness,
+    /// The Prometheus endpoint (`[metrics]`), HTTPS only; `None` when not configured.
+    pub metrics: Option<MetricsSettings>,
+}
+
+/// `[analytics]`: what is measured and how long it is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnalyticsSettings {
+    /// Off: no observation, no detection, no store (the benchmark's baseline).
+    pub enabled: bool,
+    /// How often in-memory counts are written to the store.
+    pub flush_interval: Duration,
+    /// Minute buckets older than this are rolled up into hours.
+    pub minute_retention: Duration,
+    /// Hour buckets older than this are deleted.
+    pub hour_retention: Duration,
+    /// Distinct networks, paths (and families) kept per site, minute and scheme; the rest is
+    /// counted as overflow.
+    pub top_k: u32,
+    /// JSON access log, one line per request, credentials fingerprinted; `None`: off.
+    pub access_log: Option<PathBuf>,
+}
+
+impl Default for AnalyticsSettings {
+    fn default() -> Self {
+        AnalyticsSettings {
+            enabled: true,
+            flush_interval: Duration::from_secs(5),
+            minute_retention: Duration::from_secs(48 * 3600),
+            hour_retention: Duration::from_secs(90 * 86400),
+            top_k: 200,
+            access_log: None,
+        }
+    }
+}
+
+/// `[readiness]`: the thresholds behind the impact report's verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Readiness {
+    /// Highest share of cleartext requests, in percent, that still counts as ready.
+    pub max_cleartext_percent: f64,
+    /// Most distinct credentials exposed in the window that still counts as ready.
+    pub max_exposed_credentials: u64,
+    /// The window the verdict looks at by default.
+    pub window: Duration,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            max_cleartext_percent: 0.1,
+            max_exposed_credentials: 0,
+            window: Duration::from_secs(7 * 86400),
+        }
+    }
+}
+
+/// `[metrics]`: where `/metrics` is served, over TLS.
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+    /// Certificate and key; absent: issued by the development CA for the listen address.
+    pub cert: Option<Arc<CertifiedKey>>,
 }
 
 /// Data-plane timeouts and limits (`[edge]`).
@@ -365,6 +431,8 @@ pub struct Site {
     pub origin_ca: Vec<CertificateDer<'static>>,
     /// `None` when disabled.
     pub hsts: Option<Hsts>,
+    /// Headers and query parameters searched for credentials beyond the defaults.
+    pub exposure: crate::exposure::ExtraPositions,
 }
 
 impl fmt::Debug for Site {
@@ -377,7 +445,23 @@ impl fmt::Debug for Site {
             .field("cert", &self.cert.as_ref().map(|_| "<configured>"))
             .field("origin_ca", &self.origin_ca.len())
             .field("hsts", &self.hsts)
+            .field("exposure", &self.exposure)
             .finish()
+    }
+}
+
+impl Default for Config {
+    /// No pools, no sites: what the edge serves before its first config.
+    fn default() -> Config {
+        Config {
+            state_dir: PathBuf::from("/var/lib/portcullis"),
+            edge: EdgeSettings::default(),
+            pools: Vec::new(),
+            sites: Vec::new(),
+            analytics: AnalyticsSettings::default(),
+            readiness: Readiness::default(),
+            metrics: None,
+        }
     }
 }
 
@@ -437,6 +521,38 @@ struct RawConfig {
     pool: Vec<RawPool>,
     #[serde(default)]
     site: Vec<RawSite>,
+    #[serde(default)]
+    analytics: RawAnalytics,
+    #[serde(default)]
+    readiness: RawReadiness,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAnalytics {
+    enabled: Option<bool>,
+    flush_interval: Option<String>,
+    minute_retention: Option<String>,
+    hour_retention: Option<String>,
+    top_k: Option<i64>,
+    access_log: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReadiness {
+    max_cleartext_percent: Option<f64>,
+    max_exposed_credentials: Option<i64>,
+    window: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -478,6 +594,10 @@ struct RawSite {
     key: Option<PathBuf>,
     origin_ca: Option<PathBuf>,
     hsts: Option<RawHsts>,
+    #[serde(default)]
+    exposure_headers: Vec<String>,
+    #[serde(default)]
+    exposure_params: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -525,60 +645,159 @@ impl Validator<'_> {
         let edge = self.edge(raw.edge);
         let pools = self.pools(raw.pool);
         let sites = self.sites(raw.site, &pools);
+        let analytics = self.analytics(raw.analytics);
+        let readiness = self.readiness(raw.readiness);
+        let metrics = raw.metrics.and_then(|m| self.metrics(m));
         Config {
             state_dir,
             edge,
             pools,
             sites,
+            analytics,
+            readiness,
+            metrics,
         }
     }
 
-    fn edge(&mut self, raw: RawEdge) -> EdgeSettings {
-        let d = EdgeSettings::default();
-        let mut dur = |key: &str, v: Option<String>, default: Duration| match v {
+    fn duration(&mut self, key: &str, v: Option<String>, default: Duration) -> Duration {
+        match v {
             None => default,
             Some(s) => match humantime::parse_duration(&s) {
                 Ok(x) if !x.is_zero() => x,
                 Ok(_) => {
-                    self.problem(
-                        format!("edge.{key}"),
-                        format!("{s:?}"),
-                        "must be more than zero",
-                    );
+                    self.problem(key, format!("{s:?}"), "must be more than zero");
                     default
                 }
                 Err(e) => {
                     self.problem(
-                        format!("edge.{key}"),
+                        key,
                         format!("{s:?}"),
-                        format!("not a duration ({e}); write it like \"10s\" or \"500ms\""),
+                        format!("not a duration ({e}); write it like \"10s\", \"48h\" or \"90d\""),
                     );
                     default
                 }
             },
+        }
+    }
+
+    fn analytics(&mut self, raw: RawAnalytics) -> AnalyticsSettings {
+        let d = AnalyticsSettings::default();
+        let top_k = match raw.top_k {
+            None => d.top_k,
+            Some(n @ 1..=100_000) => n as u32,
+            Some(n) => {
+                self.problem("analytics.top_k", n, "must be between 1 and 100000");
+                d.top_k
+            }
         };
-        let handshake_timeout = dur(
-            "handshake_timeout",
+        let minute_retention = self.duration(
+            "analytics.minute_retention",
+            raw.minute_retention,
+            d.minute_retention,
+        );
+        let hour_retention = self.duration(
+            "analytics.hour_retention",
+            raw.hour_retention,
+            d.hour_retention,
+        );
+        if hour_retention < minute_retention {
+            self.problem(
+                "analytics.hour_retention",
+                format!(
+                    "{:?}",
+                    humantime::format_duration(hour_retention).to_string()
+                ),
+                "must be at least minute_retention: hours are rolled up from expired minutes",
+            );
+        }
+        AnalyticsSettings {
+            enabled: raw.enabled.unwrap_or(d.enabled),
+            flush_interval: self.duration(
+                "analytics.flush_interval",
+                raw.flush_interval,
+                d.flush_interval,
+            ),
+            minute_retention,
+            hour_retention,
+            top_k,
+            access_log: raw.access_log.map(|p| self.path(&p)),
+        }
+    }
+
+    fn readiness(&mut self, raw: RawReadiness) -> Readiness {
+        let d = Readiness::default();
+        let max_cleartext_percent = match raw.max_cleartext_percent {
+            None => d.max_cleartext_percent,
+            Some(p) if (0.0..=100.0).contains(&p) => p,
+            Some(p) => {
+                self.problem(
+                    "readiness.max_cleartext_percent",
+                    p,
+                    "a percentage: 0 to 100",
+                );
+                d.max_cleartext_percent
+            }
+        };
+        let max_exposed_credentials = match raw.max_exposed_credentials {
+            None => d.max_exposed_credentials,
+            Some(n) if n >= 0 => n as u64,
+            Some(n) => {
+                self.problem(
+                    "readiness.max_exposed_credentials",
+                    n,
+                    "must be zero or more",
+                );
+                d.max_exposed_credentials
+            }
+        };
+        Readiness {
+            max_cleartext_percent,
+            max_exposed_credentials,
+            window: self.duration("readiness.window", raw.window, d.window),
+        }
+    }
+
+    fn metrics(&mut self, raw: RawMetrics) -> Option<MetricsSettings> {
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => a,
+            _ => {
+                self.problem(
+                    "metrics.listen",
+                    format!("{:?}", raw.listen),
+                    "an address and port, like \"127.0.0.1:9464\"",
+                );
+                return None;
+            }
+        };
+        let cert = self.site_cert("metrics", raw.cert.as_deref(), raw.key.as_deref(), None);
+        Some(MetricsSettings { listen, cert })
+    }
+
+    fn edge(&mut self, raw: RawEdge) -> EdgeSettings {
+        let d = EdgeSettings::default();
+        let handshake_timeout = self.duration(
+            "edge.handshake_timeout",
             raw.handshake_timeout,
             d.handshake_timeout,
         );
-        let header_read_timeout = dur(
-            "header_read_timeout",
+        let header_read_timeout = self.duration(
+            "edge.header_read_timeout",
             raw.header_read_timeout,
             d.header_read_timeout,
         );
-        let idle_timeout = dur("idle_timeout", raw.idle_timeout, d.idle_timeout);
-        let origin_connect_timeout = dur(
-            "origin_connect_timeout",
+        let idle_timeout = self.duration("edge.idle_timeout", raw.idle_timeout, d.idle_timeout);
+        let origin_connect_timeout = self.duration(
+            "edge.origin_connect_timeout",
             raw.origin_connect_timeout,
             d.origin_connect_timeout,
         );
-        let origin_response_timeout = dur(
-            "origin_response_timeout",
+        let origin_response_timeout = self.duration(
+            "edge.origin_response_timeout",
             raw.origin_response_timeout,
             d.origin_response_timeout,
         );
-        let shutdown_grace = dur("shutdown_grace", raw.shutdown_grace, d.shutdown_grace);
+        let shutdown_grace =
+            self.duration("edge.shutdown_grace", raw.shutdown_grace, d.shutdown_grace);
         let max_header_bytes = match raw.max_header_bytes {
             None => d.max_header_bytes,
             // hyper's smallest read buffer is 8 KiB; 1 MiB is far past any sane request head.
@@ -828,6 +1047,7 @@ impl Validator<'_> {
                 }
             };
             let hsts = self.hsts(&at, rs.hsts);
+            let exposure = self.exposure_positions(&at, &rs.exposure_headers, &rs.exposure_params);
             if let (Some(host), Some(pool), Some(origin), Some(cleartext)) =
                 (host, pool, origin, cleartext)
             {
@@ -839,10 +1059,42 @@ impl Validator<'_> {
                     cert,
                     origin_ca,
                     hsts,
+                    exposure,
                 });
             }
         }
         sites
+    }
+
+    fn exposure_positions(
+        &mut self,
+        at: &str,
+        headers: &[String],
+        params: &[String],
+    ) -> crate::exposure::ExtraPositions {
+        let mut out = crate::exposure::ExtraPositions::default();
+        for (i, h) in headers.iter().enumerate() {
+            match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => out.headers.push(name),
+                Err(_) => self.problem(
+                    format!("{at}.exposure_headers[{i}]"),
+                    format!("{h:?}"),
+                    "not a header name",
+                ),
+            }
+        }
+        for (i, p) in params.iter().enumerate() {
+            if p.is_empty() || p.len() > 64 {
+                self.problem(
+                    format!("{at}.exposure_params[{i}]"),
+                    format!("{p:?}"),
+                    "a parameter name of 1 to 64 characters",
+                );
+            } else {
+                out.params.push(p.to_ascii_lowercase());
+            }
+        }
+        out
     }
 
     fn mode_fits_pool(&mut self, at: &str, host: &str, mode: CleartextMode, pool: &Pool) {

@@ -31,6 +31,8 @@ pub struct DemoOptions {
     pub open_addr: Ipv4Addr,
     pub tls_port: u16,
     pub cleartext_port: u16,
+    /// `/metrics` listens on the closed address at this port, over TLS.
+    pub metrics_port: u16,
     /// Holds the development CA that signs the demo's certificates.
     pub state_dir: PathBuf,
 }
@@ -42,6 +44,7 @@ impl Default for DemoOptions {
             open_addr: Ipv4Addr::new(127, 0, 0, 3),
             tls_port: 8443,
             cleartext_port: 8080,
+            metrics_port: 9464,
             state_dir: std::env::temp_dir().join("portcullis-demo"),
         }
     }
@@ -105,6 +108,12 @@ pub fn demo_toml(o: &DemoOptions, origin: SocketAddr) -> String {
         r#"[state]
 dir = {state}
 
+[analytics]
+flush_interval = "1s"
+
+[metrics]
+listen = "{closed}:{metrics}"
+
 [[pool]]
 name = "closed"
 addresses = ["{closed}"]
@@ -139,6 +148,7 @@ cleartext = "reject"
         open = o.open_addr,
         tls = o.tls_port,
         clear = o.cleartext_port,
+        metrics = o.metrics_port,
     )
 }
 
@@ -150,7 +160,17 @@ fn toml_string(s: &str) -> String {
 pub fn instructions(o: &DemoOptions) -> String {
     let ca = DevCa::cert_path(&o.state_dir).display().to_string();
     let ca = shell_quote(&ca);
-    let (c, op, t, p) = (o.closed_addr, o.open_addr, o.tls_port, o.cleartext_port);
+    let (c, op, t, p, m) = (
+        o.closed_addr,
+        o.open_addr,
+        o.tls_port,
+        o.cleartext_port,
+        o.metrics_port,
+    );
+    let exe = std::env::current_exe()
+        .map(|p| shell_quote(&p.display().to_string()))
+        .unwrap_or_else(|_| "portcullis".to_owned());
+    let state = shell_quote(&o.state_dir.display().to_string());
     format!(
         r#"portcullis demo: an HTTPS-only edge on loopback.
   closed pool  {c}  TLS port {t}, no cleartext listener at all
@@ -179,6 +199,13 @@ curl -sS -i --resolve www.demo.test:{t}:{op} http://www.demo.test:{t}/
 # 6. A name this address does not serve: no certificate, TLS alert unrecognized_name
 curl -sS --cacert {ca} --resolve www.demo.test:{t}:{c} https://www.demo.test:{t}/
 #    -> curl: (35) ... unrecognized name
+
+# 7. What closing cleartext for the legacy API would break, from the traffic above (counts are
+#    written every second); its X-API-Key appears as a fingerprint, never in the clear
+{exe} impact legacy.demo.test --state-dir {state} --since 1h
+
+# 8. Prometheus metrics, served over TLS only
+curl -sS --cacert {ca} https://{c}:{m}/metrics
 
 Press Ctrl-C to stop (in-flight requests drain first).
 "#

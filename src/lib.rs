@@ -4,6 +4,9 @@
 //!
 //! - [`config`]: the TOML schema, every load-time invariant, and the validated [`config::Config`].
 //! - [`tls`]: PEM loading, the development CA, and the rustls server config (certificate by SNI).
+//! - [`analytics`]: observations, in-memory aggregation, the SQLite store, the impact report and
+//!   `/metrics`.
+//! - [`exposure`]: credential detection in cleartext requests and keyed fingerprints.
 //! - [`edge`]: listeners per pool address, protocol sniffing, cleartext modes, HSTS, proxying;
 //!   reloads by diff and graceful drain.
 //! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
@@ -13,8 +16,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod analytics;
 pub mod config;
 pub mod demo;
 pub mod edge;
+pub mod exposure;
 pub mod serve;
 pub mod tls;

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use portcullis::config::Config;
+use portcullis::analytics::impact;
+use portcullis::analytics::store::Store;
+use portcullis::config::{Config, Readiness};
 use portcullis::demo::{self, DemoOptions};
 use portcullis::edge::Workers;
 
@@ -36,6 +38,9 @@ enum Command {
         tls_port: u16,
         #[arg(long, default_value_t = 8080)]
         cleartext_port: u16,
+        /// Port of the TLS-only /metrics endpoint, on the closed address.
+        #[arg(long, default_value_t = 9464)]
+        metrics_port: u16,
         /// Where the demo's development CA is kept [default: $TMPDIR/portcullis-demo].
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -52,6 +57,25 @@ enum Command {
         /// Runtime worker threads [default: one per core].
         #[arg(long)]
         workers: Option<usize>,
+    },
+    /// What closing cleartext for HOST would break, from recorded traffic.
+    ///
+    /// Example: portcullis impact api.example.com -c /etc/portcullis/portcullis.toml --since 7d
+    Impact {
+        /// A configured site name, such as api.example.com or *.example.com.
+        host: String,
+        /// Config file: gives the state dir and the readiness thresholds.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// State dir holding analytics.db, when no config file is given.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// How far back to look, like 30m, 24h or 7d [default: readiness.window, 7d].
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a config file, print every problem, and exit 1 if there is any.
     ///
@@ -76,6 +100,13 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
+        Command::Impact {
+            host,
+            config,
+            state_dir,
+            since,
+            json,
+        } => impact(&host, config, state_dir, since, json),
         Command::Serve { config, workers } => {
             init_logging();
             let workers = Workers::spawn(worker_count(workers))?;
@@ -87,6 +118,7 @@ fn run() -> anyhow::Result<ExitCode> {
             open_addr,
             tls_port,
             cleartext_port,
+            metrics_port,
             state_dir,
             workers,
         } => {
@@ -96,6 +128,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 open_addr,
                 tls_port,
                 cleartext_port,
+                metrics_port,
                 ..DemoOptions::default()
             };
             if let Some(dir) = state_dir {
@@ -116,6 +149,56 @@ fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn impact(
+    host: &str,
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    since: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let (dir, readiness) = match (&config, state_dir) {
+        (Some(path), None) => {
+            let c = Config::from_file(path)?;
+            if !c
+                .sites
+                .iter()
+                .any(|s| s.host.to_string() == host.to_ascii_lowercase())
+            {
+                let names: Vec<String> = c.sites.iter().map(|s| s.host.to_string()).collect();
+                anyhow::bail!(
+                    "{host:?} is not a site in {} (sites: {})",
+                    path.display(),
+                    names.join(", ")
+                );
+            }
+            (c.state_dir, c.readiness)
+        }
+        (None, Some(dir)) => (dir, Readiness::default()),
+        (None, None) => (Config::default().state_dir, Readiness::default()),
+        (Some(_), Some(_)) => anyhow::bail!("give either --config or --state-dir, not both"),
+    };
+    let window = match since {
+        None => readiness.window,
+        Some(s) => humantime::parse_duration(&s)
+            .with_context(|| format!("--since {s:?}: write it like 30m, 24h or 7d"))?,
+    };
+    let store = Store::open_read_only(&Store::path(&dir))?;
+    let now = portcullis::analytics::now();
+    let report = impact::report(
+        &store,
+        &host.to_ascii_lowercase(),
+        now.saturating_sub(window.as_secs()),
+        now,
+        &readiness,
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -181,7 +181,7 @@ pub struct DevCa {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,
     /// Issued certificates by host, so reloads keep serving the same certificate.
-    issued: Mutex<HashMap<HostPattern, Arc<CertifiedKey>>>,
+    issued: Mutex<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl DevCa {
@@ -229,11 +229,16 @@ impl DevCa {
 
     /// A certificate for `host`, issued once per process and reused.
     pub fn certificate(&self, host: &HostPattern) -> Result<Arc<CertifiedKey>, TlsError> {
+        self.certificate_for(&host.to_string())
+    }
+
+    /// A certificate for a DNS name, `*.` wildcard or IP address, issued once per process.
+    pub fn certificate_for(&self, name: &str) -> Result<Arc<CertifiedKey>, TlsError> {
         let mut issued = self
             .issued
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(ck) = issued.get(host) {
+        if let Some(ck) = issued.get(name) {
             return Ok(ck.clone());
         }
         let fail = |reason: String| TlsError::DevCa {
@@ -241,11 +246,9 @@ impl DevCa {
             reason,
         };
         let mut params =
-            CertificateParams::new(vec![host.to_string()]).map_err(|e| fail(e.to_string()))?;
+            CertificateParams::new(vec![name.to_owned()]).map_err(|e| fail(e.to_string()))?;
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, host.to_string());
+        params.distinguished_name.push(DnType::CommonName, name);
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
         let cert = params
@@ -257,9 +260,29 @@ impl DevCa {
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing = provider().key_provider.load_private_key(der)?;
         let ck = Arc::new(CertifiedKey::new(chain, signing));
-        issued.insert(host.clone(), ck.clone());
+        issued.insert(name.to_owned(), ck.clone());
         Ok(ck)
     }
+}
+
+/// Always the same certificate: for single-purpose listeners such as `/metrics`.
+#[derive(Debug)]
+pub struct SingleCert(pub Arc<CertifiedKey>);
+
+impl ResolvesServerCert for SingleCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A TLS 1.2/1.3 server config for one certificate, ALPN http/1.1.
+pub fn single_cert_config(ck: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SingleCert(ck)));
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 fn ca_params() -> CertificateParams {

@@ -42,8 +42,12 @@ fn every_printed_curl_line_works_when_pasted() {
     }
     // Keep reading whatever else it prints, so the demo never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    let curls: Vec<&String> = printed.iter().filter(|l| l.starts_with("curl ")).collect();
-    assert_eq!(curls.len(), 6, "{printed:#?}");
+    let exe = env!("CARGO_BIN_EXE_portcullis");
+    let curls: Vec<&String> = printed
+        .iter()
+        .filter(|l| l.starts_with("curl ") || l.starts_with(exe))
+        .collect();
+    assert_eq!(curls.len(), 8, "{printed:#?}");
     let run = |line: &str| {
         let out = Command::new("sh")
             .args(["-c", line])
@@ -60,7 +64,7 @@ fn every_printed_curl_line_works_when_pasted() {
         );
         (out.status.code(), text.to_ascii_lowercase())
     };
-    let expectations: [(Option<i32>, &[&str]); 6] = [
+    let expectations: [(Option<i32>, &[&str]); 8] = [
         (Some(7), &["failed to connect"]),
         (
             Some(0),
@@ -81,9 +85,33 @@ fn every_printed_curl_line_works_when_pasted() {
         (Some(0), &["403 forbidden", "https-only", "rotate"]),
         (Some(0), &["400 bad request", "https only"]),
         (Some(35), &["unrecognized name"]),
+        (
+            Some(0),
+            &[
+                "impact of closing cleartext for legacy.demo.test",
+                "credentials exposed in cleartext: 1",
+                "x-api-key",
+                "verdict: not ready",
+            ],
+        ),
+        (
+            Some(0),
+            &[
+                "portcullis_requests_total{site=\"legacy.demo.test\",scheme=\"cleartext\",status=\"4xx\"} 1",
+                "portcullis_exposures_total{site=\"legacy.demo.test\",kind=\"header\"} 1",
+            ],
+        ),
     ];
-    for (line, (code, fragments)) in curls.iter().zip(expectations) {
+    for (i, (line, (code, fragments))) in curls.iter().zip(expectations).enumerate() {
+        if i == 6 {
+            // Counts reach the store every second in the demo.
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
         let (got_code, text) = run(line);
+        assert!(
+            !text.contains("demo-key-123"),
+            "the demo's key is never shown in the clear: {line}\n{text}"
+        );
         assert_eq!(got_code, code, "{line}\n{text}");
         for f in fragments {
             assert!(text.contains(f), "{line}: expected {f:?} in\n{text}");

@@ -18,7 +18,11 @@ use hyper::body::Incoming;
 use super::proxy::{forward, ClientAddr};
 use super::snapshot::SiteRuntime;
 use super::Shared;
+use crate::analytics::aggregate::{Observation, SiteId};
+use crate::analytics::observe::{self, Network, Outcome, Scheme, TlsVersion};
+use crate::analytics::{self, Analytics, RequestMeta};
 use crate::config::{CleartextMode, HostPattern, ListenerKind};
+use crate::exposure::{self, ExtraPositions, Found};
 
 /// Bodies the edge sends: the origin's, streamed, or a short one of its own.
 pub(crate) type Body = Either<Incoming, Full<Bytes>>;
@@ -40,53 +44,165 @@ pub(crate) struct ConnInfo {
     pub(crate) pool: String,
     /// Lowercase SNI of a TLS connection.
     pub(crate) sni: Option<String>,
+    /// Negotiated TLS version (`None` for cleartext).
+    pub(crate) tls: TlsVersion,
+    /// The client's network, for analytics.
+    pub(crate) network: Network,
 }
 
 pub(crate) async fn handle(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    if req.method() == Method::CONNECT {
-        return Ok(text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "405 Method Not Allowed: this edge is not a forward proxy.\n",
+    let Some(analytics) = conn.shared.analytics.as_deref() else {
+        return Ok(route(&conn, req, None).await.0);
+    };
+    let meta = RequestMeta::of(&req);
+    let method = req.method().clone();
+    let mut found = Vec::new();
+    let (resp, site) = route(&conn, req, Some((analytics, &mut found))).await;
+    let scheme = if conn.sni.is_some() {
+        Scheme::Tls
+    } else {
+        Scheme::Cleartext
+    };
+    let obs = Observation {
+        at: analytics::now(),
+        site,
+        outcome: Outcome::Response,
+        scheme,
+        port: conn.key.0.port(),
+        tls: conn.tls,
+        http: meta.http,
+        status_class: observe::status_class(resp.status().as_u16()),
+        family: meta.family,
+        network: conn.network,
+        path: Some(meta.path),
+    };
+    if found.is_empty() {
+        analytics.record(&obs);
+    } else {
+        analytics.record_with_exposures(&obs, &found, meta.path);
+    }
+    if let Some(log) = analytics.access_log() {
+        log.write(access_line(
+            analytics,
+            &obs,
+            &method,
+            resp.status().as_u16(),
+            &found,
         ));
     }
-    let snap = conn.shared.snapshot.load_full();
-    let Some(host) = request_host(&req) else {
-        return Ok(text(
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: the request names no host.\n",
-        ));
+    Ok(resp)
+}
+
+/// One access log line: only what analytics keeps, credentials as fingerprints.
+fn access_line(
+    a: &Analytics,
+    o: &Observation,
+    method: &Method,
+    status: u16,
+    found: &[Found],
+) -> String {
+    let method = match *method {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::PATCH
+        | Method::OPTIONS => method.as_str(),
+        _ => "OTHER",
     };
-    let site_idx = snap
-        .pool_for(&conn.key, &conn.pool)
-        .and_then(|p| p.find(&host));
-    let site = match site_idx.and_then(|i| snap.sites.get(i)) {
-        Some(s) => s,
-        None => return Ok(misdirected()),
+    let credentials: Vec<_> = found
+        .iter()
+        .map(|f| serde_json::json!({"kind": f.kind.as_str(), "name": f.name.as_str(), "fingerprint": f.fingerprint.to_string()}))
+        .collect();
+    serde_json::json!({
+        "ts": o.at,
+        "site": a.site_name(o.site),
+        "scheme": o.scheme.as_str(),
+        "port": o.port,
+        "tls": o.tls.as_str(),
+        "http": o.http.as_str(),
+        "method": method,
+        "path": o.path.map(|p| p.as_str().to_owned()),
+        "status": status,
+        "family": o.family.as_str(),
+        "network": o.network.to_string(),
+        "credentials": credentials,
+    })
+    .to_string()
+}
+
+/// Routes a request and answers it. With analytics, credentials in a cleartext request are
+/// fingerprinted into `found` before anything else happens to the request.
+async fn route(
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    analytics: Option<(&Analytics, &mut Vec<Found>)>,
+) -> (Response<Body>, SiteId) {
+    let snap = conn.shared.snapshot.load_full();
+    let site_idx =
+        request_host(&req).and_then(|host| snap.pool_for(&conn.key, &conn.pool)?.find(&host));
+    let site = site_idx.and_then(|i| snap.sites.get(i));
+    if let (Some((a, found)), None) = (analytics, &conn.sni) {
+        let extra = site.map(|s| &s.exposure);
+        let default = ExtraPositions::default();
+        exposure::detect(
+            req.headers(),
+            req.uri(),
+            extra.unwrap_or(&default),
+            a.fingerprinter(),
+            found,
+        );
+    }
+    if req.method() == Method::CONNECT {
+        return (
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "405 Method Not Allowed: this edge is not a forward proxy.\n",
+            ),
+            0,
+        );
+    }
+    if request_host(&req).is_none() {
+        return (
+            text(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: the request names no host.\n",
+            ),
+            0,
+        );
+    }
+    let Some(site) = site else {
+        return (misdirected(), 0);
     };
     let edge = &snap.config.edge;
-    match &conn.sni {
+    let resp = match &conn.sni {
         Some(sni) => {
             if !site.host.matches(sni) {
-                return Ok(misdirected());
+                return (misdirected(), 0);
             }
             let mut resp = forward(&site.origin, req, &conn.client, "https", edge).await;
             if let Some(v) = &site.hsts {
                 resp.headers_mut()
                     .insert(STRICT_TRANSPORT_SECURITY, v.clone());
             }
-            Ok(resp)
+            resp
         }
-        None => Ok(match site.mode {
-            CleartextMode::Redirect => redirect(site, &host, &req),
+        None => match site.mode {
+            CleartextMode::Redirect => {
+                let host = request_host(&req).unwrap_or(Cow::Borrowed(""));
+                redirect(site, &host, &req)
+            }
             CleartextMode::Allow => forward(&site.origin, req, &conn.client, "http", edge).await,
             // `closed` cannot be reached on a cleartext port (validation forbids it); should it
             // ever be, refusing is the only safe answer.
             CleartextMode::Reject | CleartextMode::Closed => reject(),
-        }),
-    }
+        },
+    };
+    (resp, site.id)
 }
 
 /// The request's hostname, lowercase, without port: from the URI authority (HTTP/2

@@ -22,7 +22,11 @@ use super::http::{handle, ConnInfo};
 use super::io::Activity;
 use super::proxy::ClientAddr;
 use super::{bump, Shared, Snapshot};
+use crate::analytics::aggregate::SiteId;
+use crate::analytics::observe::{Network, Outcome, PathTemplate, Scheme, TlsVersion};
+use crate::analytics::{connection_event, RequestMeta};
 use crate::config::ListenerKind;
+use crate::exposure;
 
 /// The answer to cleartext HTTP on a TLS port. Fixed bytes: no input is echoed.
 const TLS_ONLY_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
@@ -81,13 +85,20 @@ pub(crate) async fn accept_loop(
                 // One span per connection; free unless debug logging is on.
                 let span = tracing::debug_span!("conn", %peer, listener = %key.0, kind = %key.1);
                 let conn = async move {
+                    let _active = ActiveGuard::new(shared2.clone());
                     let shutdown = shared2.shutdown.clone();
                     match key.1 {
                         ListenerKind::Tls => tls_conn(shared2, key, stream, peer, shutdown).await,
                         ListenerKind::Cleartext => {
                             bump(&shared2.stats.cleartext_connections);
-                            let info =
-                                conn_info(&shared2, &shared2.snapshot.load(), key, peer, None);
+                            let info = conn_info(
+                                &shared2,
+                                &shared2.snapshot.load(),
+                                key,
+                                peer,
+                                None,
+                                TlsVersion::None,
+                            );
                             serve_http(shared2, info, stream, false, shutdown).await
                         }
                     }
@@ -103,6 +114,28 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// Counts a connection as active for as long as it lives.
+struct ActiveGuard(Arc<Shared>);
+
+impl ActiveGuard {
+    fn new(shared: Arc<Shared>) -> ActiveGuard {
+        shared
+            .stats
+            .active_connections
+            .fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(shared)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Connection facts, resolved against the snapshot current when the connection was accepted.
 fn conn_info(
     shared: &Arc<Shared>,
@@ -110,6 +143,7 @@ fn conn_info(
     key: (SocketAddr, ListenerKind),
     peer: SocketAddr,
     sni: Option<String>,
+    tls: TlsVersion,
 ) -> Arc<ConnInfo> {
     let pool = snap
         .listeners
@@ -121,6 +155,8 @@ fn conn_info(
         shared: shared.clone(),
         key,
         client: ClientAddr::new(peer.ip()),
+        network: Network::of(peer.ip()),
+        tls,
         pool,
         sni,
     })
@@ -135,6 +171,17 @@ async fn tls_conn(
 ) {
     let snap = shared.snapshot.load_full();
     let deadline = Instant::now() + snap.config.edge.handshake_timeout;
+    let event = |site: SiteId, outcome: Outcome, scheme: Scheme| {
+        if let Some(a) = &shared.analytics {
+            a.record(&connection_event(
+                site,
+                outcome,
+                scheme,
+                key.0.port(),
+                peer.ip(),
+            ));
+        }
+    };
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         _ = shutdown.cancelled() => return,
@@ -143,6 +190,7 @@ async fn tls_conn(
     match peeked {
         Err(_) => {
             bump(&shared.stats.handshake_timeouts);
+            event(0, Outcome::HandshakeTimeout, Scheme::Tls);
             return;
         }
         Ok(Ok(1)) => {}
@@ -155,11 +203,12 @@ async fn tls_conn(
         b'A'..=b'Z' => {
             bump(&shared.stats.cleartext_on_tls_port);
             tracing::debug!(%peer, addr = %key.0, "cleartext HTTP on a TLS port");
-            answer_and_close(stream, TLS_ONLY_400).await;
+            cleartext_on_tls_port(&shared, &snap, key, peer, stream).await;
             return;
         }
         _ => {
             bump(&shared.stats.garbage_on_tls_port);
+            event(0, Outcome::HandshakeFailed, Scheme::Tls);
             return;
         }
     }
@@ -175,10 +224,12 @@ async fn tls_conn(
     let mut start = match start {
         Err(_) => {
             bump(&shared.stats.handshake_timeouts);
+            event(0, Outcome::HandshakeTimeout, Scheme::Tls);
             return;
         }
         Ok(Err(e)) => {
             bump(&shared.stats.handshake_failures);
+            event(0, Outcome::HandshakeFailed, Scheme::Tls);
             tracing::debug!(%peer, error = %e, "bad ClientHello");
             if let Some(mut io) = acceptor.take_io() {
                 let _ = io.shutdown().await;
@@ -191,17 +242,18 @@ async fn tls_conn(
         .client_hello()
         .server_name()
         .map(|s| s.to_ascii_lowercase());
-    let known = sni.as_deref().is_some_and(|name| {
-        let pool = snap.listeners.get(&key).and_then(|i| snap.pools.get(*i));
-        pool.and_then(|p| p.find(name)).is_some()
-    });
-    if !known {
+    let site = sni
+        .as_deref()
+        .and_then(|name| snap.site_on(&key, name))
+        .map(|s| s.id);
+    let Some(site) = site else {
         bump(&shared.stats.unknown_sni);
+        event(0, Outcome::HandshakeFailed, Scheme::Tls);
         tracing::debug!(%peer, sni = sni.as_deref().unwrap_or("(none)"), "unrecognized SNI");
         let _ = start.io.write_all(&ALERT_UNRECOGNIZED_NAME).await;
         let _ = start.io.shutdown().await;
         return;
-    }
+    };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
         h = timeout_at(deadline, start.into_stream(snap.tls.clone())) => h,
@@ -209,10 +261,12 @@ async fn tls_conn(
     let tls = match handshake {
         Err(_) => {
             bump(&shared.stats.handshake_timeouts);
+            event(site, Outcome::HandshakeTimeout, Scheme::Tls);
             return;
         }
         Ok(Err(e)) => {
             bump(&shared.stats.handshake_failures);
+            event(site, Outcome::HandshakeFailed, Scheme::Tls);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
@@ -220,9 +274,99 @@ async fn tls_conn(
     };
     bump(&shared.stats.handshakes);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let info = conn_info(&shared, &snap, key, peer, sni);
+    let version = TlsVersion::from_rustls(tls.get_ref().1.protocol_version());
+    let info = conn_info(&shared, &snap, key, peer, sni, version);
     drop(snap);
     serve_http(shared, info, tls, h2, shutdown).await
+}
+
+/// Answers cleartext HTTP on a TLS port with the fixed 400. The request head is read first,
+/// so the attempt is counted for the right site and any credential it carried is
+/// fingerprinted like on a cleartext port.
+async fn cleartext_on_tls_port(
+    shared: &Shared,
+    snap: &Snapshot,
+    key: (SocketAddr, ListenerKind),
+    peer: SocketAddr,
+    mut stream: TcpStream,
+) {
+    let head = tokio::time::timeout(Duration::from_secs(2), read_head(&mut stream)).await;
+    if let Some(a) = &shared.analytics {
+        let mut obs = connection_event(
+            0,
+            Outcome::CleartextOnTlsPort,
+            Scheme::Cleartext,
+            key.0.port(),
+            peer.ip(),
+        );
+        obs.status_class = 4;
+        let mut found = Vec::new();
+        let mut path = PathTemplate::of("/");
+        if let Ok(Some(req)) = &head {
+            let meta = RequestMeta::of(req);
+            obs.family = meta.family;
+            obs.http = meta.http;
+            obs.path = Some(meta.path);
+            path = meta.path;
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            let site = host
+                .map(|h| {
+                    h.rsplit_once(':')
+                        .map_or(h, |(name, _)| name)
+                        .to_ascii_lowercase()
+                })
+                .and_then(|h| snap.site_on(&key, &h));
+            if let Some(site) = site {
+                obs.site = site.id;
+            }
+            let extra = site.map(|s| s.exposure.clone()).unwrap_or_default();
+            exposure::detect(
+                req.headers(),
+                req.uri(),
+                &extra,
+                a.fingerprinter(),
+                &mut found,
+            );
+        }
+        a.record_with_exposures(&obs, &found, path);
+    }
+    answer_and_close(stream, TLS_ONLY_400).await;
+}
+
+/// Reads and parses a cleartext request head (at most 16 KiB); `None` if it is not one.
+async fn read_head(stream: &mut TcpStream) -> Option<http::Request<()>> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut len = 0;
+    loop {
+        let n = stream.read(&mut buf[len..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                let mut b = http::Request::builder()
+                    .method(req.method?)
+                    .uri(req.path?)
+                    .version(if req.version == Some(0) {
+                        http::Version::HTTP_10
+                    } else {
+                        http::Version::HTTP_11
+                    });
+                for h in req.headers.iter() {
+                    b = b.header(h.name, h.value);
+                }
+                return b.body(()).ok();
+            }
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => return None,
+        }
+    }
 }
 
 /// Writes a fixed answer, stops sending, and reads a little of what the client sent so the

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::analytics::{Analytics, AnalyticsError};
 use crate::config::{Config, ListenerKind};
 use crate::tls::{DevCa, Resumption, TlsError};
 
@@ -49,6 +50,15 @@ pub enum EdgeError {
     /// An origin's TLS client could not be built.
     #[error("origin client for site {site}: {reason}")]
     Origin { site: String, reason: String },
+    /// Analytics could not start (fingerprint key, access log).
+    #[error(transparent)]
+    Analytics(#[from] AnalyticsError),
+    /// The `/metrics` listener could not be opened.
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Counters of events that happen before any request exists. The analytics module reads them.
@@ -68,6 +78,8 @@ pub struct Stats {
     pub handshakes: AtomicU64,
     /// Cleartext connections accepted on open pools.
     pub cleartext_connections: AtomicU64,
+    /// Client connections open now.
+    pub active_connections: std::sync::atomic::AtomicI64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -80,6 +92,7 @@ pub struct StatsSnapshot {
     pub unknown_sni: u64,
     pub handshakes: u64,
     pub cleartext_connections: u64,
+    pub active_connections: i64,
 }
 
 impl Stats {
@@ -93,6 +106,7 @@ impl Stats {
             unknown_sni: r(&self.unknown_sni),
             handshakes: r(&self.handshakes),
             cleartext_connections: r(&self.cleartext_connections),
+            active_connections: self.active_connections.load(Ordering::Relaxed),
         }
     }
 }
@@ -116,6 +130,8 @@ pub(crate) struct Shared {
     dev_ca: std::sync::Mutex<Option<Arc<DevCa>>>,
     /// Runtimes that run accept loops and connections; empty means the caller's runtime.
     workers: Vec<tokio::runtime::Handle>,
+    /// `None` when `[analytics] enabled = false`.
+    pub(crate) analytics: Option<Arc<Analytics>>,
 }
 
 impl Shared {
@@ -156,13 +172,59 @@ impl Edge {
             resumption,
             dev_ca: std::sync::Mutex::new(None),
             workers: workers.map(|w| w.handles().to_vec()).unwrap_or_default(),
+            analytics: match config.analytics.enabled {
+                true => Some(Analytics::start(
+                    &config,
+                    workers.map_or(1, |w| w.handles().len()),
+                )?),
+                false => None,
+            },
         });
         let edge = Edge {
             shared,
             listeners: Mutex::new(HashMap::new()),
         };
+        let metrics = config.metrics.clone();
+        let state_dir = config.state_dir.clone();
         edge.reload(config).await?;
+        if let Some(m) = metrics {
+            edge.start_metrics(&m, &state_dir)?;
+        }
         Ok(edge)
+    }
+
+    fn start_metrics(
+        &self,
+        m: &crate::config::MetricsSettings,
+        state_dir: &std::path::Path,
+    ) -> Result<(), EdgeError> {
+        let ck = match &m.cert {
+            Some(ck) => ck.clone(),
+            None => self
+                .shared
+                .dev_ca(state_dir)?
+                .certificate_for(&m.listen.ip().to_string())?,
+        };
+        let tls = tokio_rustls::TlsAcceptor::from(crate::tls::single_cert_config(ck)?);
+        let metrics_err = |source| EdgeError::Metrics {
+            addr: m.listen,
+            source,
+        };
+        let std_listener = listener::bind(m.listen, false).map_err(metrics_err)?;
+        let l = tokio::net::TcpListener::from_std(std_listener).map_err(metrics_err)?;
+        tracing::info!(addr = %m.listen, "serving /metrics over TLS");
+        tokio::spawn(crate::analytics::metrics::serve(
+            l,
+            tls,
+            self.view(),
+            self.shared.shutdown.child_token(),
+        ));
+        Ok(())
+    }
+
+    /// A read-only handle on the edge's counters and analytics, for reporting.
+    pub fn view(&self) -> EdgeView {
+        EdgeView(self.shared.clone())
     }
 
     /// Applies a validated config: binds new sockets, swaps the snapshot, closes removed
@@ -274,10 +336,37 @@ impl Edge {
             }
         }
         self.shared.tracker.close();
-        tokio::time::timeout(grace, self.shared.tracker.wait())
+        let drained = tokio::time::timeout(grace, self.shared.tracker.wait())
             .await
-            .is_ok()
+            .is_ok();
+        if let Some(a) = &self.shared.analytics {
+            a.shutdown().await;
+        }
+        drained
     }
+}
+
+/// What reporting code (metrics, admin) may see of a running edge.
+#[derive(Clone)]
+pub struct EdgeView(Arc<Shared>);
+
+impl EdgeView {
+    pub fn stats(&self) -> StatsSnapshot {
+        self.0.stats.snapshot()
+    }
+
+    pub fn analytics(&self) -> Option<&Analytics> {
+        self.0.analytics.as_deref()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.0.snapshot.load_full()
+    }
+}
+
+/// The worker running the current thread (0 outside workers).
+pub(crate) fn worker_index() -> usize {
+    workers::current()
 }
 
 fn bind_err(key: (SocketAddr, ListenerKind), source: std::io::Error) -> EdgeError {

@@ -10,7 +10,9 @@ use rustls::ServerConfig;
 
 use super::proxy::OriginClient;
 use super::{EdgeError, Shared};
+use crate::analytics::aggregate::SiteId;
 use crate::config::{CleartextMode, Config, HostPattern, ListenerKind};
+use crate::exposure::ExtraPositions;
 use crate::tls::{self, SniCerts};
 
 /// One config made ready to serve.
@@ -56,18 +58,17 @@ pub(crate) struct SiteRuntime {
     /// The TLS port of the site's pool that redirects point at.
     pub(crate) redirect_port: u16,
     pub(crate) origin: OriginClient,
+    /// The analytics id of the site's name (0 when analytics is off).
+    pub(crate) id: SiteId,
+    /// Credential positions searched beyond the defaults.
+    pub(crate) exposure: ExtraPositions,
 }
 
 impl Snapshot {
     /// A snapshot serving nothing, in place until the first config is applied.
     pub(crate) fn empty(resumption: &tls::Resumption) -> Result<Snapshot, EdgeError> {
         Ok(Snapshot {
-            config: Arc::new(Config {
-                state_dir: Default::default(),
-                edge: Default::default(),
-                pools: Vec::new(),
-                sites: Vec::new(),
-            }),
+            config: Arc::new(Config::default()),
             generation: 0,
             tls: tls::server_config(SniCerts::default(), resumption)?,
             pools: Vec::new(),
@@ -120,6 +121,11 @@ impl Snapshot {
                     reason: format!("HSTS header: {e}"),
                 })?;
             sites.push(SiteRuntime {
+                id: shared
+                    .analytics
+                    .as_ref()
+                    .map_or(0, |a| a.site_id(&site.host.to_string())),
+                exposure: site.exposure.clone(),
                 host: site.host.clone(),
                 mode: site.cleartext,
                 hsts,
@@ -142,6 +148,16 @@ impl Snapshot {
             sites,
             listeners,
         })
+    }
+
+    /// The site a lowercase name reaches on a listener, if any.
+    pub(crate) fn site_on(
+        &self,
+        key: &(SocketAddr, ListenerKind),
+        name: &str,
+    ) -> Option<&SiteRuntime> {
+        let pool = self.pools.get(*self.listeners.get(key)?)?;
+        self.sites.get(pool.find(name)?)
     }
 
     pub(crate) fn listener_keys(&self) -> Vec<(SocketAddr, ListenerKind)> {

@@ -1,0 +1,221 @@
+//! Prometheus text exposition at `/metrics`, served over TLS only.
+//!
+//! Series are built at scrape time from the analytics totals and the edge's counters, so the
+//! request path pays nothing for them. Label values come only from configured site names (or
+//! `unknown`) and fixed enumerations: no client input ever becomes a label.
+
+use std::convert::Infallible;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::edge::EdgeView;
+
+type Labels = Vec<(String, String)>;
+
+fn counter(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let f = Family::<Labels, Counter>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+fn gauge(reg: &mut Registry, name: &str, help: &str) -> Gauge<i64, AtomicI64> {
+    let g = Gauge::<i64, AtomicI64>::default();
+    reg.register(name, help, g.clone());
+    g
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The exposition text for the edge's current state.
+pub fn render(edge: &EdgeView) -> String {
+    let mut reg = Registry::with_prefix("portcullis");
+    let stats = edge.stats();
+    let requests = counter(
+        &mut reg,
+        "requests",
+        "Requests answered, by site, scheme and status class",
+    );
+    let tls = counter(
+        &mut reg,
+        "tls_requests",
+        "Requests over TLS by negotiated version",
+    );
+    let events = counter(
+        &mut reg,
+        "connection_events",
+        "Connections that ended before a request, by site, scheme and outcome",
+    );
+    let exposures = counter(
+        &mut reg,
+        "exposures",
+        "Credentials seen in cleartext requests, by site and position",
+    );
+    let exposures_dropped = counter(
+        &mut reg,
+        "exposures_dropped",
+        "Exposure records not kept because too many distinct credentials arrived at once",
+    );
+    let clear_on_tls = counter(
+        &mut reg,
+        "cleartext_on_tls_port",
+        "Cleartext HTTP requests sent to a TLS port",
+    );
+    let hs_fail = counter(
+        &mut reg,
+        "handshake_failures",
+        "TLS handshakes that failed, by reason",
+    );
+    let handshakes = counter(&mut reg, "handshakes", "TLS handshakes completed");
+    let active = gauge(
+        &mut reg,
+        "active_connections",
+        "Client connections open now",
+    );
+    let lag = gauge(
+        &mut reg,
+        "store_flush_lag_seconds",
+        "Age of the oldest counts not yet written to the store",
+    );
+    let log_dropped = counter(
+        &mut reg,
+        "access_log_dropped",
+        "Access log lines dropped because the writer fell behind",
+    );
+
+    clear_on_tls
+        .get_or_create(&vec![])
+        .inc_by(stats.cleartext_on_tls_port);
+    handshakes.get_or_create(&vec![]).inc_by(stats.handshakes);
+    for (reason, n) in [
+        ("failed", stats.handshake_failures),
+        ("timeout", stats.handshake_timeouts),
+        ("unknown_sni", stats.unknown_sni),
+        ("not_tls", stats.garbage_on_tls_port),
+    ] {
+        hs_fail
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(n);
+    }
+    active.set(stats.active_connections);
+    if let Some(a) = edge.analytics() {
+        let totals = a.totals();
+        for ((site, outcome, scheme, status), n) in &totals.requests {
+            let site = a.site_name(*site);
+            if *outcome == super::observe::Outcome::Response {
+                let class = format!("{status}xx");
+                requests
+                    .get_or_create(&labels(&[
+                        ("site", &site),
+                        ("scheme", scheme.as_str()),
+                        ("status", &class),
+                    ]))
+                    .inc_by(*n);
+            } else {
+                events
+                    .get_or_create(&labels(&[
+                        ("site", &site),
+                        ("scheme", scheme.as_str()),
+                        ("outcome", outcome.as_str()),
+                    ]))
+                    .inc_by(*n);
+            }
+        }
+        for ((site, version), n) in &totals.tls_versions {
+            tls.get_or_create(&labels(&[
+                ("site", &a.site_name(*site)),
+                ("version", version.as_str()),
+            ]))
+            .inc_by(*n);
+        }
+        for ((site, kind), n) in &totals.exposures {
+            exposures
+                .get_or_create(&labels(&[
+                    ("site", &a.site_name(*site)),
+                    ("kind", kind.as_str()),
+                ]))
+                .inc_by(*n);
+        }
+        exposures_dropped
+            .get_or_create(&vec![])
+            .inc_by(totals.exposures_dropped);
+        lag.set(a.flush_lag() as i64);
+        if let Some(log) = a.access_log() {
+            log_dropped
+                .get_or_create(&vec![])
+                .inc_by(log.dropped.load(std::sync::atomic::Ordering::Relaxed));
+        }
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// Serves `GET /metrics` over TLS on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    edge: EdgeView,
+    stop: CancellationToken,
+) {
+    let edge = Arc::new(edge);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let (tls, edge) = (tls.clone(), edge.clone());
+        tokio::spawn(async move {
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(stream)).await;
+            let Ok(Ok(stream)) = handshake else { return };
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let edge = edge.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        let mut r = Response::new(Full::new(Bytes::from(render(&edge))));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                        );
+                        r
+                    } else {
+                        let mut r = Response::new(Full::new(Bytes::from_static(
+                            b"404: only /metrics is served here\n",
+                        )));
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                        r
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

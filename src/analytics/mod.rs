@@ -1,0 +1,435 @@
+//! Traffic analytics and credential exposure records: who reaches each site over TLS and
+//! over cleartext, and which credentials crossed the network in the clear.
+//!
+//! Invariant 3: the request path only updates in-memory counters of its own worker (one
+//! uncontended lock). A background flusher drains them every second and writes them to the
+//! SQLite store every `flush_interval`; a slow or failing store delays that write and nothing
+//! else. Pending counts are kept (folded from minutes into hours if they grow too large)
+//! until the store accepts them. This module never blocks a request and never stores, logs or
+//! labels a raw credential (invariant 2): it only ever sees fingerprints.
+
+mod accesslog;
+pub mod aggregate;
+pub mod impact;
+pub mod metrics;
+pub mod observe;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use accesslog::AccessLog;
+use aggregate::{Aggregate, ExposureAgg, Observation, SiteId, Timestamp};
+use observe::{ClientFamily, Network, Outcome, PathTemplate, Scheme, TlsVersion};
+use store::{Store, StoreError};
+
+use crate::config::{AnalyticsSettings, Config};
+use crate::exposure::{CredentialKind, ExposureError, Fingerprinter, Found};
+
+/// Pending entries held while the store fails before minutes are folded into hours.
+const MAX_PENDING_ENTRIES: usize = 500_000;
+
+/// How often a failing store is reported in the log: once per this period, with a count.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Why analytics could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnalyticsError {
+    #[error(transparent)]
+    Key(#[from] ExposureError),
+    #[error("access log {path}: {source}")]
+    AccessLog {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now() -> Timestamp {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Cumulative counts since start, for `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// By (site, outcome, scheme, status class).
+    pub requests: HashMap<(SiteId, Outcome, Scheme, u8), u64>,
+    /// Requests by (site, TLS version), TLS only.
+    pub tls_versions: HashMap<(SiteId, TlsVersion), u64>,
+    /// Cleartext credential sightings by (site, kind).
+    pub exposures: HashMap<(SiteId, CredentialKind), u64>,
+    pub exposures_dropped: u64,
+}
+
+impl Totals {
+    fn add(&mut self, agg: &Aggregate) {
+        for (k, n) in &agg.traffic {
+            *self
+                .requests
+                .entry((k.site, k.outcome, k.scheme, k.status_class))
+                .or_insert(0) += n;
+            if k.tls != TlsVersion::None {
+                *self.tls_versions.entry((k.site, k.tls)).or_insert(0) += n;
+            }
+        }
+        for ((site, _), e) in &agg.exposures {
+            *self.exposures.entry((*site, e.kind)).or_insert(0) += e.count;
+        }
+        self.exposures_dropped += agg.exposures_dropped;
+    }
+}
+
+/// The analytics of one running edge.
+pub struct Analytics {
+    settings: AnalyticsSettings,
+    /// One aggregate per worker thread, so request paths never contend.
+    slots: Vec<Mutex<Aggregate>>,
+    fingerprinter: Fingerprinter,
+    /// Site names by id; id 0 is `unknown`. Ids are never reused, so counts drained after a
+    /// reload still land on the right name.
+    names: RwLock<Vec<String>>,
+    store_path: std::path::PathBuf,
+    totals: Mutex<Totals>,
+    /// When the oldest drained-but-unstored counts were drained (0: none pending).
+    pending_since: AtomicU64,
+    access_log: Option<AccessLog>,
+    stop: CancellationToken,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Analytics {
+    /// Sets up analytics for `config` with one slot per worker and starts the flusher on the
+    /// current runtime.
+    pub fn start(config: &Config, workers: usize) -> Result<Arc<Analytics>, AnalyticsError> {
+        let settings = config.analytics.clone();
+        let fingerprinter = Fingerprinter::open(&config.state_dir)?;
+        let access_log = match &settings.access_log {
+            None => None,
+            Some(p) => Some(
+                AccessLog::open(p).map_err(|source| AnalyticsError::AccessLog {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+            ),
+        };
+        let a = Arc::new(Analytics {
+            slots: (0..workers.max(1))
+                .map(|_| Mutex::new(Aggregate::default()))
+                .collect(),
+            fingerprinter,
+            names: RwLock::new(vec!["unknown".to_owned()]),
+            store_path: Store::path(&config.state_dir),
+            totals: Mutex::new(Totals::default()),
+            pending_since: AtomicU64::new(0),
+            access_log,
+            stop: CancellationToken::new(),
+            flusher: Mutex::new(None),
+            settings,
+        });
+        let task = tokio::spawn(flusher(a.clone()));
+        *lock(&a.flusher) = Some(task);
+        Ok(a)
+    }
+
+    /// The store this instance writes to.
+    pub fn store_path(&self) -> &std::path::Path {
+        &self.store_path
+    }
+
+    /// The id of a configured site's name, assigned on first sight.
+    pub fn site_id(&self, name: &str) -> SiteId {
+        if let Some(i) = self
+            .names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .position(|n| n == name)
+        {
+            return i as SiteId;
+        }
+        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = names.iter().position(|n| n == name) {
+            return i as SiteId;
+        }
+        names.push(name.to_owned());
+        (names.len() - 1) as SiteId
+    }
+
+    pub fn site_name(&self, id: SiteId) -> String {
+        self.names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+
+    pub fn fingerprinter(&self) -> &Fingerprinter {
+        &self.fingerprinter
+    }
+
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
+    }
+
+    fn slot(&self) -> &Mutex<Aggregate> {
+        &self.slots[crate::edge::worker_index() % self.slots.len()]
+    }
+
+    /// Counts one observation. Cheap: one uncontended lock and a few map updates.
+    pub fn record(&self, o: &Observation) {
+        lock(self.slot()).record(o, self.settings.top_k);
+    }
+
+    /// Counts an observation and the credentials found in its request.
+    pub fn record_with_exposures(&self, o: &Observation, found: &[Found], path: PathTemplate) {
+        let mut agg = lock(self.slot());
+        agg.record(o, self.settings.top_k);
+        for f in found {
+            agg.expose(
+                o.site,
+                f.fingerprint,
+                ExposureAgg {
+                    kind: f.kind,
+                    name: f.name,
+                    first_seen: o.at,
+                    last_seen: o.at,
+                    count: 1,
+                    network: o.network,
+                    family: o.family,
+                    path,
+                },
+            );
+        }
+    }
+
+    /// Counts since start (up to the last drain, at most a second old).
+    pub fn totals(&self) -> Totals {
+        lock(&self.totals).clone()
+    }
+
+    /// Seconds since the oldest counts not yet in the store were drained; 0 when none wait.
+    pub fn flush_lag(&self) -> u64 {
+        match self.pending_since.load(Ordering::Relaxed) {
+            0 => 0,
+            t => now().saturating_sub(t),
+        }
+    }
+
+    /// Stops the flusher after a last flush. Call once connections have drained.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let task = lock(&self.flusher).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+        if let Some(log) = &self.access_log {
+            log.close();
+        }
+    }
+
+    fn drain(&self) -> Aggregate {
+        let mut out = Aggregate::default();
+        for slot in &self.slots {
+            let taken = std::mem::take(&mut *lock(slot));
+            out.merge(taken, self.settings.top_k);
+        }
+        lock(&self.totals).add(&out);
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drains every second, writes every `flush_interval`, rolls up hourly, and flushes once more
+/// on shutdown.
+async fn flusher(a: Arc<Analytics>) {
+    let store: Arc<Mutex<Option<Store>>> = Arc::new(Mutex::new(None));
+    let mut pending = Aggregate::default();
+    let drain_every = a.settings.flush_interval.min(Duration::from_secs(1));
+    let mut last_write = tokio::time::Instant::now();
+    let mut last_rollup: Option<tokio::time::Instant> = None;
+    let mut errors = ErrorLog::default();
+    loop {
+        let stopping = tokio::select! {
+            _ = a.stop.cancelled() => true,
+            _ = tokio::time::sleep(drain_every) => false,
+        };
+        let drained = a.drain();
+        if !drained.is_empty() {
+            if pending.is_empty() {
+                a.pending_since.store(now(), Ordering::Relaxed);
+            }
+            pending.merge(drained, a.settings.top_k);
+        }
+        if pending.entries() > MAX_PENDING_ENTRIES {
+            pending.coarsen(a.settings.top_k);
+        }
+        let due = stopping || last_write.elapsed() >= a.settings.flush_interval;
+        if due && !pending.is_empty() {
+            last_write = tokio::time::Instant::now();
+            let batch = std::mem::take(&mut pending);
+            let names = a.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let (store2, path) = (store.clone(), a.store_path.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                let result = write_batch(&store2, &path, &batch, &names);
+                (batch, result)
+            })
+            .await;
+            match written {
+                Ok((_, Ok(()))) => {
+                    a.pending_since.store(0, Ordering::Relaxed);
+                    errors.recovered();
+                }
+                Ok((batch, Err(e))) => {
+                    errors.failed(&e);
+                    // Kept whole: the transaction rolled back, so nothing was counted twice.
+                    let mut back = batch;
+                    back.merge(std::mem::take(&mut pending), a.settings.top_k);
+                    pending = back;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "analytics writer panicked; its batch is lost")
+                }
+            }
+        }
+        let rollup_due = last_rollup.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
+        if rollup_due && pending.is_empty() && !stopping {
+            last_rollup = Some(tokio::time::Instant::now());
+            let (store2, path) = (store.clone(), a.store_path.clone());
+            let (minutes, hours) = (a.settings.minute_retention, a.settings.hour_retention);
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut guard = lock(&store2);
+                if guard.is_none() {
+                    *guard = Store::open(&path).ok();
+                }
+                if let Some(s) = guard.as_mut() {
+                    if let Err(e) = s.roll_up(now(), minutes, hours) {
+                        tracing::warn!(error = %e, "analytics roll-up failed; will retry");
+                    }
+                }
+            })
+            .await;
+        }
+        if stopping {
+            if !pending.is_empty() {
+                let lost: u64 = pending.traffic.values().sum();
+                tracing::error!(
+                    requests = lost,
+                    "analytics store unavailable at shutdown: these counts are lost"
+                );
+            }
+            return;
+        }
+    }
+}
+
+fn write_batch(
+    store: &Mutex<Option<Store>>,
+    path: &std::path::Path,
+    batch: &Aggregate,
+    names: &[String],
+) -> Result<(), StoreError> {
+    let mut guard = lock(store);
+    if guard.is_none() {
+        *guard = Some(Store::open(path)?);
+    }
+    let s = guard
+        .as_mut()
+        .ok_or_else(|| StoreError::Missing(path.display().to_string()))?;
+    let name = |id: SiteId| {
+        names
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned())
+    };
+    let result = s.write(batch, &name);
+    if result.is_err() {
+        // Reopen next time: the file may have been replaced or its lock released.
+        *guard = None;
+    }
+    result
+}
+
+/// Logs store failures at most once per [`ERROR_LOG_EVERY`], with how many there were.
+#[derive(Default)]
+struct ErrorLog {
+    failures: u64,
+    last: Option<tokio::time::Instant>,
+}
+
+impl ErrorLog {
+    fn failed(&mut self, e: &StoreError) {
+        self.failures += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+            tracing::error!(error = %e, failures = self.failures, "analytics store write failed; counts are kept in memory and retried");
+            self.last = Some(tokio::time::Instant::now());
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(
+                failures = self.failures,
+                "analytics store writable again; pending counts written"
+            );
+            self.failures = 0;
+            self.last = None;
+        }
+    }
+}
+
+/// The parts of a request analytics keeps, read before the request is handed on.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMeta {
+    pub family: ClientFamily,
+    pub path: PathTemplate,
+    pub http: observe::HttpVersion,
+}
+
+impl RequestMeta {
+    pub fn of<B>(req: &http::Request<B>) -> RequestMeta {
+        RequestMeta {
+            family: ClientFamily::classify(
+                req.headers()
+                    .get(http::header::USER_AGENT)
+                    .map(|v| v.as_bytes()),
+            ),
+            path: PathTemplate::of(req.uri().path()),
+            http: observe::HttpVersion::from_http(req.version()),
+        }
+    }
+}
+
+/// A connection-level observation (no request was read).
+pub fn connection_event(
+    site: SiteId,
+    outcome: Outcome,
+    scheme: Scheme,
+    port: u16,
+    ip: std::net::IpAddr,
+) -> Observation {
+    Observation {
+        at: now(),
+        site,
+        outcome,
+        scheme,
+        port,
+        tls: TlsVersion::None,
+        http: observe::HttpVersion::None,
+        status_class: 0,
+        family: ClientFamily::None,
+        network: Network::of(ip),
+        path: None,
+    }
+}
