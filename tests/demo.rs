@@ -104,7 +104,8 @@ fn every_printed_curl_line_works_when_pasted() {
     ];
     for (i, (line, (code, fragments))) in curls.iter().zip(expectations).enumerate() {
         if i == 6 {
-            // Counts reach the store every second in the demo.
+            // Counts reach the store every second in the demo. A plain test thread, no runtime.
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(std::time::Duration::from_millis(1500));
         }
         let (got_code, text) = run(line);
