@@ -5,81 +5,16 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use support::{
-    client_config, get, get_h2, https, loopback, refused, roots_from, tls_connect, Harness,
-    TestOrigin,
+    client_config, get, get_h2, https, loopback, refused, roots_from, tls_connect, wait_until,
+    Harness, Serve, TestOrigin,
 };
 use tokio::io::AsyncReadExt;
-
-/// A `portcullis serve` child process, killed if the test ends early.
-struct Serve {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Serve {
-    fn start(toml: &str) -> Serve {
-        let dir = tempfile::tempdir().expect("tmp");
-        write_config(dir.path(), toml);
-        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["serve", "--workers", "2", "-c"])
-            .arg(dir.path().join("portcullis.toml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn serve");
-        Serve { child, dir }
-    }
-
-    fn write(&self, toml: &str) {
-        write_config(self.dir.path(), toml);
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    }
-
-    fn ca(&self) -> std::path::PathBuf {
-        self.dir.path().join("state").join("dev-ca.pem")
-    }
-}
-
-fn write_config(dir: &std::path::Path, toml: &str) {
-    let text = toml.replace("STATE", &dir.join("state").display().to_string());
-    std::fs::write(dir.join("portcullis.toml"), text).expect("write config");
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..200 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
 
 fn config(
     a: std::net::Ipv4Addr,

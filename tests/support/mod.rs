@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,99 @@ use rustls::RootCertStore;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+/// A `portcullis serve` child process, killed if the test ends early.
+pub struct Serve {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Serve {
+    pub fn start(toml: &str) -> Serve {
+        Serve::start_logging(toml, None)
+    }
+
+    /// Starts `portcullis serve`; with `log`, its stderr (at RUST_LOG=trace) goes to that file.
+    pub fn start_logging(toml: &str, log: Option<&Path>) -> Serve {
+        let dir = tempfile::tempdir().expect("tmp");
+        write_config(dir.path(), toml);
+        let child = spawn_serve(dir.path(), log);
+        Serve { child, dir }
+    }
+
+    /// Starts a new process on the same directory (after [`Serve::stop`]).
+    pub fn respawn(&mut self) {
+        self.child = spawn_serve(self.dir.path(), None);
+    }
+
+    pub fn write(&self, toml: &str) {
+        write_config(self.dir.path(), toml);
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("state").join("dev-ca.pem")
+    }
+}
+
+pub fn write_config(dir: &std::path::Path, toml: &str) {
+    let text = toml.replace("STATE", &dir.join("state").display().to_string());
+    std::fs::write(dir.join("portcullis.toml"), text).expect("write config");
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_serve(dir: &Path, log: Option<&Path>) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "--workers", "2", "-c"])
+        .arg(dir.join("portcullis.toml"))
+        .env("RUST_LOG", if log.is_some() { "trace" } else { "info" })
+        .stdout(Stdio::null())
+        .stderr(match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
+            None => Stdio::null(),
+        })
+        .spawn()
+        .expect("spawn serve")
+}
+
+impl Serve {
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
+        self.child.wait().expect("wait")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+pub async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
 
 /// A random address in 127.0.0.0/8, away from 127.0.0.x which people use by hand.
 pub fn loopback() -> Ipv4Addr {
