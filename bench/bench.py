@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "portcullis")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOSTS_MARK = "# portcullis-bench"
-ADDR = {"nginx": "127.0.0.20", "portcullis": "127.0.0.21"}
+ADDR = {"nginx": "127.0.0.20", "portcullis": "127.0.0.21", "portcullis-off": "127.0.0.22"}
 PORT = 9443
 ORIGIN_PORT = 18080
 
@@ -57,7 +57,7 @@ def make_cert(d):
     key, crt = os.path.join(d, "bench.key"), os.path.join(d, "bench.pem")
     sh(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
         "-nodes", "-days", "2", "-subj", "/CN=bench.test", "-keyout", key, "-out", crt,
-        "-addext", f"subjectAltName=DNS:{host('nginx')},DNS:{host('portcullis')}"])
+        "-addext", "subjectAltName=" + ",".join(f"DNS:{host(p)}" for p in ADDR)])
     return crt, key
 
 
@@ -216,15 +216,18 @@ def main():
             proxy_set_header X-Forwarded-Proto https;
         }}
     }}""")
-    write(os.path.join(d, "portcullis.toml"), f"""
+    for name, enabled in (("portcullis", "true"), ("portcullis-off", "false")):
+        write(os.path.join(d, f"{name}.toml"), f"""
 [state]
-dir = "{d}/state"
+dir = "{d}/state-{name}"
+[analytics]
+enabled = {enabled}
 [[pool]]
 name = "bench"
-addresses = ["{ADDR['portcullis']}"]
+addresses = ["{ADDR[name]}"]
 tls_ports = [{PORT}]
 [[site]]
-host = "{host('portcullis')}"
+host = "{host(name)}"
 pool = "bench"
 origin = "http://127.0.0.1:{ORIGIN_PORT}"
 cert = "{crt}"
@@ -233,38 +236,42 @@ key = "{key}"
 
     origin = start_nginx(origin_conf, d, "origin")
     nginx = start_nginx(proxy_conf, d, "nginx")
-    pc = subprocess.Popen([BIN, "serve", "--workers", str(args.workers), "-c", os.path.join(d, "portcullis.toml")],
-                          stderr=open(os.path.join(d, "portcullis.log"), "w"), env={**os.environ, "RUST_LOG": "warn"})
+    pcs = {
+        name: subprocess.Popen([BIN, "serve", "--workers", str(args.workers), "-c", os.path.join(d, f"{name}.toml")],
+                               stderr=open(os.path.join(d, f"{name}.log"), "w"), env={**os.environ, "RUST_LOG": "warn"})
+        for name in ("portcullis", "portcullis-off")
+    }
     try:
-        wait_port(ADDR["nginx"], PORT)
-        wait_port(ADDR["portcullis"], PORT)
-        pids = {"nginx": procs_of(nginx), "portcullis": [pc.pid]}
-        # Warm both up (origin keep-alive pools, page cache, CPU frequency).
-        for p in ("portcullis", "nginx"):
+        for p in ADDR:
+            wait_port(ADDR[p], PORT)
+        pids = {"nginx": procs_of(nginx), **{name: [pc.pid] for name, pc in pcs.items()}}
+        # Warm all up (origin keep-alive pools, page cache, CPU frequency).
+        for p in ADDR:
             run_wrk(f"https://{host(p)}:{PORT}/", args.conns, 2, 2)
 
         results = {p: {"h1": [], "h1p99": [], "h1cpu": [], "h2": [], "h2cpu": [], "conn": [], "conncpu": []} for p in ADDR}
+        print("portcullis runs with analytics on (the default); portcullis-off with [analytics] enabled = false")
         print(f"rounds={args.rounds} duration={args.duration}s conns={args.conns} workers={args.workers} cores={os.cpu_count()}")
         for r in range(args.rounds):
-            order = ["portcullis", "nginx"] if r % 2 == 0 else ["nginx", "portcullis"]
+            order = list(ADDR)[r % 3:] + list(ADDR)[:r % 3]
             for p in order:
                 url = f"https://{host(p)}:{PORT}/"
                 (rps, p99, n, bad), cpu = measure(p, pids[p], lambda: run_wrk(url, args.conns, 2, args.duration))
                 results[p]["h1"].append(rps)
                 results[p]["h1p99"].append(p99)
                 results[p]["h1cpu"].append(cpu.total / n * 1e6)
-                print(f"  round {r+1} {p:10} h1 keep-alive {rps:10.0f} req/s  p99 {p99:7.2f} ms  {cpu.per(n)}/req {bad}")
+                print(f"  round {r+1} {p:14} h1 keep-alive {rps:10.0f} req/s  p99 {p99:7.2f} ms  {cpu.per(n)}/req {bad}")
                 (rps, n, bad), cpu = measure(p, pids[p], lambda: run_h2load(p, 16, 16, args.duration, 2))
                 results[p]["h2"].append(rps)
                 results[p]["h2cpu"].append(cpu.total / n * 1e6)
-                print(f"  round {r+1} {p:10} h2            {rps:10.0f} req/s                {cpu.per(n)}/req {bad}")
+                print(f"  round {r+1} {p:14} h2            {rps:10.0f} req/s                {cpu.per(n)}/req {bad}")
                 (rps, p99, n, bad), cpu = measure(p, pids[p], lambda: run_wrk(url, 32, 2, args.duration, ("-H", "Connection: close")))
                 results[p]["conn"].append(rps)
                 results[p]["conncpu"].append(cpu.total / n * 1e6)
-                print(f"  round {r+1} {p:10} new TLS conns {rps:10.0f} conn/s               {cpu.per(n)}/conn {bad}")
+                print(f"  round {r+1} {p:14} new TLS conns {rps:10.0f} conn/s               {cpu.per(n)}/conn {bad}")
 
         med = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in results.items()}
-        pcm, ngm = med["portcullis"], med["nginx"]
+        pcm, ngm, off = med["portcullis"], med["nginx"], med["portcullis-off"]
         rows = [
             ("HTTP/1.1 keep-alive req/s", "h1", True),
             ("HTTP/1.1 keep-alive p99 ms", "h1p99", False),
@@ -275,16 +282,18 @@ key = "{key}"
             ("new TLS conn CPU us/conn", "conncpu", False),
         ]
         print()
-        print(f"{'median of ' + str(args.rounds) + ' rounds':32} {'portcullis':>12} {'nginx':>12} {'portcullis/nginx':>17}")
+        print(f"{'median of ' + str(args.rounds) + ' rounds':32} {'portcullis':>12} {'nginx':>12} {'portcullis/nginx':>17} {'analytics off':>14} {'on/off':>8}")
         for label, k, _ in rows:
             ratio = pcm[k] / ngm[k] if ngm[k] else float("nan")
-            print(f"{label:32} {pcm[k]:12.2f} {ngm[k]:12.2f} {ratio:16.2f}x")
+            on_off = pcm[k] / off[k] if off[k] else float("nan")
+            print(f"{label:32} {pcm[k]:12.2f} {ngm[k]:12.2f} {ratio:16.2f}x {off[k]:14.2f} {on_off:7.2f}x")
     finally:
-        pc.send_signal(signal.SIGTERM)
-        try:
-            pc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pc.kill()
+        for pc in pcs.values():
+            pc.send_signal(signal.SIGTERM)
+            try:
+                pc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pc.kill()
         stop_nginx(nginx)
         stop_nginx(origin)
         cleanup_hosts()

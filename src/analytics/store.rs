@@ -371,3 +371,66 @@ pub struct ExposureRow {
     pub family: String,
     pub path: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::aggregate::Observation;
+    use crate::analytics::observe::{ClientFamily, HttpVersion, Network, Outcome, PathTemplate, Scheme, TlsVersion};
+
+    fn obs(at: Timestamp) -> Observation {
+        Observation {
+            at,
+            site: 1,
+            outcome: Outcome::Response,
+            scheme: Scheme::Cleartext,
+            port: 80,
+            tls: TlsVersion::None,
+            http: HttpVersion::Http11,
+            status_class: 3,
+            family: ClientFamily::Curl,
+            network: Network::of("192.0.2.1".parse().expect("ip")),
+            path: Some(PathTemplate::of("/a")),
+        }
+    }
+
+    fn spans(store: &Store) -> Vec<(i64, i64, i64)> {
+        let mut q = store
+            .conn
+            .prepare("SELECT bucket, span, count FROM traffic ORDER BY bucket, span")
+            .expect("query");
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("collect")
+    }
+
+    #[test]
+    fn old_minutes_roll_up_into_hours_and_old_hours_expire() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut store = Store::open(&Store::path(dir.path())).expect("open");
+        let day = 86_400;
+        let now = 100 * day;
+        let mut agg = Aggregate::default();
+        // Three minutes in one old hour, one recent minute.
+        for (at, n) in [(now - 3 * day, 2), (now - 3 * day + 60, 3), (now - 3 * day + 120, 4), (now - 60, 5)] {
+            for _ in 0..n {
+                agg.record(&obs(at), 10);
+            }
+        }
+        let name = |_| "s.test".to_owned();
+        store.write(&agg, &name).expect("write");
+        // Writing twice adds up (upserts), it does not replace.
+        store.write(&agg, &name).expect("write again");
+        store
+            .roll_up(now, Duration::from_secs(2 * day), Duration::from_secs(30 * day))
+            .expect("roll up");
+        let old_hour = (now - 3 * day) - (now - 3 * day) % 3600;
+        assert_eq!(spans(&store), vec![(old_hour as i64, 3600, 18), ((now - 60) as i64, 60, 10)]);
+        assert_eq!(store.dims("s.test", 0, Some("cleartext"), "path").expect("dims"), vec![("/a".to_owned(), 28)]);
+        store
+            .roll_up(now, Duration::from_secs(2 * day), Duration::from_secs(day))
+            .expect("expire");
+        assert_eq!(spans(&store), vec![((now - 60) as i64, 60, 10)]);
+    }
+}
