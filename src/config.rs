@@ -95,6 +95,23 @@ pub struct Config {
     pub readiness: Readiness,
     /// The Prometheus endpoint (`[metrics]`), HTTPS only; `None` when not configured.
     pub metrics: Option<MetricsSettings>,
+    /// The authoritative DNS server (`[dns]`); `None` when not configured.
+    pub dns: Option<DnsSettings>,
+}
+
+/// `[dns]`: the built-in authoritative server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// UDP and TCP address.
+    pub listen: SocketAddr,
+    /// Zones served, lowercase, without trailing dot.
+    pub zones: Vec<String>,
+    /// TTL of every answer, seconds.
+    pub ttl: u32,
+    /// NS names published for every zone; default `ns1.ZONE`.
+    pub nameservers: Vec<String>,
+    /// SOA responsible mailbox as a name; default `hostmaster.ZONE`.
+    pub hostmaster: Option<String>,
 }
 
 /// `[analytics]`: what is measured and how long it is kept.
@@ -461,6 +478,7 @@ impl Default for Config {
             analytics: AnalyticsSettings::default(),
             readiness: Readiness::default(),
             metrics: None,
+            dns: None,
         }
     }
 }
@@ -526,6 +544,18 @@ struct RawConfig {
     #[serde(default)]
     readiness: RawReadiness,
     metrics: Option<RawMetrics>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    listen: String,
+    zones: Vec<String>,
+    ttl: Option<i64>,
+    #[serde(default)]
+    nameservers: Vec<String>,
+    hostmaster: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -648,6 +678,7 @@ impl Validator<'_> {
         let analytics = self.analytics(raw.analytics);
         let readiness = self.readiness(raw.readiness);
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
+        let dns = raw.dns.and_then(|d| self.dns(d));
         Config {
             state_dir,
             edge,
@@ -656,7 +687,66 @@ impl Validator<'_> {
             analytics,
             readiness,
             metrics,
+            dns,
         }
+    }
+
+    fn dns(&mut self, raw: RawDns) -> Option<DnsSettings> {
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => Some(a),
+            _ => {
+                self.problem(
+                    "dns.listen",
+                    format!("{:?}", raw.listen),
+                    "an address and port, like \"127.0.0.1:5353\"",
+                );
+                None
+            }
+        };
+        let mut zones: Vec<String> = Vec::new();
+        if raw.zones.is_empty() {
+            self.problem("dns.zones", "[]", "list at least one zone to serve");
+        }
+        for (i, z) in raw.zones.iter().enumerate() {
+            let name = z.trim_end_matches('.').to_ascii_lowercase();
+            match validate_dns_name(&name) {
+                Err(e) => self.problem(format!("dns.zones[{i}]"), format!("{z:?}"), e),
+                Ok(()) if zones.contains(&name) => self.problem(
+                    format!("dns.zones[{i}]"),
+                    format!("{z:?}"),
+                    "zone listed twice",
+                ),
+                Ok(()) => zones.push(name),
+            }
+        }
+        let ttl = match raw.ttl {
+            None => 300,
+            Some(t @ 1..=604_800) => t as u32,
+            Some(t) => {
+                self.problem("dns.ttl", t, "seconds, 1 to 604800 (a week)");
+                300
+            }
+        };
+        let mut names = |key: &str, list: Vec<String>| -> Vec<String> {
+            let mut out = Vec::new();
+            for (i, n) in list.iter().enumerate() {
+                let name = n.trim_end_matches('.').to_ascii_lowercase();
+                match validate_dns_name(&name) {
+                    Ok(()) => out.push(name),
+                    Err(e) => self.problem(format!("dns.{key}[{i}]"), format!("{n:?}"), e),
+                }
+            }
+            out
+        };
+        let nameservers = names("nameservers", raw.nameservers);
+        let hostmaster = names("hostmaster", raw.hostmaster.into_iter().collect()).pop();
+        Some(DnsSettings {
+            listen: listen?,
+            zones,
+            ttl,
+            nameservers,
+            hostmaster,
+        })
     }
 
     fn duration(&mut self, key: &str, v: Option<String>, default: Duration) -> Duration {

@@ -33,6 +33,8 @@ pub struct DemoOptions {
     pub cleartext_port: u16,
     /// `/metrics` listens on the closed address at this port, over TLS.
     pub metrics_port: u16,
+    /// The DNS server for `demo.test` listens on the closed address at this port.
+    pub dns_port: u16,
     /// Holds the development CA that signs the demo's certificates.
     pub state_dir: PathBuf,
 }
@@ -45,6 +47,7 @@ impl Default for DemoOptions {
             tls_port: 8443,
             cleartext_port: 8080,
             metrics_port: 9464,
+            dns_port: 8053,
             state_dir: std::env::temp_dir().join("portcullis-demo"),
         }
     }
@@ -114,6 +117,11 @@ flush_interval = "1s"
 [metrics]
 listen = "{closed}:{metrics}"
 
+[dns]
+listen = "{closed}:{dns}"
+zones = ["demo.test"]
+ttl = 60
+
 [[pool]]
 name = "closed"
 addresses = ["{closed}"]
@@ -149,6 +157,7 @@ cleartext = "reject"
         tls = o.tls_port,
         clear = o.cleartext_port,
         metrics = o.metrics_port,
+        dns = o.dns_port,
     )
 }
 
@@ -160,12 +169,13 @@ fn toml_string(s: &str) -> String {
 pub fn instructions(o: &DemoOptions) -> String {
     let ca = DevCa::cert_path(&o.state_dir).display().to_string();
     let ca = shell_quote(&ca);
-    let (c, op, t, p, m) = (
+    let (c, op, t, p, m, d) = (
         o.closed_addr,
         o.open_addr,
         o.tls_port,
         o.cleartext_port,
         o.metrics_port,
+        o.dns_port,
     );
     let exe = std::env::current_exe()
         .map(|p| shell_quote(&p.display().to_string()))
@@ -176,6 +186,7 @@ pub fn instructions(o: &DemoOptions) -> String {
   closed pool  {c}  TLS port {t}, no cleartext listener at all
   open pool    {op}  TLS port {t}, cleartext port {p}
   sites        api.demo.test (closed), www.demo.test (redirect), legacy.demo.test (reject)
+  DNS          zone demo.test on {c} port {d} (UDP and TCP)
 
 Try these; each works pasted as is:
 
@@ -206,6 +217,9 @@ curl -sS --cacert {ca} --resolve www.demo.test:{t}:{c} https://www.demo.test:{t}
 
 # 8. Prometheus metrics, served over TLS only
 curl -sS --cacert {ca} https://{c}:{m}/metrics
+
+# 9. DNS steers each name to its pool, with an HTTPS record so capable clients go straight to TLS
+dig +norec @{c} -p {d} api.demo.test A api.demo.test HTTPS legacy.demo.test HTTPS
 
 Press Ctrl-C to stop (in-flight requests drain first).
 "#

@@ -9,6 +9,7 @@
 //! - [`exposure`]: credential detection in cleartext requests and keyed fingerprints.
 //! - [`edge`]: listeners per pool address, protocol sniffing, cleartext modes, HSTS, proxying;
 //!   reloads by diff and graceful drain.
+//! - [`dns`]: the authoritative DNS server, zones built from the snapshot, zone file export.
 //! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
 //! - [`demo`]: the built-in demo: a loopback config and an echo origin.
 //!
@@ -19,6 +20,7 @@
 pub mod analytics;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod edge;
 pub mod exposure;
 pub mod serve;

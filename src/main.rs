@@ -41,6 +41,9 @@ enum Command {
         /// Port of the TLS-only /metrics endpoint, on the closed address.
         #[arg(long, default_value_t = 9464)]
         metrics_port: u16,
+        /// Port of the demo's DNS server (zone demo.test), on the closed address.
+        #[arg(long, default_value_t = 8053)]
+        dns_port: u16,
         /// Where the demo's development CA is kept [default: $TMPDIR/portcullis-demo].
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -77,10 +80,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// DNS tools.
+    #[command(subcommand)]
+    Dns(DnsCommand),
     /// Validate a config file, print every problem, and exit 1 if there is any.
     ///
     /// Example: portcullis check -c examples/portcullis.toml
     Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DnsCommand {
+    /// Print ZONE as an RFC 1035 zone file (HTTPS records included) for BIND, Knot or NSD.
+    ///
+    /// Example: portcullis dns export example.com -c portcullis.toml > example.com.zone
+    Export {
+        zone: String,
         #[arg(short, long)]
         config: PathBuf,
     },
@@ -100,6 +118,11 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
+        Command::Dns(DnsCommand::Export { zone, config }) => {
+            let c = Config::from_file(&config)?;
+            print!("{}", portcullis::dns::export(&c, &zone)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Impact {
             host,
             config,
@@ -119,6 +142,7 @@ fn run() -> anyhow::Result<ExitCode> {
             tls_port,
             cleartext_port,
             metrics_port,
+            dns_port,
             state_dir,
             workers,
         } => {
@@ -129,6 +153,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 tls_port,
                 cleartext_port,
                 metrics_port,
+                dns_port,
                 ..DemoOptions::default()
             };
             if let Some(dir) = state_dir {

@@ -376,7 +376,9 @@ pub struct ExposureRow {
 mod tests {
     use super::*;
     use crate::analytics::aggregate::Observation;
-    use crate::analytics::observe::{ClientFamily, HttpVersion, Network, Outcome, PathTemplate, Scheme, TlsVersion};
+    use crate::analytics::observe::{
+        ClientFamily, HttpVersion, Network, Outcome, PathTemplate, Scheme, TlsVersion,
+    };
 
     fn obs(at: Timestamp) -> Observation {
         Observation {
@@ -413,7 +415,12 @@ mod tests {
         let now = 100 * day;
         let mut agg = Aggregate::default();
         // Three minutes in one old hour, one recent minute.
-        for (at, n) in [(now - 3 * day, 2), (now - 3 * day + 60, 3), (now - 3 * day + 120, 4), (now - 60, 5)] {
+        for (at, n) in [
+            (now - 3 * day, 2),
+            (now - 3 * day + 60, 3),
+            (now - 3 * day + 120, 4),
+            (now - 60, 5),
+        ] {
             for _ in 0..n {
                 agg.record(&obs(at), 10);
             }
@@ -423,11 +430,23 @@ mod tests {
         // Writing twice adds up (upserts), it does not replace.
         store.write(&agg, &name).expect("write again");
         store
-            .roll_up(now, Duration::from_secs(2 * day), Duration::from_secs(30 * day))
+            .roll_up(
+                now,
+                Duration::from_secs(2 * day),
+                Duration::from_secs(30 * day),
+            )
             .expect("roll up");
         let old_hour = (now - 3 * day) - (now - 3 * day) % 3600;
-        assert_eq!(spans(&store), vec![(old_hour as i64, 3600, 18), ((now - 60) as i64, 60, 10)]);
-        assert_eq!(store.dims("s.test", 0, Some("cleartext"), "path").expect("dims"), vec![("/a".to_owned(), 28)]);
+        assert_eq!(
+            spans(&store),
+            vec![(old_hour as i64, 3600, 18), ((now - 60) as i64, 60, 10)]
+        );
+        assert_eq!(
+            store
+                .dims("s.test", 0, Some("cleartext"), "path")
+                .expect("dims"),
+            vec![("/a".to_owned(), 28)]
+        );
         store
             .roll_up(now, Duration::from_secs(2 * day), Duration::from_secs(day))
             .expect("expire");

@@ -53,6 +53,9 @@ pub enum EdgeError {
     /// Analytics could not start (fingerprint key, access log).
     #[error(transparent)]
     Analytics(#[from] AnalyticsError),
+    /// The DNS server could not start, or the zones could not be built.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
     /// The `/metrics` listener could not be opened.
     #[error("metrics listener {addr}: {source}")]
     Metrics {
@@ -185,10 +188,14 @@ impl Edge {
             listeners: Mutex::new(HashMap::new()),
         };
         let metrics = config.metrics.clone();
+        let dns = config.dns.clone();
         let state_dir = config.state_dir.clone();
         edge.reload(config).await?;
         if let Some(m) = metrics {
             edge.start_metrics(&m, &state_dir)?;
+        }
+        if let Some(d) = dns {
+            crate::dns::start(d.listen, edge.view(), edge.shared.shutdown.child_token()).await?;
         }
         Ok(edge)
     }

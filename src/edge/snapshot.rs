@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub(crate) pools: Vec<PoolRoutes>,
     pub(crate) sites: Vec<SiteRuntime>,
     pub(crate) listeners: BTreeMap<(SocketAddr, ListenerKind), usize>,
+    /// DNS answers for this config, when `[dns]` is set.
+    pub(crate) dns: crate::dns::LiveZones,
 }
 
 /// Which site answers a hostname on one pool's addresses.
@@ -74,6 +76,7 @@ impl Snapshot {
             pools: Vec::new(),
             sites: Vec::new(),
             listeners: BTreeMap::new(),
+            dns: None,
         })
     }
 
@@ -140,6 +143,13 @@ impl Snapshot {
         }
         let tls = tls::server_config(certs, &shared.resumption)?;
         let listeners = config.listeners();
+        let previous = shared.snapshot.load();
+        let dns = crate::dns::Zones::build(
+            &config,
+            previous.dns.as_deref(),
+            crate::analytics::now() as u32,
+        )?
+        .map(Arc::new);
         Ok(Snapshot {
             config: Arc::new(config),
             generation,
@@ -147,6 +157,7 @@ impl Snapshot {
             pools,
             sites,
             listeners,
+            dns,
         })
     }
 
@@ -158,6 +169,11 @@ impl Snapshot {
     ) -> Option<&SiteRuntime> {
         let pool = self.pools.get(*self.listeners.get(key)?)?;
         self.sites.get(pool.find(name)?)
+    }
+
+    /// The DNS zones of this config, when `[dns]` is set.
+    pub fn dns(&self) -> Option<&crate::dns::Zones> {
+        self.dns.as_deref()
     }
 
     pub(crate) fn listener_keys(&self) -> Vec<(SocketAddr, ListenerKind)> {
