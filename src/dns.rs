@@ -308,8 +308,10 @@ impl Zone {
             match suffix {
                 None => z.add(LowerName::from(owner), records),
                 Some(()) => {
+                    // The suffix of `*.SUFFIX` exists as a name (an empty non-terminal).
                     let lower = LowerName::from(owner);
                     z.mark_ancestors(&lower);
+                    z.existing.insert(lower.clone());
                     z.wildcard.insert(lower, records);
                 }
             }

@@ -1,0 +1,446 @@
+//! The authoritative DNS server over real UDP and TCP queries (hickory's message codec and,
+//! for one test, Debian's `dig`), the zone export through `named-checkzone`, and a few
+//! thousand malformed packets.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::rdata::svcb::{SvcParamKey, SvcParamValue};
+use hickory_proto::rr::{Name, RData, RecordType};
+use support::{loopback, Harness, TestOrigin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+/// `closed_extra`: more addresses for the closed pool (loopback ones, so the edge can bind them).
+fn config(
+    closed: Ipv4Addr,
+    closed_extra: &[String],
+    tls_port: u16,
+    open: Ipv4Addr,
+    dns: SocketAddr,
+    origin: &str,
+    api_pool: &str,
+) -> String {
+    let extra: String = closed_extra.iter().map(|a| format!(", \"{a}\"")).collect();
+    format!(
+        r#"
+[state]
+dir = "STATE"
+[dns]
+listen = "{dns}"
+zones = ["example.test"]
+ttl = 120
+[[pool]]
+name = "closed"
+addresses = ["{closed}"{extra}]
+tls_ports = [{tls_port}]
+[[pool]]
+name = "open"
+addresses = ["{open}"]
+tls_ports = [7443]
+cleartext_ports = [7080]
+[[site]]
+host = "api.example.test"
+pool = "{api_pool}"
+origin = "{origin}"
+cleartext = "{api_mode}"
+[[site]]
+host = "*.apps.example.test"
+pool = "open"
+origin = "{origin}"
+cleartext = "redirect"
+[[site]]
+host = "outside.other.test"
+pool = "open"
+origin = "{origin}"
+cleartext = "reject"
+"#,
+        api_mode = if api_pool == "closed" {
+            "closed"
+        } else {
+            "redirect"
+        },
+    )
+}
+
+struct Setup {
+    h: Harness,
+    dns: SocketAddr,
+    closed: Ipv4Addr,
+    extra: Vec<String>,
+    tls_port: u16,
+    open: Ipv4Addr,
+    origin: TestOrigin,
+}
+
+async fn setup(extra: Vec<String>, tls_port: u16) -> Setup {
+    let origin = TestOrigin::start().await;
+    let (closed, open) = (loopback(), loopback());
+    let dns = SocketAddr::from((loopback(), 5353));
+    let h = Harness::start(&config(
+        closed,
+        &extra,
+        tls_port,
+        open,
+        dns,
+        &origin.url(),
+        "closed",
+    ))
+    .await;
+    Setup {
+        h,
+        dns,
+        closed,
+        extra,
+        tls_port,
+        open,
+        origin,
+    }
+}
+
+/// A port for `[::1]`, the one IPv6 loopback address, unlikely to clash with another test.
+fn v6_port() -> u16 {
+    let o = loopback().octets();
+    30000 + (u16::from(o[1]) * 97 + u16::from(o[2])) % 20000
+}
+
+fn query(name: &str, t: RecordType, edns: bool) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = 4242;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
+    if edns {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        m.set_edns(e);
+    }
+    m.to_vec().expect("encode")
+}
+
+async fn udp(server: SocketAddr, packet: &[u8]) -> Message {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    sock.send_to(packet, server).await.expect("send");
+    let mut buf = vec![0u8; 65_535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("recv");
+    Message::from_vec(&buf[..n]).expect("decode")
+}
+
+async fn tcp(server: SocketAddr, packet: &[u8]) -> Message {
+    let mut s = TcpStream::connect(server).await.expect("connect");
+    s.write_all(&(packet.len() as u16).to_be_bytes())
+        .await
+        .expect("len");
+    s.write_all(packet).await.expect("write");
+    let len = s.read_u16().await.expect("read len") as usize;
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await.expect("read");
+    Message::from_vec(&buf).expect("decode")
+}
+
+async fn ask(server: SocketAddr, name: &str, t: RecordType) -> Message {
+    udp(server, &query(name, t, true)).await
+}
+
+fn addresses(m: &Message) -> Vec<IpAddr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn serial(m: &Message) -> u32 {
+    m.answers
+        .iter()
+        .chain(&m.authorities)
+        .find_map(|r| match &r.data {
+            RData::SOA(s) => Some(s.serial),
+            _ => None,
+        })
+        .expect("an SOA")
+}
+
+#[tokio::test]
+async fn sites_answer_with_their_pool_addresses_and_an_https_record() {
+    let s = setup(vec!["::1".into()], v6_port()).await;
+    let a = ask(s.dns, "api.example.test.", RecordType::A).await;
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.metadata.authoritative);
+    assert_eq!(addresses(&a), vec![IpAddr::V4(s.closed)]);
+    assert_eq!(a.answers[0].ttl, 120);
+    let aaaa = ask(s.dns, "API.Example.Test.", RecordType::AAAA).await;
+    assert_eq!(addresses(&aaaa), vec!["::1".parse::<IpAddr>().expect("ip")]);
+
+    let https = ask(s.dns, "api.example.test.", RecordType::HTTPS).await;
+    let RData::HTTPS(rec) = &https.answers[0].data else {
+        panic!("not HTTPS: {https:?}")
+    };
+    assert_eq!(rec.0.svc_priority, 1);
+    assert!(rec.0.target_name.is_root());
+    assert!(rec
+        .0
+        .svc_params
+        .contains(&(SvcParamKey::Port, SvcParamValue::Port(s.tls_port))));
+    let alpn = rec.0.svc_params.iter().find_map(|(_, v)| match v {
+        SvcParamValue::Alpn(a) => Some(a.0.clone()),
+        _ => None,
+    });
+    assert_eq!(alpn, Some(vec!["h2".to_owned(), "http/1.1".to_owned()]));
+    assert!(rec
+        .0
+        .svc_params
+        .iter()
+        .any(|(k, _)| *k == SvcParamKey::Ipv4Hint));
+    assert!(rec
+        .0
+        .svc_params
+        .iter()
+        .any(|(k, _)| *k == SvcParamKey::Ipv6Hint));
+
+    // A site on a pool whose TLS port is not 443 says which port.
+    let https = ask(s.dns, "shop.apps.example.test.", RecordType::HTTPS).await;
+    let RData::HTTPS(rec) = &https.answers[0].data else {
+        panic!("not HTTPS")
+    };
+    assert!(rec
+        .0
+        .svc_params
+        .contains(&(SvcParamKey::Port, SvcParamValue::Port(7443))));
+    assert_eq!(https.answers[0].name.to_ascii(), "shop.apps.example.test.");
+    drop(s.origin);
+}
+
+#[tokio::test]
+async fn soa_ns_nxdomain_nodata_and_refused() {
+    let s = setup(vec![], 9443).await;
+    let soa = ask(s.dns, "example.test.", RecordType::SOA).await;
+    assert!(matches!(soa.answers[0].data, RData::SOA(_)));
+    let ns = ask(s.dns, "example.test.", RecordType::NS).await;
+    assert!(matches!(ns.answers[0].data, RData::NS(_)));
+    // A name under the wildcard suffix but two labels deep, and a plain unknown name.
+    for name in ["nope.example.test.", "a.b.apps.example.test."] {
+        let nx = ask(s.dns, name, RecordType::A).await;
+        assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert!(
+            matches!(nx.authorities[0].data, RData::SOA(_)),
+            "SOA in authority for {name}"
+        );
+    }
+    // The name exists (as an empty non-terminal, or without AAAA): NODATA, not NXDOMAIN.
+    for (name, t) in [
+        ("apps.example.test.", RecordType::A),
+        ("api.example.test.", RecordType::AAAA),
+    ] {
+        let nodata = ask(s.dns, name, t).await;
+        assert_eq!(
+            nodata.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
+        assert!(nodata.answers.is_empty());
+        assert!(matches!(nodata.authorities[0].data, RData::SOA(_)));
+    }
+    // Outside every zone: refused, even for a configured site.
+    for name in ["outside.other.test.", "example.com."] {
+        assert_eq!(
+            ask(s.dns, name, RecordType::A).await.metadata.response_code,
+            ResponseCode::Refused
+        );
+    }
+    // TCP answers the same.
+    let t = tcp(s.dns, &query("api.example.test.", RecordType::A, false)).await;
+    assert_eq!(addresses(&t), vec![IpAddr::V4(s.closed)]);
+}
+
+#[tokio::test]
+async fn a_udp_answer_too_big_for_512_bytes_is_truncated_and_tcp_gives_all() {
+    // 40 more loopback addresses: 41 A records do not fit in 512 bytes.
+    let extra: Vec<String> = (0..40).map(|_| loopback().to_string()).collect();
+    let s = setup(extra, 9443).await;
+    let packet = query("api.example.test.", RecordType::A, false);
+    let over_udp = udp(s.dns, &packet).await;
+    assert!(over_udp.metadata.truncation, "TC set without EDNS");
+    let over_tcp = tcp(s.dns, &packet).await;
+    assert!(!over_tcp.metadata.truncation);
+    assert_eq!(addresses(&over_tcp).len(), 41);
+}
+
+#[tokio::test]
+async fn answers_follow_reloads_and_the_serial_increases() {
+    let s = setup(vec![], 9443).await;
+    let before = ask(s.dns, "example.test.", RecordType::SOA).await;
+    // A reload that changes nothing keeps the serial.
+    let same = config(
+        s.closed,
+        &s.extra,
+        s.tls_port,
+        s.open,
+        s.dns,
+        &s.origin.url(),
+        "closed",
+    );
+    s.h.reload(&same).await.expect("reload");
+    assert_eq!(
+        serial(&ask(s.dns, "example.test.", RecordType::SOA).await),
+        serial(&before)
+    );
+    // Moving the API to the open pool changes its answer at once.
+    let moved = config(
+        s.closed,
+        &s.extra,
+        s.tls_port,
+        s.open,
+        s.dns,
+        &s.origin.url(),
+        "open",
+    );
+    s.h.reload(&moved).await.expect("reload");
+    let a = ask(s.dns, "api.example.test.", RecordType::A).await;
+    assert_eq!(addresses(&a), vec![IpAddr::V4(s.open)]);
+    let after = ask(s.dns, "api.example.test.", RecordType::SOA).await;
+    assert!(serial(&after) > serial(&before));
+}
+
+#[tokio::test]
+async fn malformed_and_random_packets_never_stop_the_server() {
+    let s = setup(vec![], 9443).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let valid = query("api.example.test.", RecordType::A, true);
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15 ^ std::process::id() as u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..3000 {
+        let packet: Vec<u8> = if i % 2 == 0 {
+            let len = (next() % 600) as usize;
+            (0..len).map(|_| next() as u8).collect()
+        } else {
+            // A valid query with a few bytes flipped, truncated or extended.
+            let mut p = valid.clone();
+            for _ in 0..(1 + next() % 4) {
+                let at = (next() as usize) % p.len();
+                p[at] = next() as u8;
+            }
+            match next() % 3 {
+                0 => p.truncate((next() as usize) % p.len()),
+                1 => p.extend((0..(next() % 40)).map(|_| next() as u8)),
+                _ => {}
+            }
+            p
+        };
+        let _ = sock.send_to(&packet, s.dns).await;
+        if i % 100 == 0 {
+            // Random bytes on TCP too, then a close.
+            if let Ok(mut t) = TcpStream::connect(s.dns).await {
+                let _ = t.write_all(&packet).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = ask(s.dns, "api.example.test.", RecordType::A).await;
+    assert_eq!(addresses(&a), vec![IpAddr::V4(s.closed)]);
+    let t = tcp(s.dns, &query("api.example.test.", RecordType::A, false)).await;
+    assert_eq!(t.metadata.response_code, ResponseCode::NoError);
+}
+
+// dig runs as a blocking child process: the server needs threads of its own meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_sees_the_answers_and_named_checkzone_loads_the_export() {
+    for tool in ["dig", "named-checkzone"] {
+        assert!(
+            std::process::Command::new(tool).arg("-v").output().is_ok(),
+            "{tool} is missing: install Debian's bind9-dnsutils and bind9-utils (scripts/test.sh does it as root)"
+        );
+    }
+    let s = setup(vec![], 9443).await;
+    let dig = |args: &[&str]| {
+        let out = std::process::Command::new("dig")
+            .args([
+                "+norec",
+                "+time=2",
+                "+tries=1",
+                &format!("@{}", s.dns.ip()),
+                "-p",
+                &s.dns.port().to_string(),
+            ])
+            .args(args)
+            .output()
+            .expect("dig");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = dig(&["api.example.test", "HTTPS"]);
+    assert!(out.contains("status: NOERROR"), "{out}");
+    assert!(out.contains("flags: qr aa"), "authoritative: {out}");
+    assert!(
+        out.contains(&format!(
+            "alpn=\"h2,http/1.1\" port=9443 ipv4hint={}",
+            s.closed
+        )),
+        "{out}"
+    );
+    let out = dig(&["+tcp", "x.apps.example.test", "A", "+short"]);
+    assert_eq!(out.trim(), s.open.to_string());
+    let out = dig(&["missing.example.test", "A"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+
+    // Exported from a config with IPv6 and port 443 (export binds nothing).
+    let file = s.h.dir.path().join("export.toml");
+    let text = config(
+        s.closed,
+        &["2001:db8::10".into()],
+        443,
+        s.open,
+        s.dns,
+        &s.origin.url(),
+        "closed",
+    )
+    .replace("STATE", &s.h.dir.path().join("state").display().to_string());
+    std::fs::write(&file, text).expect("write");
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["dns", "export", "example.test", "-c"])
+        .arg(&file)
+        .output()
+        .expect("export");
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let zone = s.h.dir.path().join("example.test.zone");
+    std::fs::write(&zone, &export.stdout).expect("write zone");
+    let check = std::process::Command::new("named-checkzone")
+        .arg("example.test")
+        .arg(&zone)
+        .output()
+        .expect("named-checkzone");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && text.contains("OK"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&export.stdout)
+    );
+    let exported = String::from_utf8_lossy(&export.stdout);
+    assert!(
+        exported.contains("*.apps.example.test. 120 IN HTTPS 1 . alpn=\"h2,http/1.1\" port=7443"),
+        "{exported}"
+    );
+    let api = format!(
+        "api.example.test. 120 IN HTTPS 1 . alpn=\"h2,http/1.1\" ipv4hint={} ipv6hint=2001:db8::10",
+        s.closed
+    );
+    assert!(
+        exported.contains(&api),
+        "port 443 needs no port parameter: {exported}"
+    );
+}
