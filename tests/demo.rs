@@ -45,9 +45,9 @@ fn every_printed_curl_line_works_when_pasted() {
     let exe = env!("CARGO_BIN_EXE_portcullis");
     let curls: Vec<&String> = printed
         .iter()
-        .filter(|l| l.starts_with("curl ") || l.starts_with(exe))
+        .filter(|l| l.starts_with("curl ") || l.starts_with("dig ") || l.starts_with(exe))
         .collect();
-    assert_eq!(curls.len(), 8, "{printed:#?}");
+    assert_eq!(curls.len(), 9, "{printed:#?}");
     let run = |line: &str| {
         let out = Command::new("sh")
             .args(["-c", line])
@@ -64,7 +64,7 @@ fn every_printed_curl_line_works_when_pasted() {
         );
         (out.status.code(), text.to_ascii_lowercase())
     };
-    let expectations: [(Option<i32>, &[&str]); 8] = [
+    let expectations: [(Option<i32>, &[&str]); 9] = [
         (Some(7), &["failed to connect"]),
         (
             Some(0),
@@ -99,6 +99,15 @@ fn every_printed_curl_line_works_when_pasted() {
             &[
                 "portcullis_requests_total{site=\"legacy.demo.test\",scheme=\"cleartext\",status=\"4xx\"} 1",
                 "portcullis_exposures_total{site=\"legacy.demo.test\",kind=\"header\"} 1",
+            ],
+        ),
+        (
+            Some(0),
+            &[
+                "status: noerror",
+                &format!("api.demo.test.\t\t60\tin\ta\t{closed}"),
+                &format!("api.demo.test.\t\t60\tin\thttps\t1 . alpn=\"h2,http/1.1\" port=8443 ipv4hint={closed}"),
+                &format!("legacy.demo.test.\t60\tin\thttps\t1 . alpn=\"h2,http/1.1\" port=8443 ipv4hint={open}"),
             ],
         ),
     ];
