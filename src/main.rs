@@ -211,13 +211,16 @@ fn impact(
     };
     let store = Store::open_read_only(&Store::path(&dir))?;
     let now = portcullis::analytics::now();
-    let report = impact::report(
+    let mut report = impact::report(
         &store,
         &host.to_ascii_lowercase(),
         now.saturating_sub(window.as_secs()),
         now,
         &readiness,
     )?;
+    report.drain = portcullis::edge::drain::load(&dir)
+        .into_iter()
+        .find(|d| d.site == host.to_ascii_lowercase());
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

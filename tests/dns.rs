@@ -444,3 +444,171 @@ async fn dig_sees_the_answers_and_named_checkzone_loads_the_export() {
         "port 443 needs no port parameter: {exported}"
     );
 }
+
+fn move_config(
+    closed: Ipv4Addr,
+    open: Ipv4Addr,
+    dns: SocketAddr,
+    origin: &str,
+    shop_pool: &str,
+) -> String {
+    format!(
+        r#"
+[state]
+dir = "STATE"
+[analytics]
+flush_interval = "200ms"
+[dns]
+listen = "{dns}"
+zones = ["example.test"]
+ttl = 2
+[[pool]]
+name = "closed"
+addresses = ["{closed}"]
+tls_ports = [9443]
+[[pool]]
+name = "open"
+addresses = ["{open}"]
+tls_ports = [9443]
+cleartext_ports = [9080]
+[[site]]
+host = "shop.example.test"
+pool = "{shop_pool}"
+origin = "{origin}"
+cleartext = "{mode}"
+[[site]]
+host = "www.example.test"
+pool = "open"
+origin = "{origin}"
+cleartext = "allow"
+"#,
+        mode = if shop_pool == "closed" {
+            "closed"
+        } else {
+            "redirect"
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_moved_to_a_closed_pool_drains_from_its_old_addresses() {
+    let origin = TestOrigin::start().await;
+    let (closed, open) = (loopback(), loopback());
+    let dns = SocketAddr::from((loopback(), 5353));
+    let h = Harness::start(&move_config(closed, open, dns, &origin.url(), "open")).await;
+    let old_clear = SocketAddr::from((open, 9080));
+    let old_tls = SocketAddr::from((open, 9443));
+    assert_eq!(
+        support::http(old_clear, support::get("http://shop.example.test/"))
+            .await
+            .status,
+        301
+    );
+
+    h.reload(&move_config(closed, open, dns, &origin.url(), "closed"))
+        .await
+        .expect("move");
+    // DNS answers with the closed pool at once.
+    assert_eq!(
+        addresses(&ask(dns, "shop.example.test.", RecordType::A).await),
+        vec![IpAddr::V4(closed)]
+    );
+    // Until the old answers expire, the old address behaves as before, TLS and cleartext.
+    assert_eq!(
+        support::http(old_clear, support::get("http://shop.example.test/a"))
+            .await
+            .status,
+        301
+    );
+    let got = support::https(
+        old_tls,
+        "shop.example.test",
+        h.roots(),
+        false,
+        support::get("https://shop.example.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let drains = h.edge.snapshot().drains().to_vec();
+    assert_eq!(drains.len(), 1);
+    assert_eq!(drains[0].until, drains[0].moved_at + 2);
+    // The deadline is shown by the impact report.
+    let state = h.dir.path().join("state");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["impact", "shop.example.test", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("impact");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("moved from pool \"open\" to closed pool \"closed\""),
+        "{text}{err}"
+    );
+    // After the deadline: cleartext on the old address gets the reject answer; TLS still works.
+    let got = support::http(old_clear, support::get("http://shop.example.test/a")).await;
+    assert_eq!(got.status, 403, "{}", got.body);
+    let got = support::https(
+        old_tls,
+        "shop.example.test",
+        h.roots(),
+        false,
+        support::get("https://shop.example.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    // Other sites on the open pool are untouched.
+    assert_eq!(
+        support::http(old_clear, support::get("http://www.example.test/"))
+            .await
+            .status,
+        200
+    );
+
+    // A restart on the same state directory keeps the drain.
+    let toml = move_config(closed, open, dns, &origin.url(), "closed")
+        .replace("STATE", &state.display().to_string());
+    let config =
+        portcullis::config::Config::from_toml(&toml, "restart", h.dir.path()).expect("config");
+    let grace = Duration::from_secs(1);
+    h.edge.shutdown(grace).await;
+    let edge = portcullis::edge::Edge::start(config)
+        .await
+        .expect("restart");
+    assert_eq!(edge.snapshot().drains(), &drains[..]);
+    let got = support::https(
+        old_tls,
+        "shop.example.test",
+        h_roots(&state),
+        false,
+        support::get("https://shop.example.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        support::http(old_clear, support::get("http://shop.example.test/"))
+            .await
+            .status,
+        403
+    );
+    // Moving it back ends the drain.
+    let back = move_config(closed, open, dns, &origin.url(), "open")
+        .replace("STATE", &state.display().to_string());
+    edge.reload(
+        portcullis::config::Config::from_toml(&back, "back", h.dir.path()).expect("config"),
+    )
+    .await
+    .expect("reload");
+    assert!(edge.snapshot().drains().is_empty());
+    assert_eq!(
+        support::http(old_clear, support::get("http://shop.example.test/"))
+            .await
+            .status,
+        301
+    );
+}
+
+fn h_roots(state: &std::path::Path) -> rustls::RootCertStore {
+    support::roots_from(&state.join("dev-ca.pem"))
+}

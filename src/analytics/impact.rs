@@ -39,6 +39,9 @@ pub struct ImpactReport {
     /// Distinct credentials seen in cleartext in the window.
     pub exposed_credentials: u64,
     pub exposures: Vec<ExposureRow>,
+    /// Set when the site moved from an open pool to a closed one and its old addresses still
+    /// serve it: the deadline after which cleartext there gets the reject answer.
+    pub drain: Option<crate::edge::drain::Drain>,
     pub verdict: Verdict,
 }
 
@@ -149,6 +152,7 @@ pub fn report(
         by_port: rows(&ports),
         exposed_credentials,
         exposures,
+        drain: None,
         verdict: Verdict {
             ready: reasons.is_empty(),
             reasons,
@@ -222,6 +226,19 @@ impl ImpactReport {
                 o,
                 "  {}  {:<20} {:<20} seen {} time(s), last from {} ({})",
                 e.fingerprint, e.kind, e.name, e.count, e.network, e.family
+            );
+        }
+        if let Some(d) = &self.drain {
+            let now = self.since + self.window_seconds;
+            let left = if d.until > now {
+                format!("{} s from now", d.until - now)
+            } else {
+                "passed".to_owned()
+            };
+            let _ = writeln!(
+                o,
+                "\nmoved from pool {:?} to closed pool {:?} at {}: cleartext on the old addresses keeps mode {:?} until {} ({left}), then gets the reject answer; TLS there keeps working",
+                d.from_pool, d.to_pool, d.moved_at, d.mode, d.until
             );
         }
         let _ = writeln!(o);

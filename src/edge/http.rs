@@ -143,8 +143,8 @@ async fn route(
     analytics: Option<(&Analytics, &mut Vec<Found>)>,
 ) -> (Response<Body>, SiteId) {
     let snap = conn.shared.snapshot.load_full();
-    let site_idx =
-        request_host(&req).and_then(|host| snap.pool_for(&conn.key, &conn.pool)?.find(&host));
+    let routes = snap.pool_for(&conn.key, &conn.pool);
+    let site_idx = request_host(&req).and_then(|host| routes?.find(&host));
     let site = site_idx.and_then(|i| snap.sites.get(i));
     if let (Some((a, found)), None) = (analytics, &conn.sni) {
         let extra = site.map(|s| &s.exposure);
@@ -191,7 +191,7 @@ async fn route(
             }
             resp
         }
-        None => match site.mode {
+        None => match site.mode_on(routes.map_or(site.pool, |r| r.index), analytics::now()) {
             CleartextMode::Redirect => {
                 let host = request_host(&req).unwrap_or(Cow::Borrowed(""));
                 redirect(site, &host, &req)

@@ -7,6 +7,7 @@
 //! connection before a request byte is sent. This module never touches a store and never waits
 //! on anything but the client and the origin.
 
+pub mod drain;
 mod http;
 mod io;
 mod listener;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 use rustls::ServerConfig;
 
+use super::drain::{self, Drain};
 use super::proxy::OriginClient;
 use super::{EdgeError, Shared};
 use crate::analytics::aggregate::SiteId;
@@ -27,12 +28,19 @@ pub struct Snapshot {
     pub(crate) listeners: BTreeMap<(SocketAddr, ListenerKind), usize>,
     /// DNS answers for this config, when `[dns]` is set.
     pub(crate) dns: crate::dns::LiveZones,
+    /// Sites still served on the open pool they moved away from.
+    pub(crate) drains: Vec<Drain>,
 }
+
+/// TTL assumed for the old answers of a moved site when the built-in DNS is not configured.
+pub const DEFAULT_DRAIN_TTL: u32 = 300;
 
 /// Which site answers a hostname on one pool's addresses.
 #[derive(Default)]
 pub(crate) struct PoolRoutes {
     pub(crate) name: String,
+    /// Index into `Config::pools`.
+    pub(crate) index: usize,
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
 }
@@ -64,6 +72,27 @@ pub(crate) struct SiteRuntime {
     pub(crate) id: SiteId,
     /// Credential positions searched beyond the defaults.
     pub(crate) exposure: ExtraPositions,
+    /// The pool the site is configured on.
+    pub(crate) pool: usize,
+    /// Set while the site is still served on the open pool it moved away from.
+    pub(crate) drain: Option<Drain>,
+}
+
+impl SiteRuntime {
+    /// The cleartext mode on pool `pool` at `now`: the site's own on its pool; on the pool it
+    /// left, the previous mode until the drain deadline, then reject.
+    pub(crate) fn mode_on(
+        &self,
+        pool: usize,
+        now: crate::analytics::aggregate::Timestamp,
+    ) -> CleartextMode {
+        if pool == self.pool {
+            return self.mode;
+        }
+        self.drain
+            .as_ref()
+            .map_or(CleartextMode::Reject, |d| d.mode_at(now))
+    }
 }
 
 impl Snapshot {
@@ -77,6 +106,7 @@ impl Snapshot {
             sites: Vec::new(),
             listeners: BTreeMap::new(),
             dns: None,
+            drains: Vec::new(),
         })
     }
 
@@ -89,8 +119,10 @@ impl Snapshot {
         let mut pools: Vec<PoolRoutes> = config
             .pools
             .iter()
-            .map(|p| PoolRoutes {
+            .enumerate()
+            .map(|(index, p)| PoolRoutes {
                 name: p.name.clone(),
+                index,
                 ..Default::default()
             })
             .collect();
@@ -129,6 +161,8 @@ impl Snapshot {
                     .as_ref()
                     .map_or(0, |a| a.site_id(&site.host.to_string())),
                 exposure: site.exposure.clone(),
+                pool: site.pool,
+                drain: None,
                 host: site.host.clone(),
                 mode: site.cleartext,
                 hsts,
@@ -144,6 +178,22 @@ impl Snapshot {
         let tls = tls::server_config(certs, &shared.resumption)?;
         let listeners = config.listeners();
         let previous = shared.snapshot.load();
+        let drains = Self::reconcile_drains(&config, &previous, generation);
+        for d in &drains {
+            let site = config
+                .sites
+                .iter()
+                .position(|s| s.host.to_string() == d.site);
+            let from = config.pools.iter().position(|p| p.name == d.from_pool);
+            if let (Some(i), Some(from)) = (site, from) {
+                sites[i].drain = Some(d.clone());
+                let routes = &mut pools[from];
+                match &config.sites[i].host {
+                    HostPattern::Exact(h) => routes.exact.entry(h.clone()).or_insert(i),
+                    HostPattern::Wildcard(w) => routes.wildcard.entry(w.clone()).or_insert(i),
+                };
+            }
+        }
         let dns = crate::dns::Zones::build(
             &config,
             previous.dns.as_deref(),
@@ -158,7 +208,34 @@ impl Snapshot {
             sites,
             listeners,
             dns,
+            drains,
         })
+    }
+
+    /// Drains for a new config: reconciled against the previous snapshot's, or, at start,
+    /// against those recorded in the state directory. Changes are recorded there.
+    fn reconcile_drains(config: &Config, previous: &Snapshot, generation: u64) -> Vec<Drain> {
+        let first = generation <= 1;
+        let kept = if first {
+            drain::load(&config.state_dir)
+        } else {
+            previous.drains.clone()
+        };
+        let ttl = config.dns.as_ref().map_or(DEFAULT_DRAIN_TTL, |d| d.ttl);
+        let old = (!first).then_some(&*previous.config);
+        let drains = drain::reconcile(old, config, &kept, crate::analytics::now(), ttl);
+        if drains != kept {
+            for d in drains.iter().filter(|d| !kept.contains(d)) {
+                tracing::info!(site = %d.site, from = %d.from_pool, to = %d.to_pool, until = d.until, "site moved to a closed pool: its old addresses keep its cleartext mode until the old DNS answers expire");
+            }
+            drain::save(&config.state_dir, &drains);
+        }
+        drains
+    }
+
+    /// Sites still served on the pool they left.
+    pub fn drains(&self) -> &[Drain] {
+        &self.drains
     }
 
     /// The site a lowercase name reaches on a listener, if any.

@@ -1,0 +1,123 @@
+//! Safe moves: when a site moves from an open pool to a closed one, clients and resolvers still
+//! hold the old DNS answers for up to a TTL. Until then the old addresses keep serving the site
+//! as before (TLS, and cleartext in its previous mode); after that deadline cleartext there gets
+//! the reject answer, while TLS keeps working for stragglers.
+//!
+//! Drains are computed on reload by comparing the old and new configs, and kept in
+//! `STATE/drains.json` so a restart in the middle of one keeps its deadline.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::analytics::aggregate::Timestamp;
+use crate::config::{CleartextMode, Config};
+
+/// One site still reachable on the pool it moved away from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// The site's host pattern, as configured.
+    pub site: String,
+    /// The open pool the site left.
+    pub from_pool: String,
+    /// The closed pool it moved to.
+    pub to_pool: String,
+    /// Its cleartext mode before the move.
+    pub mode: String,
+    pub moved_at: Timestamp,
+    /// Move time plus the TTL of the old answers: from then on cleartext gets the reject answer.
+    pub until: Timestamp,
+}
+
+impl Drain {
+    pub fn mode(&self) -> CleartextMode {
+        CleartextMode::parse(&self.mode).unwrap_or(CleartextMode::Reject)
+    }
+
+    /// The cleartext mode on the old pool at `now`.
+    pub fn mode_at(&self, now: Timestamp) -> CleartextMode {
+        if now < self.until {
+            self.mode()
+        } else {
+            CleartextMode::Reject
+        }
+    }
+}
+
+/// Where drains are kept.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("drains.json")
+}
+
+/// Drains recorded in the state directory; none if the file is absent or unreadable.
+pub fn load(state_dir: &Path) -> Vec<Drain> {
+    let Ok(text) = std::fs::read_to_string(path(state_dir)) else {
+        return Vec::new();
+    };
+    match serde_json::from_str(&text) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, file = %path(state_dir).display(), "ignoring unreadable drains file");
+            Vec::new()
+        }
+    }
+}
+
+pub fn save(state_dir: &Path, drains: &[Drain]) {
+    let text = serde_json::to_string_pretty(drains).unwrap_or_else(|_| "[]".into());
+    let _ = std::fs::create_dir_all(state_dir);
+    let tmp = path(state_dir).with_extension("json.tmp");
+    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path(state_dir)));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot record drains; a restart would forget them");
+    }
+}
+
+/// The drains that hold for `new`: those carried over from `kept` whose site still sits on
+/// the same closed pool with the old pool still open, plus one per site that moved from an open
+/// pool (in `old`) to a closed one (in `new`) now.
+pub fn reconcile(
+    old: Option<&Config>,
+    new: &Config,
+    kept: &[Drain],
+    now: Timestamp,
+    ttl: u32,
+) -> Vec<Drain> {
+    let pool_of = |c: &Config, host: &str| {
+        c.sites
+            .iter()
+            .find(|s| s.host.to_string() == host)
+            .map(|s| (c.pools[s.pool].clone(), s.cleartext))
+    };
+    let still_open = |name: &str| new.pools.iter().any(|p| p.name == name && !p.is_closed());
+    let mut out: Vec<Drain> = kept
+        .iter()
+        .filter(|d| {
+            pool_of(new, &d.site).is_some_and(|(p, _)| p.name == d.to_pool && p.is_closed())
+                && still_open(&d.from_pool)
+        })
+        .cloned()
+        .collect();
+    let Some(old) = old else {
+        return out;
+    };
+    for site in &new.sites {
+        let host = site.host.to_string();
+        let to = &new.pools[site.pool];
+        let Some((from, mode)) = pool_of(old, &host) else {
+            continue;
+        };
+        if from.name != to.name && !from.is_closed() && to.is_closed() && still_open(&from.name) {
+            out.retain(|d| d.site != host);
+            out.push(Drain {
+                site: host,
+                from_pool: from.name.clone(),
+                to_pool: to.name.clone(),
+                mode: mode.as_str().to_owned(),
+                moved_at: now,
+                until: now + u64::from(ttl),
+            });
+        }
+    }
+    out
+}
