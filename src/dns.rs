@@ -419,14 +419,22 @@ fn https_record(addresses: &[IpAddr], port: u16) -> HTTPS {
     HTTPS(SVCB::new(1, Name::root(), params))
 }
 
-/// Answers queries from the edge's live snapshot.
+/// Where the handler finds the zones of the moment.
+pub type ZoneSource = Arc<dyn Fn() -> Option<Arc<Zones>> + Send + Sync>;
+
+/// Answers queries from the live zones.
 pub struct DnsHandler {
-    edge: EdgeView,
+    zones: ZoneSource,
 }
 
 impl DnsHandler {
-    pub fn new(edge: EdgeView) -> DnsHandler {
-        DnsHandler { edge }
+    pub fn new(zones: ZoneSource) -> DnsHandler {
+        DnsHandler { zones }
+    }
+
+    /// Zones from the edge's live snapshot.
+    pub fn for_edge(edge: EdgeView) -> DnsHandler {
+        DnsHandler::new(Arc::new(move || edge.snapshot().dns.clone()))
     }
 }
 
@@ -470,8 +478,7 @@ impl RequestHandler for DnsHandler {
             )
             .await;
         }
-        let snap = self.edge.snapshot();
-        let answer = match snap.dns() {
+        let answer = match (self.zones)() {
             Some(z) => z.answer(query.name(), query.query_type()),
             None => Answer::Refused,
         };
@@ -528,13 +535,13 @@ async fn send<'a, R: ResponseHandler>(
 /// Serves DNS on UDP and TCP at `addr` until the edge shuts down.
 pub async fn start(
     addr: SocketAddr,
-    edge: EdgeView,
+    handler: DnsHandler,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), DnsError> {
     let bind_err = |source| DnsError::Bind { addr, source };
     let udp = UdpSocket::bind(addr).await.map_err(bind_err)?;
     let tcp = TcpListener::bind(addr).await.map_err(bind_err)?;
-    let mut server = hickory_server::Server::new(DnsHandler::new(edge));
+    let mut server = hickory_server::Server::new(handler);
     server.register_socket(udp);
     // A TCP client has 5 s per message; responses queue up to 64 deep per connection.
     server.register_listener(tcp, std::time::Duration::from_secs(5), 64);
@@ -555,3 +562,50 @@ pub fn export(config: &Config, zone: &str) -> Result<String, DnsError> {
 
 /// Shared by snapshots: the zones of the live config.
 pub type LiveZones = Option<Arc<Zones>>;
+
+/// `portcullis dns serve`: DNS only, without the edge (for a separate DNS host, or
+/// benchmarks). SIGHUP reloads the file; SIGTERM or SIGINT stops.
+pub async fn serve_only(path: std::path::PathBuf) -> Result<(), DnsServeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = Config::from_file(&path)?;
+    let settings = config.dns.clone().ok_or(DnsError::NotConfigured)?;
+    let zones = Zones::build(&config, None, crate::analytics::now() as u32)?.map(Arc::new);
+    let live = Arc::new(arc_swap::ArcSwapOption::new(zones));
+    let source = live.clone();
+    let handler = DnsHandler::new(Arc::new(move || source.load_full()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut hup = signal(SignalKind::hangup()).map_err(DnsServeError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DnsServeError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DnsServeError::Signals)?;
+    start(settings.listen, handler, stop.clone()).await?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match Config::from_file(&path) {
+                Err(e) => tracing::error!("reload rejected, previous zones kept: {e}"),
+                Ok(c) => match Zones::build(&c, live.load().as_deref(), crate::analytics::now() as u32) {
+                    Ok(z) => {
+                        live.store(z.map(Arc::new));
+                        tracing::info!("zones reloaded");
+                    }
+                    Err(e) => tracing::error!("reload rejected, previous zones kept: {e}"),
+                },
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    stop.cancel();
+    Ok(())
+}
+
+/// Why `dns serve` stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DnsServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}

@@ -102,6 +102,17 @@ enum DnsCommand {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Serve only the DNS of a config (no edge): for a separate DNS host, or benchmarks.
+    /// SIGHUP reloads the file.
+    ///
+    /// Example: portcullis dns serve -c portcullis.toml
+    Serve {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Runtime threads [default: one per core].
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +129,16 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
+        Command::Dns(DnsCommand::Serve { config, workers }) => {
+            init_logging();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(worker_count(workers))
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(portcullis::dns::serve_only(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dns(DnsCommand::Export { zone, config }) => {
             let c = Config::from_file(&config)?;
             print!("{}", portcullis::dns::export(&c, &zone)?);

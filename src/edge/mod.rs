@@ -196,7 +196,8 @@ impl Edge {
             edge.start_metrics(&m, &state_dir)?;
         }
         if let Some(d) = dns {
-            crate::dns::start(d.listen, edge.view(), edge.shared.shutdown.child_token()).await?;
+            let handler = crate::dns::DnsHandler::for_edge(edge.view());
+            crate::dns::start(d.listen, handler, edge.shared.shutdown.child_token()).await?;
         }
         Ok(edge)
     }
