@@ -141,7 +141,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Dns(DnsCommand::Export { zone, config }) => {
             let c = Config::from_file(&config)?;
-            print!("{}", portcullis::dns::export(&c, &zone)?);
+            emit(&portcullis::dns::export(&c, &zone)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Impact {
@@ -243,9 +243,9 @@ fn impact(
         .into_iter()
         .find(|d| d.site == host.to_ascii_lowercase());
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&report)?));
     } else {
-        print!("{}", report.render());
+        emit(&report.render());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -254,22 +254,22 @@ fn check(path: &std::path::Path) -> ExitCode {
     match Config::from_file(path) {
         Ok(c) => {
             let listeners = c.listeners().len();
-            println!(
-                "{}: OK ({} pools, {} sites, {} listeners)",
+            emit(&format!(
+                "{}: OK ({} pools, {} sites, {} listeners)\n",
                 path.display(),
                 c.pools.len(),
                 c.sites.len(),
                 listeners
-            );
+            ));
             for s in c.sites.iter().filter(|s| s.cert.is_none()) {
-                println!(
-                    "{}: note: site {} has no cert; a development certificate (untrusted by clients) will be issued",
+                emit(&format!(
+                    "{}: note: site {} has no cert; a development certificate (untrusted by clients) will be issued\n",
                     path.display(),
                     s.host
-                );
+                ));
             }
             for w in portcullis::serve::foreign_listeners(&c) {
-                println!("{}: warning: {w}", path.display());
+                emit(&format!("{}: warning: {w}\n", path.display()));
             }
             ExitCode::SUCCESS
         }
@@ -284,6 +284,19 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 /// The runtime of the main thread: signals, reloads, the demo origin. Connections run on the
 /// worker threads.
+/// Writes to stdout; a reader that went away (`| head`) ends the output quietly instead of
+/// panicking.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
+}
+
 fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
