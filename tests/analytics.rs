@@ -202,9 +202,12 @@ async fn impact_report_breaks_cleartext_down_and_gives_a_verdict() {
         let state = state.clone();
         async move {
             Store::path(&state).exists()
-                && tokio::task::spawn_blocking(move || stored(&state, "legacy.test", "tls") == 84)
-                    .await
-                    .unwrap_or(false)
+                && tokio::task::spawn_blocking(move || {
+                    stored(&state, "legacy.test", "tls") == 84
+                        && stored(&state, "api.test", "tls") == 10
+                })
+                .await
+                .unwrap_or(false)
         }
     })
     .await;
