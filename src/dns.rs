@@ -346,10 +346,12 @@ fn presentation(r: &Record, owner: &str) -> String {
             None => text,
         };
     };
-    let mut out = format!(
-        "{owner} {} IN HTTPS {} {}",
-        r.ttl, svcb.svc_priority, svcb.target_name
-    );
+    format!("{owner} {} IN HTTPS {}", r.ttl, svcb_text(svcb))
+}
+
+/// An SVCB/HTTPS record's data in RFC 9460 presentation format.
+pub fn svcb_text(svcb: &SVCB) -> String {
+    let mut out = format!("{} {}", svcb.svc_priority, svcb.target_name);
     for (key, value) in &svcb.svc_params {
         let text = match value {
             SvcParamValue::Alpn(Alpn(ids)) => format!("alpn=\"{}\"", ids.join(",")),

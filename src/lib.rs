@@ -10,6 +10,7 @@
 //! - [`edge`]: listeners per pool address, protocol sniffing, cleartext modes, HSTS, proxying;
 //!   reloads by diff and graceful drain.
 //! - [`dns`]: the authoritative DNS server, zones built from the snapshot, zone file export.
+//! - [`probe`]: `portcullis probe`, an audit of any endpoint's cleartext behaviour.
 //! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
 //! - [`demo`]: the built-in demo: a loopback config and an echo origin.
 //!
@@ -23,5 +24,6 @@ pub mod demo;
 pub mod dns;
 pub mod edge;
 pub mod exposure;
+pub mod probe;
 pub mod serve;
 pub mod tls;

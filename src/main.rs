@@ -13,6 +13,7 @@ use portcullis::analytics::store::Store;
 use portcullis::config::{Config, Readiness};
 use portcullis::demo::{self, DemoOptions};
 use portcullis::edge::Workers;
+use portcullis::probe::{self, Grade, ProbeOptions};
 
 /// An HTTPS-only edge: closed pools refuse cleartext at the transport layer.
 #[derive(Parser)]
@@ -80,6 +81,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Audit any endpoint's cleartext exposure: refused, redirected, rejected or served?
+    ///
+    /// Example: portcullis probe https://api.example.com/ --min-grade B
+    Probe {
+        /// A URL or host name.
+        target: String,
+        /// Cleartext ports to try [default: 80,8080,8880,2052,2082,2086,2095].
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        /// Use ADDR for HOST, like curl: --resolve api.example.com:192.0.2.10 (repeatable).
+        #[arg(long)]
+        resolve: Vec<String>,
+        /// Ask this DNS server (ADDR:PORT) instead of the system's.
+        #[arg(long)]
+        dns: Option<std::net::SocketAddr>,
+        /// Extra trust anchors (PEM) for the certificate check.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Per connection and per answer.
+        #[arg(long, default_value = "3s")]
+        timeout: String,
+        /// Print JSON instead of a report.
+        #[arg(long)]
+        json: bool,
+        /// Exit with status 2 when the overall grade is worse than this (A to F).
+        #[arg(long)]
+        min_grade: Option<String>,
+    },
     /// DNS tools.
     #[command(subcommand)]
     Dns(DnsCommand),
@@ -129,6 +158,49 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
+        Command::Probe {
+            target,
+            ports,
+            resolve,
+            dns,
+            ca,
+            timeout,
+            json,
+            min_grade,
+        } => {
+            let min = match min_grade.as_deref() {
+                None => None,
+                Some(g) => Some(
+                    Grade::parse(g)
+                        .with_context(|| format!("--min-grade {g:?}: use a letter from A to F"))?,
+                ),
+            };
+            let options = ProbeOptions {
+                target,
+                ports,
+                resolve: resolve
+                    .iter()
+                    .map(|r| probe::parse_resolve(r))
+                    .collect::<Result<_, _>>()?,
+                dns,
+                ca: match ca {
+                    Some(p) => portcullis::tls::load_certs(&p)?,
+                    None => Vec::new(),
+                },
+                timeout: humantime::parse_duration(&timeout)
+                    .with_context(|| format!("--timeout {timeout:?}"))?,
+            };
+            let report = control_runtime()?.block_on(probe::probe(&options))?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?));
+            } else {
+                emit(&report.render());
+            }
+            Ok(match min {
+                Some(m) if report.grade > m => ExitCode::from(2),
+                _ => ExitCode::SUCCESS,
+            })
+        }
         Command::Dns(DnsCommand::Serve { config, workers }) => {
             init_logging();
             tokio::runtime::Builder::new_multi_thread()

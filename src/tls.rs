@@ -288,6 +288,9 @@ pub fn single_cert_config(ck: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, Tl
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Fixed dates: the issuer is rebuilt from these parameters at every start.
+    params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2045, 1, 1);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
