@@ -462,11 +462,11 @@ async fn probe_cleartext(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &
         differs: false,
     };
     match tokio::time::timeout(o.timeout, TcpStream::connect(addr)).await {
-        Err(_) => return refused("filtered"),
+        Err(_) => refused("filtered"),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return refused("refused")
+            refused("refused")
         }
-        Ok(Err(_)) => return refused("unreachable"),
+        Ok(Err(_)) => refused("unreachable"),
         Ok(Ok(first)) => {
             let authority = if addr.port() == 80 {
                 host.to_owned()
