@@ -78,7 +78,7 @@ async fn probe(h: &Harness, addr: Ipv4Addr, extra: &[&str]) -> (i32, Value) {
     (out.status.code().unwrap_or(-1), json)
 }
 
-fn port<'a>(report: &'a Value, port: u64) -> &'a Value {
+fn port(report: &Value, port: u64) -> &Value {
     report["addresses"][0]["cleartext"]
         .as_array()
         .expect("ports")
