@@ -221,6 +221,10 @@ curl -sS --cacert {ca} https://{c}:{m}/metrics
 # 9. DNS steers each name to its pool, with an HTTPS record so capable clients go straight to TLS
 dig +norec @{c} -p {d} api.demo.test A api.demo.test HTTPS legacy.demo.test HTTPS
 
+# 10. Audit an endpoint as an outsider would: the HTTPS-only API gets an A, the legacy API less
+{exe} probe https://api.demo.test:{t}/ --dns {c}:{d} --ports {p} --ca {ca}
+{exe} probe https://legacy.demo.test:{t}/v1 --dns {c}:{d} --ports {p} --ca {ca}
+
 Press Ctrl-C to stop (in-flight requests drain first).
 "#
     )

@@ -47,7 +47,7 @@ fn every_printed_curl_line_works_when_pasted() {
         .iter()
         .filter(|l| l.starts_with("curl ") || l.starts_with("dig ") || l.starts_with(exe))
         .collect();
-    assert_eq!(curls.len(), 9, "{printed:#?}");
+    assert_eq!(curls.len(), 11, "{printed:#?}");
     let run = |line: &str| {
         let out = Command::new("sh")
             .args(["-c", line])
@@ -64,7 +64,7 @@ fn every_printed_curl_line_works_when_pasted() {
         );
         (out.status.code(), text.to_ascii_lowercase())
     };
-    let expectations: [(Option<i32>, &[&str]); 9] = [
+    let expectations: [(Option<i32>, &[&str]); 11] = [
         (Some(7), &["failed to connect"]),
         (
             Some(0),
@@ -110,6 +110,8 @@ fn every_printed_curl_line_works_when_pasted() {
                 &format!("legacy.demo.test.\t60\tin\thttps\t1 . alpn=\"h2,http/1.1\" port=8443 ipv4hint={open}"),
             ],
         ),
+        (Some(0), &["cleartext port 8080  refused", "https dns record: present", "overall grade: a"]),
+        (Some(0), &["cleartext port 8080  accepted", "answers 403", "overall grade: b"]),
     ];
     for (i, (line, (code, fragments))) in curls.iter().zip(expectations).enumerate() {
         if i == 6 {
