@@ -78,6 +78,49 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Changes made through the admin API, kept in `STATE/overrides.json` and applied on top of
+/// the file at every load, before validation: the file stays as the operator wrote it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cleartext: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<HstsOverride>,
+}
+
+/// An HSTS change from the admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HstsOverride {
+    pub enabled: Option<bool>,
+    pub max_age: Option<i64>,
+    pub include_subdomains: Option<bool>,
+    pub preload: Option<bool>,
+}
+
+/// Overrides by site host (as configured).
+pub type Overrides = std::collections::BTreeMap<String, SiteOverride>;
+
+/// Where overrides live.
+pub fn overrides_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("overrides.json")
+}
+
+/// The overrides recorded in a state directory (none if there is no file).
+pub fn load_overrides(state_dir: &Path) -> Result<Overrides, String> {
+    match std::fs::read_to_string(overrides_path(state_dir)) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| format!("{}: {e}", overrides_path(state_dir).display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Overrides::new()),
+        Err(e) => Err(format!("{}: {e}", overrides_path(state_dir).display())),
+    }
+}
+
 /// The validated configuration. Immutable once built; reloads build a new one.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -97,6 +140,18 @@ pub struct Config {
     pub metrics: Option<MetricsSettings>,
     /// The authoritative DNS server (`[dns]`); `None` when not configured.
     pub dns: Option<DnsSettings>,
+    /// The admin plane (`[admin]`), HTTPS only; `None` when not configured.
+    pub admin: Option<AdminSettings>,
+}
+
+/// `[admin]`: the HTTPS-only admin API.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// Certificate and key; absent: issued by the development CA for the listen address.
+    pub cert: Option<Arc<CertifiedKey>>,
+    /// SHA-256 (hex) of a second token that may only read.
+    pub read_only_token_sha256: Option<String>,
 }
 
 /// `[dns]`: the built-in authoritative server.
@@ -479,6 +534,7 @@ impl Default for Config {
             readiness: Readiness::default(),
             metrics: None,
             dns: None,
+            admin: None,
         }
     }
 }
@@ -497,7 +553,17 @@ impl Config {
 
     /// Validates TOML text; `label` names it in errors, `base` anchors relative paths.
     pub fn from_toml(text: &str, label: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Config::from_toml_with(text, label, base, None)
+    }
+
+    /// Like [`Config::from_toml`], with `overrides` instead of those in the state directory.
+    pub fn from_toml_with(
+        text: &str,
+        label: &str,
+        base: &Path,
+        overrides: Option<&Overrides>,
+    ) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: label.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
@@ -505,6 +571,28 @@ impl Config {
             problems: Vec::new(),
             base,
         };
+        let loaded;
+        let overrides = match overrides {
+            Some(o) => o,
+            None => {
+                let state = raw
+                    .state
+                    .dir
+                    .as_ref()
+                    .map(|d| v.path(d))
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/portcullis"));
+                loaded = load_overrides(&state).map_err(|message| ConfigError::Parse {
+                    path: label.to_owned(),
+                    message,
+                })?;
+                &loaded
+            }
+        };
+        for site in &mut raw.site {
+            if let Some(o) = overrides.get(&site.host) {
+                site.apply(o);
+            }
+        }
         let config = v.config(raw);
         if v.problems.is_empty() {
             Ok(config)
@@ -545,6 +633,18 @@ struct RawConfig {
     readiness: RawReadiness,
     metrics: Option<RawMetrics>,
     dns: Option<RawDns>,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+    /// Accepted only as `true`: the admin plane never listens in cleartext.
+    tls: Option<bool>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    read_only_token_sha256: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -630,6 +730,32 @@ struct RawSite {
     exposure_params: Vec<String>,
 }
 
+impl RawSite {
+    fn apply(&mut self, o: &SiteOverride) {
+        if let Some(c) = &o.cleartext {
+            self.cleartext = Some(c.clone());
+        }
+        if let Some(p) = &o.pool {
+            self.pool = p.clone();
+        }
+        if let Some(origin) = &o.origin {
+            self.origin = origin.clone();
+        }
+        if let Some(h) = &o.hsts {
+            let cur = self.hsts.get_or_insert(RawHsts {
+                enabled: None,
+                max_age: None,
+                include_subdomains: None,
+                preload: None,
+            });
+            cur.enabled = h.enabled.or(cur.enabled);
+            cur.max_age = h.max_age.or(cur.max_age);
+            cur.include_subdomains = h.include_subdomains.or(cur.include_subdomains);
+            cur.preload = h.preload.or(cur.preload);
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHsts {
@@ -679,6 +805,7 @@ impl Validator<'_> {
         let readiness = self.readiness(raw.readiness);
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
         let dns = raw.dns.and_then(|d| self.dns(d));
+        let admin = raw.admin.and_then(|a| self.admin(a));
         Config {
             state_dir,
             edge,
@@ -688,7 +815,47 @@ impl Validator<'_> {
             readiness,
             metrics,
             dns,
+            admin,
         }
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
+        const HTTPS_ONLY: &str = "the admin plane is HTTPS-only: it never listens in cleartext";
+        if raw.tls == Some(false) {
+            self.problem("admin.tls", "false", HTTPS_ONLY);
+        }
+        let listen = raw.listen.strip_prefix("https://").unwrap_or(&raw.listen);
+        if raw.listen.starts_with("http://") {
+            self.problem("admin.listen", format!("{:?}", raw.listen), HTTPS_ONLY);
+            return None;
+        }
+        let listen = match listen.trim_end_matches('/').parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => a,
+            _ => {
+                self.problem(
+                    "admin.listen",
+                    format!("{:?}", raw.listen),
+                    "an address and port, like \"127.0.0.1:9443\"",
+                );
+                return None;
+            }
+        };
+        let hash = raw.read_only_token_sha256.map(|h| h.to_ascii_lowercase());
+        if let Some(h) = &hash {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                self.problem(
+                    "admin.read_only_token_sha256",
+                    format!("{h:?}"),
+                    "64 hex characters: the SHA-256 of the token (portcullis token hash < token-file)",
+                );
+            }
+        }
+        let cert = self.site_cert("admin", raw.cert.as_deref(), raw.key.as_deref(), None);
+        Some(AdminSettings {
+            listen,
+            cert,
+            read_only_token_sha256: hash,
+        })
     }
 
     fn dns(&mut self, raw: RawDns) -> Option<DnsSettings> {

@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -35,6 +36,8 @@ pub struct DemoOptions {
     pub metrics_port: u16,
     /// The DNS server for `demo.test` listens on the closed address at this port.
     pub dns_port: u16,
+    /// The admin API listens on the closed address at this port (HTTPS only).
+    pub admin_port: u16,
     /// Holds the development CA that signs the demo's certificates.
     pub state_dir: PathBuf,
 }
@@ -48,6 +51,7 @@ impl Default for DemoOptions {
             cleartext_port: 8080,
             metrics_port: 9464,
             dns_port: 8053,
+            admin_port: 9443,
             state_dir: std::env::temp_dir().join("portcullis-demo"),
         }
     }
@@ -67,11 +71,15 @@ pub enum DemoError {
     Config(#[from] ConfigError),
     #[error("{0} (another demo running? pick other addresses with --closed-addr/--open-addr or ports with --tls-port/--cleartext-port)")]
     Edge(#[from] EdgeError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
-/// A running demo: the edge and the address of its echo origin.
+/// A running demo: the edge, the address of its echo origin, and the admin token.
 pub struct Demo {
-    pub edge: Edge,
+    pub edge: Arc<Edge>,
+    /// A fresh admin token: the demo makes a new one at every start, so it can print it.
+    pub admin_token: String,
     pub origin: SocketAddr,
     pub options: DemoOptions,
 }
@@ -96,8 +104,25 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
         "(demo config)",
         Path::new("."),
     )?;
-    let edge = Edge::start_on(config, workers).await?;
+    let admin = config.admin.clone();
+    let text = demo_toml(&options, origin);
+    let edge = Arc::new(Edge::start_on(config, workers).await?);
+    let _ = std::fs::remove_file(crate::admin::token_path(&options.state_dir));
+    let mut admin_token = String::new();
+    if let Some(settings) = admin {
+        let source = crate::admin::ConfigSource::Text {
+            text,
+            label: "(demo config)".into(),
+            base: PathBuf::from("."),
+        };
+        // The demo runs until the process ends, and its admin listener with it.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let a =
+            crate::admin::start(&settings, &options.state_dir, edge.clone(), source, stop).await?;
+        admin_token = a.new_token.unwrap_or_default();
+    }
     Ok(Demo {
+        admin_token,
         edge,
         origin,
         options,
@@ -116,6 +141,9 @@ flush_interval = "1s"
 
 [metrics]
 listen = "{closed}:{metrics}"
+
+[admin]
+listen = "{closed}:{admin}"
 
 [dns]
 listen = "{closed}:{dns}"
@@ -158,6 +186,7 @@ cleartext = "reject"
         clear = o.cleartext_port,
         metrics = o.metrics_port,
         dns = o.dns_port,
+        admin = o.admin_port,
     )
 }
 
@@ -166,16 +195,17 @@ fn toml_string(s: &str) -> String {
 }
 
 /// What to try, as printed by `portcullis demo`. Every `curl` line works pasted as is.
-pub fn instructions(o: &DemoOptions) -> String {
+pub fn instructions(o: &DemoOptions, admin_token: &str) -> String {
     let ca = DevCa::cert_path(&o.state_dir).display().to_string();
     let ca = shell_quote(&ca);
-    let (c, op, t, p, m, d) = (
+    let (c, op, t, p, m, d, a) = (
         o.closed_addr,
         o.open_addr,
         o.tls_port,
         o.cleartext_port,
         o.metrics_port,
         o.dns_port,
+        o.admin_port,
     );
     let exe = std::env::current_exe()
         .map(|p| shell_quote(&p.display().to_string()))
@@ -187,6 +217,7 @@ pub fn instructions(o: &DemoOptions) -> String {
   open pool    {op}  TLS port {t}, cleartext port {p}
   sites        api.demo.test (closed), www.demo.test (redirect), legacy.demo.test (reject)
   DNS          zone demo.test on {c} port {d} (UDP and TCP)
+  admin API    https://{c}:{a}/ (token below, new at every start)
 
 Try these; each works pasted as is:
 
@@ -224,6 +255,14 @@ dig +norec @{c} -p {d} api.demo.test A api.demo.test HTTPS legacy.demo.test HTTP
 # 10. Audit an endpoint as an outsider would: the HTTPS-only API gets an A, the legacy API less
 {exe} probe https://api.demo.test:{t}/ --dns {c}:{d} --ports {p} --ca {ca}
 {exe} probe https://legacy.demo.test:{t}/v1 --dns {c}:{d} --ports {p} --ca {ca}
+
+# 11. The admin API (HTTPS only, bearer token): every site with its TLS share, then switch the
+#     website from redirect to reject, live, and see the audit log
+curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' https://{c}:{a}/api/sites
+curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' -X PATCH -d '{{"cleartext":"reject"}}' https://{c}:{a}/api/sites/www.demo.test
+curl -sS -i --resolve www.demo.test:{p}:{op} http://www.demo.test:{p}/
+curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' https://{c}:{a}/api/audit
+#     the same from the command line: {exe} sites --admin https://{c}:{a} --token {admin_token} --ca {ca}
 
 Press Ctrl-C to stop (in-flight requests drain first).
 "#

@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod analytics;
 pub mod config;
 pub mod demo;

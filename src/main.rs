@@ -45,6 +45,9 @@ enum Command {
         /// Port of the demo's DNS server (zone demo.test), on the closed address.
         #[arg(long, default_value_t = 8053)]
         dns_port: u16,
+        /// Port of the admin API (HTTPS), on the closed address.
+        #[arg(long, default_value_t = 9443)]
+        admin_port: u16,
         /// Where the demo's development CA is kept [default: $TMPDIR/portcullis-demo].
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -109,6 +112,35 @@ enum Command {
         #[arg(long)]
         min_grade: Option<String>,
     },
+    /// List every site with its pool, mode and TLS share (admin API).
+    ///
+    /// Example: portcullis sites --admin https://127.0.0.1:9443 --token "$TOKEN" --ca dev-ca.pem
+    Sites {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// One site's state and recent traffic, as JSON (admin API).
+    ///
+    /// Example: portcullis site api.example.com
+    Site {
+        host: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change a site's cleartext mode, live (admin API; validated, kept, audited).
+    ///
+    /// Example: portcullis set-mode www.example.com reject
+    SetMode {
+        host: String,
+        /// closed, redirect, reject or allow
+        mode: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the SHA-256 of a token read from standard input, for read_only_token_sha256.
+    ///
+    /// Example: portcullis hash-token < read-only.token
+    HashToken,
     /// DNS tools.
     #[command(subcommand)]
     Dns(DnsCommand),
@@ -119,6 +151,44 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+}
+
+/// Where the admin API is and how to authenticate.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin API, like https://127.0.0.1:9443.
+    #[arg(long, env = "PORTCULLIS_ADMIN")]
+    admin: String,
+    /// The bearer token.
+    #[arg(long, env = "PORTCULLIS_TOKEN", hide_env_values = true)]
+    token: String,
+    /// PEM trust anchors for the admin certificate (such as STATE/dev-ca.pem).
+    #[arg(long, env = "PORTCULLIS_CA")]
+    ca: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<String> {
+        let call = portcullis::admin::client::call(
+            &self.admin,
+            &self.token,
+            self.ca.as_deref(),
+            method,
+            path,
+            body,
+        );
+        Ok(control_runtime()?.block_on(call)?)
+    }
+}
+
+/// A path segment for a site name (`*` is fine in a path; `/` cannot occur in a host).
+fn site_path(host: &str) -> String {
+    format!("/api/sites/{}", host.to_ascii_lowercase())
 }
 
 #[derive(Subcommand)]
@@ -158,6 +228,59 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
+        Command::Sites { admin } => {
+            let body = admin.call(http::Method::GET, "/api/sites", None)?;
+            let sites: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+            let mut out = format!(
+                "{:<32} {:<12} {:<9} {:>10} {:>8}  {}\n",
+                "SITE", "POOL", "MODE", "REQ 24H", "TLS %", "READY"
+            );
+            for s in sites {
+                let pct = s["tls_percent_24h"]
+                    .as_f64()
+                    .map_or("-".to_owned(), |p| format!("{p:.2}"));
+                let ready = match s["verdict_ready"].as_bool() {
+                    Some(true) => "ready",
+                    Some(false) => "not ready",
+                    None => "-",
+                };
+                out.push_str(&format!(
+                    "{:<32} {:<12} {:<9} {:>10} {:>8}  {ready}\n",
+                    s["host"].as_str().unwrap_or("?"),
+                    s["pool"].as_str().unwrap_or("?"),
+                    s["cleartext"].as_str().unwrap_or("?"),
+                    s["requests_24h"].as_u64().unwrap_or(0),
+                    pct
+                ));
+            }
+            emit(&out);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Site { host, admin } => {
+            let body = admin.call(http::Method::GET, &site_path(&host), None)?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SetMode { host, mode, admin } => {
+            let body = serde_json::json!({ "cleartext": mode }).to_string();
+            let answer = admin.call(http::Method::PATCH, &site_path(&host), Some(body))?;
+            let v: serde_json::Value = serde_json::from_str(&answer)?;
+            emit(&format!(
+                "{} is now {}\n",
+                v["host"].as_str().unwrap_or(&host),
+                v["cleartext"].as_str().unwrap_or("?")
+            ));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::HashToken => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .context("reading the token from standard input")?;
+            emit(&format!("{}\n", portcullis::admin::hash_token(&token)));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Probe {
             target,
             ports,
@@ -236,6 +359,7 @@ fn run() -> anyhow::Result<ExitCode> {
             cleartext_port,
             metrics_port,
             dns_port,
+            admin_port,
             state_dir,
             workers,
         } => {
@@ -247,6 +371,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 cleartext_port,
                 metrics_port,
                 dns_port,
+                admin_port,
                 ..DemoOptions::default()
             };
             if let Some(dir) = state_dir {
@@ -258,7 +383,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 let d = demo::start(options, Some(&workers)).await?;
                 // A reader that went away (`portcullis demo | head`) must not stop the demo.
                 let mut out = std::io::stdout().lock();
-                let _ = out.write_all(demo::instructions(&d.options).as_bytes());
+                let _ = out.write_all(demo::instructions(&d.options, &d.admin_token).as_bytes());
                 let _ = out.flush();
                 drop(out);
                 portcullis::serve::run_until_signal(d.edge, None, signals).await?;

@@ -463,9 +463,7 @@ async fn probe_cleartext(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &
     };
     match tokio::time::timeout(o.timeout, TcpStream::connect(addr)).await {
         Err(_) => refused("filtered"),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            refused("refused")
-        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused("refused"),
         Ok(Err(_)) => refused("unreachable"),
         Ok(Ok(first)) => {
             let authority = if addr.port() == 80 {

@@ -7,6 +7,9 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -25,6 +28,8 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -37,8 +42,39 @@ pub async fn serve(path: PathBuf, workers: &Workers) -> Result<(), ServeError> {
     for warning in foreign_listeners(&config) {
         tracing::warn!("{warning}");
     }
-    let edge = Edge::start_on(config, Some(workers)).await?;
-    run_until_signal(edge, Some(&path), signals).await
+    let admin = config.admin.clone();
+    let state_dir = config.state_dir.clone();
+    let edge = Arc::new(Edge::start_on(config, Some(workers)).await?);
+    let stop_admin = CancellationToken::new();
+    if let Some(settings) = admin {
+        let source = crate::admin::ConfigSource::File(path.clone());
+        let a = crate::admin::start(
+            &settings,
+            &state_dir,
+            edge.clone(),
+            source,
+            stop_admin.clone(),
+        )
+        .await?;
+        announce_token(&a, &state_dir);
+    }
+    let result = run_until_signal(edge, Some(&path), signals).await;
+    stop_admin.cancel();
+    result
+}
+
+/// Shows a newly created admin token once, on standard output (never in the log).
+pub fn announce_token(a: &crate::admin::Admin, state_dir: &Path) {
+    use std::io::Write;
+    if let Some(t) = &a.new_token {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "admin token (shown once; only its SHA-256 is kept, in {}): {t}",
+            crate::admin::token_path(state_dir).display()
+        );
+        let _ = out.flush();
+    }
 }
 
 /// The signals `serve` and `demo` answer to. Install them before announcing readiness, so a
@@ -62,7 +98,7 @@ impl Signals {
 
 /// Serves until SIGTERM or SIGINT; on SIGHUP reloads from `reload_from` when given.
 pub async fn run_until_signal(
-    edge: Edge,
+    edge: Arc<Edge>,
     reload_from: Option<&Path>,
     mut signals: Signals,
 ) -> Result<(), ServeError> {

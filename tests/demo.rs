@@ -26,7 +26,9 @@ fn every_printed_curl_line_works_when_pasted() {
         .arg("--state-dir")
         .arg(state.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(state.path().join("demo.log")).expect("log"),
+        ))
         .spawn()
         .expect("spawn demo");
     let stdout = child.stdout.take().expect("stdout");
@@ -47,7 +49,7 @@ fn every_printed_curl_line_works_when_pasted() {
         .iter()
         .filter(|l| l.starts_with("curl ") || l.starts_with("dig ") || l.starts_with(exe))
         .collect();
-    assert_eq!(curls.len(), 11, "{printed:#?}");
+    assert_eq!(curls.len(), 15, "{printed:#?}");
     let run = |line: &str| {
         let out = Command::new("sh")
             .args(["-c", line])
@@ -64,7 +66,7 @@ fn every_printed_curl_line_works_when_pasted() {
         );
         (out.status.code(), text.to_ascii_lowercase())
     };
-    let expectations: [(Option<i32>, &[&str]); 11] = [
+    let expectations: [(Option<i32>, &[&str]); 15] = [
         (Some(7), &["failed to connect"]),
         (
             Some(0),
@@ -112,6 +114,10 @@ fn every_printed_curl_line_works_when_pasted() {
         ),
         (Some(0), &["cleartext port 8080  refused", "https dns record: present", "overall grade: a"]),
         (Some(0), &["cleartext port 8080  accepted", "answers 403", "overall grade: b"]),
+        (Some(0), &["\"host\":\"www.demo.test\"", "\"cleartext\":\"redirect\""]),
+        (Some(0), &["\"host\":\"www.demo.test\"", "\"cleartext\":\"reject\"", "\"overridden\":true"]),
+        (Some(0), &["403 forbidden"]),
+        (Some(0), &["\"who\":\"admin\"", "\"before\":{\"cleartext\":\"redirect\""]),
     ];
     for (i, (line, (code, fragments))) in curls.iter().zip(expectations).enumerate() {
         if i == 6 {
@@ -129,6 +135,15 @@ fn every_printed_curl_line_works_when_pasted() {
             assert!(text.contains(f), "{line}: expected {f:?} in\n{text}");
         }
     }
+    // The admin token was printed once, on standard output; it never reaches the log.
+    let token = printed
+        .iter()
+        .find_map(|l| l.split("Bearer ").nth(1).and_then(|t| t.split('\'').next()))
+        .expect("token printed")
+        .to_owned();
+    let log = std::fs::read_to_string(state.path().join("demo.log")).expect("log");
+    assert!(log.contains("admin API listening"), "{log}");
+    assert!(!log.contains(&token), "the admin token is in the log");
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -269,6 +269,50 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
+    /// Requests answered per bucket of `span` seconds and scheme, oldest first.
+    pub fn series(
+        &self,
+        site: &str,
+        since: Timestamp,
+        span: u64,
+    ) -> Result<Vec<SeriesPoint>, StoreError> {
+        let mut q = self
+            .conn
+            .prepare_cached(
+                "SELECT bucket - bucket % ?3 AS b, scheme, SUM(count) FROM traffic
+                 WHERE site = ?1 AND bucket >= ?2 AND outcome = 'response' GROUP BY b, scheme ORDER BY b",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = q
+            .query_map(params![site, since as i64, span.max(60) as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<SeriesPoint> = Vec::new();
+        for row in rows {
+            let (b, scheme, n) = row.map_err(|e| self.err(e))?;
+            if out.last().is_none_or(|p| p.bucket != b as u64) {
+                out.push(SeriesPoint {
+                    bucket: b as u64,
+                    tls: 0,
+                    cleartext: 0,
+                });
+            }
+            if let Some(p) = out.last_mut() {
+                if scheme == "tls" {
+                    p.tls += n as u64;
+                } else {
+                    p.cleartext += n as u64;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Counts per value of one dimension (`network`, `family` or `path`), largest first.
     pub fn dims(
         &self,
@@ -345,6 +389,15 @@ fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// Requests in one time bucket.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SeriesPoint {
+    /// Start of the bucket, seconds since the epoch.
+    pub bucket: Timestamp,
+    pub tls: u64,
+    pub cleartext: u64,
 }
 
 /// A slice of traffic counts.

@@ -369,6 +369,21 @@ async fn read_head(stream: &mut TcpStream) -> Option<http::Request<()>> {
     }
 }
 
+/// For other TLS-only listeners (admin, metrics): waits for the first byte (up to `timeout`)
+/// and, if the client speaks cleartext HTTP, answers with the fixed 400 and closes. Returns the
+/// stream when the client starts a TLS handshake.
+pub async fn tls_only(stream: TcpStream, timeout: Duration) -> Option<TcpStream> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == 0x16 => Some(stream),
+        Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
+            answer_and_close(stream, TLS_ONLY_400).await;
+            None
+        }
+        _ => None,
+    }
+}
+
 /// Writes a fixed answer, stops sending, and reads a little of what the client sent so the
 /// close does not turn into a reset that destroys the answer before the client reads it.
 async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {

@@ -31,6 +31,7 @@ use crate::analytics::{Analytics, AnalyticsError};
 use crate::config::{Config, ListenerKind};
 use crate::tls::{DevCa, Resumption, TlsError};
 
+pub use listener::tls_only;
 pub use snapshot::Snapshot;
 pub use workers::Workers;
 
@@ -336,7 +337,7 @@ impl Edge {
 
     /// Stops accepting, asks every connection to finish its in-flight requests, and waits up to
     /// `grace` for them. Returns whether everything drained in time.
-    pub async fn shutdown(self, grace: Duration) -> bool {
+    pub async fn shutdown(&self, grace: Duration) -> bool {
         self.shared.shutdown.cancel();
         let listeners = std::mem::take(&mut *self.listeners.lock().await);
         for (_, h) in listeners {

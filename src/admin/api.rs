@@ -1,0 +1,451 @@
+//! Routes of the admin API. `ROUTES` lists them for the OpenAPI document's test.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{Ctx, Role};
+use crate::analytics::impact;
+use crate::analytics::store::Store;
+use crate::config::{load_overrides, overrides_path, HstsOverride, SiteOverride};
+
+/// The client's address, set per connection.
+#[derive(Clone, Copy)]
+pub(crate) struct Peer(pub IpAddr);
+
+/// Every route: method and path (axum syntax). The OpenAPI document must list exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/api/sites"),
+    ("GET", "/api/sites/{host}"),
+    ("PATCH", "/api/sites/{host}"),
+    ("GET", "/api/sites/{host}/traffic"),
+    ("GET", "/api/sites/{host}/impact"),
+    ("GET", "/api/sites/{host}/exposures"),
+    ("GET", "/api/pools"),
+    ("GET", "/api/audit"),
+];
+
+/// The OpenAPI 3.1 document served at `/api/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/api/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .route("/api/sites", get(sites))
+        .route("/api/sites/{host}", get(site).patch(change))
+        .route("/api/sites/{host}/traffic", get(traffic))
+        .route("/api/sites/{host}/impact", get(site_impact))
+        .route("/api/sites/{host}/exposures", get(exposures))
+        .route("/api/pools", get(pools))
+        .route("/api/audit", get(audit))
+        .layer(middleware::from_fn_with_state(ctx.clone(), auth))
+        .with_state(ctx)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// An error answer: small enough to travel in a `Result`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+/// Bearer-token check for every route but `/healthz`; read-only tokens may only read.
+async fn auth(State(ctx): State<Arc<Ctx>>, mut req: Request, next: Next) -> Response {
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let ip = req
+        .extensions()
+        .get::<Peer>()
+        .map(|p| p.0)
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    if let Some(wait) = ctx.limited(ip) {
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts; try again later",
+        );
+        if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(role) = presented.and_then(|t| ctx.role(t)) else {
+        ctx.failed(ip);
+        let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    };
+    if role == Role::ReadOnly && !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return error(StatusCode::FORBIDDEN, "this token is read-only");
+    }
+    req.extensions_mut().insert(role);
+    next.run(req).await
+}
+
+async fn readyz(State(ctx): State<Arc<Ctx>>) -> Json<Value> {
+    let snap = ctx.edge.snapshot();
+    Json(json!({ "ready": true, "generation": snap.generation, "sites": snap.config.sites.len() }))
+}
+
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::analytics::metrics::render(&ctx.edge.view()),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct SiteView {
+    host: String,
+    pool: String,
+    pool_closed: bool,
+    addresses: Vec<String>,
+    tls_ports: Vec<u16>,
+    cleartext_ports: Vec<u16>,
+    cleartext: &'static str,
+    origin: String,
+    hsts: Option<String>,
+    /// Requests in the last 24 hours, and the share over TLS (from the store).
+    requests_24h: u64,
+    tls_percent_24h: Option<f64>,
+    verdict_ready: Option<bool>,
+    /// A drain in progress after a move to a closed pool.
+    drain: Option<crate::edge::drain::Drain>,
+    /// Set by the API (kept in overrides.json), on top of the file.
+    overridden: bool,
+}
+
+fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
+    let snap = ctx.edge.snapshot();
+    let c = &snap.config;
+    let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
+    let pool = &c.pools[s.pool];
+    let now = crate::analytics::now();
+    let store = Store::open_read_only(&Store::path(&c.state_dir)).ok();
+    let report = store.as_ref().and_then(|st| {
+        impact::report(st, host, now.saturating_sub(86_400), now, &c.readiness).ok()
+    });
+    Some(SiteView {
+        host: host.to_owned(),
+        pool: pool.name.clone(),
+        pool_closed: pool.is_closed(),
+        addresses: pool.addresses.iter().map(|a| a.to_string()).collect(),
+        tls_ports: pool.tls_ports.clone(),
+        cleartext_ports: pool.cleartext_ports.clone(),
+        cleartext: s.cleartext.as_str(),
+        origin: s.origin.to_string(),
+        hsts: s.hsts.as_ref().map(|h| h.header_value()),
+        requests_24h: report.as_ref().map_or(0, |r| r.requests),
+        tls_percent_24h: report
+            .as_ref()
+            .filter(|r| r.requests > 0)
+            .map(|r| 100.0 - r.cleartext_percent),
+        verdict_ready: report.as_ref().map(|r| r.verdict.ready),
+        drain: snap.drains().iter().find(|d| d.site == host).cloned(),
+        overridden: load_overrides(&ctx.state_dir)
+            .map(|o| o.contains_key(host))
+            .unwrap_or(false),
+    })
+}
+
+async fn sites(State(ctx): State<Arc<Ctx>>) -> Json<Vec<SiteView>> {
+    let hosts: Vec<String> = ctx
+        .edge
+        .snapshot()
+        .config
+        .sites
+        .iter()
+        .map(|s| s.host.to_string())
+        .collect();
+    Json(hosts.iter().filter_map(|h| site_view(&ctx, h)).collect())
+}
+
+async fn site(State(ctx): State<Arc<Ctx>>, Path(host): Path<String>) -> Response {
+    match site_view(&ctx, &host.to_ascii_lowercase()) {
+        Some(v) => Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no site {host:?}")),
+    }
+}
+
+/// A change to one site; absent fields stay as they are.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Change {
+    cleartext: Option<String>,
+    pool: Option<String>,
+    origin: Option<String>,
+    hsts: Option<HstsOverride>,
+}
+
+async fn change(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(role): Extension<Role>,
+    Path(host): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let host = host.to_ascii_lowercase();
+    let change: Change = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body: {e}; send JSON like {{\"cleartext\": \"reject\"}}"),
+            )
+        }
+    };
+    let _serial = ctx.changes.lock().await;
+    let Some(before) = site_view(&ctx, &host) else {
+        return error(StatusCode::NOT_FOUND, format!("no site {host:?}"));
+    };
+    let mut overrides = match load_overrides(&ctx.state_dir) {
+        Ok(o) => o,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let entry = overrides
+        .entry(host.clone())
+        .or_insert_with(SiteOverride::default);
+    if change.cleartext.is_some() {
+        entry.cleartext = change.cleartext.clone();
+    }
+    if change.pool.is_some() {
+        entry.pool = change.pool.clone();
+    }
+    if change.origin.is_some() {
+        entry.origin = change.origin.clone();
+    }
+    if let Some(h) = &change.hsts {
+        let cur = entry.hsts.get_or_insert_with(HstsOverride::default);
+        cur.enabled = h.enabled.or(cur.enabled);
+        cur.max_age = h.max_age.or(cur.max_age);
+        cur.include_subdomains = h.include_subdomains.or(cur.include_subdomains);
+        cur.preload = h.preload.or(cur.preload);
+    }
+    let config = match ctx.source.load(&overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({ "error": "the change breaks the config; nothing was applied", "problems": e.lines() })),
+            )
+                .into_response()
+        }
+    };
+    if let Err(e) = ctx.edge.reload(config).await {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("not applied: {e}"),
+        );
+    }
+    let text = serde_json::to_string_pretty(&overrides).unwrap_or_default();
+    if let Err(e) = std::fs::write(overrides_path(&ctx.state_dir), text) {
+        tracing::error!(error = %e, "change applied but not saved: it will not survive a restart");
+    }
+    let after = site_view(&ctx, &host);
+    let entry = json!({
+        "at": crate::analytics::now(),
+        "who": role.as_str(),
+        "site": host,
+        "change": change,
+        "before": { "pool": before.pool, "cleartext": before.cleartext, "origin": before.origin, "hsts": before.hsts },
+        "after": after.as_ref().map(|a| json!({ "pool": a.pool, "cleartext": a.cleartext, "origin": a.origin, "hsts": a.hsts })),
+    });
+    append_audit(&ctx, &entry);
+    tracing::info!(site = %host, who = role.as_str(), "site changed through the admin API");
+    Json(after).into_response()
+}
+
+fn audit_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.state_dir.join("audit.jsonl")
+}
+
+fn append_audit(ctx: &Ctx, entry: &Value) {
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(audit_path(ctx))
+        .and_then(|mut f| writeln!(f, "{entry}"));
+    if let Err(e) = written {
+        tracing::error!(error = %e, "cannot append to the audit log");
+    }
+}
+
+async fn audit(State(ctx): State<Arc<Ctx>>) -> Json<Vec<Value>> {
+    let text = std::fs::read_to_string(audit_path(&ctx)).unwrap_or_default();
+    Json(
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+    )
+}
+
+#[derive(Deserialize)]
+struct Window {
+    since: Option<String>,
+    resolution: Option<String>,
+}
+
+fn since(w: &Window, default: u64) -> Result<u64, ApiError> {
+    let now = crate::analytics::now();
+    match &w.since {
+        None => Ok(now.saturating_sub(default)),
+        Some(s) => humantime::parse_duration(s)
+            .map(|d| now.saturating_sub(d.as_secs()))
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("since={s:?}: {e}; write it like 24h or 7d"),
+                )
+            }),
+    }
+}
+
+fn store(ctx: &Ctx) -> Result<Store, ApiError> {
+    Store::open_read_only(&Store::path(&ctx.edge.snapshot().config.state_dir)).map_err(unavailable)
+}
+
+fn unavailable(e: crate::analytics::store::StoreError) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+fn known(ctx: &Ctx, host: &str) -> Result<(), ApiError> {
+    let found = ctx
+        .edge
+        .snapshot()
+        .config
+        .sites
+        .iter()
+        .any(|s| s.host.to_string() == host);
+    if found {
+        Ok(())
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("no site {host:?}")))
+    }
+}
+
+async fn traffic(
+    State(ctx): State<Arc<Ctx>>,
+    Path(host): Path<String>,
+    Query(w): Query<Window>,
+) -> Result<Response, ApiError> {
+    let host = host.to_ascii_lowercase();
+    let span = match w.resolution.as_deref() {
+        None | Some("minute") => 60,
+        Some("hour") => 3600,
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("resolution={other:?}: use minute or hour"),
+            ))
+        }
+    };
+    known(&ctx, &host)?;
+    let since = since(&w, 86_400)?;
+    let series = store(&ctx)?
+        .series(&host, since, span)
+        .map_err(unavailable)?;
+    Ok(Json(json!({ "site": host, "resolution_seconds": span, "points": series })).into_response())
+}
+
+async fn site_impact(
+    State(ctx): State<Arc<Ctx>>,
+    Path(host): Path<String>,
+    Query(w): Query<Window>,
+) -> Result<Response, ApiError> {
+    let host = host.to_ascii_lowercase();
+    known(&ctx, &host)?;
+    let readiness = ctx.edge.snapshot().config.readiness.clone();
+    let since = since(&w, readiness.window.as_secs())?;
+    let now = crate::analytics::now();
+    let mut report =
+        impact::report(&store(&ctx)?, &host, since, now, &readiness).map_err(unavailable)?;
+    report.drain = ctx
+        .edge
+        .snapshot()
+        .drains()
+        .iter()
+        .find(|d| d.site == host)
+        .cloned();
+    Ok(Json(report).into_response())
+}
+
+async fn exposures(
+    State(ctx): State<Arc<Ctx>>,
+    Path(host): Path<String>,
+    Query(w): Query<Window>,
+) -> Result<Response, ApiError> {
+    let host = host.to_ascii_lowercase();
+    known(&ctx, &host)?;
+    let since = since(&w, 90 * 86_400)?;
+    Ok(Json(store(&ctx)?.exposures(&host, since).map_err(unavailable)?).into_response())
+}
+
+async fn pools(State(ctx): State<Arc<Ctx>>) -> Json<Value> {
+    let snap = ctx.edge.snapshot();
+    let listening = ctx.edge.listening().await;
+    let pools: Vec<Value> = snap
+        .config
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let sockets: Vec<String> = listening
+                .iter()
+                .filter(|(a, _)| p.addresses.contains(&a.ip()))
+                .map(|(a, k)| format!("{a} {k}"))
+                .collect();
+            let sites: Vec<String> = snap
+                .config
+                .sites
+                .iter()
+                .filter(|s| s.pool == i)
+                .map(|s| s.host.to_string())
+                .collect();
+            json!({
+                "name": p.name,
+                "closed": p.is_closed(),
+                "addresses": p.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "tls_ports": p.tls_ports,
+                "cleartext_ports": p.cleartext_ports,
+                "listening": sockets,
+                "sites": sites,
+            })
+        })
+        .collect();
+    Json(Value::Array(pools))
+}

@@ -1,0 +1,107 @@
+//! The CLI's side of the admin API: one HTTPS request with the bearer token.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+
+/// Why a CLI call to the admin API failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error(
+        "admin address {0:?}: write it like https://127.0.0.1:9443 (the admin API is HTTPS only)"
+    )]
+    BadAddress(String),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot reach the admin API at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("admin API answered {status}: {body}")]
+    Status { status: u16, body: String },
+}
+
+/// Sends one request and returns the body of a 2xx answer.
+pub async fn call(
+    admin: &str,
+    token: &str,
+    ca: Option<&Path>,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<String, ClientError> {
+    let uri: http::Uri = admin
+        .parse()
+        .map_err(|_| ClientError::BadAddress(admin.to_owned()))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(ClientError::BadAddress(admin.to_owned()));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError::BadAddress(admin.to_owned()))?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(ca) = ca {
+        for c in crate::tls::load_certs(ca)? {
+            let _ = roots.add(c);
+        }
+    }
+    let unreachable = |reason: String| ClientError::Unreachable {
+        addr: admin.to_owned(),
+        reason,
+    };
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| unreachable(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(host.clone())
+        .map_err(|_| ClientError::BadAddress(admin.to_owned()))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| unreachable(format!("TLS: {e} (give the admin CA with --ca)")))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(ClientError::Status {
+            status: status.as_u16(),
+            body,
+        })
+    }
+}

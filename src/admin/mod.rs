@@ -1,0 +1,278 @@
+//! The admin plane: an HTTPS-only JSON API (axum) to read sites, pools, traffic, impact and
+//! exposures, and to change a site's cleartext mode, pool, origin or HSTS live.
+//!
+//! Invariant 5: it only ever listens with TLS (cleartext gets the fixed 400), and every route
+//! but `/healthz` needs a bearer token. The token is generated at first start, shown once on
+//! standard output, and stored only as its SHA-256 (file mode 0600); comparisons are
+//! constant-time; failed attempts are rate-limited per client address. Changes go through the
+//! same validator as the file, are applied with the same reload as SIGHUP, kept in
+//! `STATE/overrides.json` and recorded in `STATE/audit.jsonl`. A token never reaches a log.
+
+mod api;
+pub mod client;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AdminSettings, Config, ConfigError, Overrides};
+use crate::edge::Edge;
+
+pub use api::{OPENAPI, ROUTES};
+
+/// Failed authentications allowed per client address and window before 429.
+const MAX_FAILURES: u32 = 5;
+/// The rate limiter's window.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Why the admin plane could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    #[error("admin listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin token file {path}: {reason}")]
+    Token { path: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// Where the config comes from, to re-validate it with new overrides.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// A config with no file (the demo): its text, a label for errors, and the base for
+    /// relative paths.
+    Text {
+        text: String,
+        label: String,
+        base: PathBuf,
+    },
+}
+
+impl ConfigSource {
+    pub fn load(&self, overrides: &Overrides) -> Result<Config, ConfigError> {
+        match self {
+            ConfigSource::File(p) => {
+                let label = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: label.clone(),
+                    source,
+                })?;
+                let base = p.parent().unwrap_or(Path::new("."));
+                Config::from_toml_with(&text, &label, base, Some(overrides))
+            }
+            ConfigSource::Text { text, label, base } => {
+                Config::from_toml_with(text, label, base, Some(overrides))
+            }
+        }
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    ReadOnly,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+}
+
+pub(crate) struct Ctx {
+    edge: Arc<Edge>,
+    source: ConfigSource,
+    state_dir: PathBuf,
+    token: [u8; 32],
+    read_only: Option<[u8; 32]>,
+    failures: Mutex<HashMap<IpAddr, (u32, tokio::time::Instant)>>,
+    /// Serialises changes: read overrides, validate, apply, persist.
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Ctx {
+    /// The role of a presented token, comparing digests in constant time.
+    fn role(&self, presented: &str) -> Option<Role> {
+        let d = digest::digest(&digest::SHA256, presented.as_bytes());
+        let is =
+            |h: &[u8; 32]| aws_lc_rs::constant_time::verify_slices_are_equal(d.as_ref(), h).is_ok();
+        if is(&self.token) {
+            Some(Role::Admin)
+        } else if self.read_only.as_ref().is_some_and(is) {
+            Some(Role::ReadOnly)
+        } else {
+            None
+        }
+    }
+
+    /// Seconds to wait before trying again, if `ip` has failed too often.
+    fn limited(&self, ip: IpAddr) -> Option<u64> {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, since) = map.get(&ip)?;
+        let left = FAILURE_WINDOW.checked_sub(since.elapsed())?;
+        (*n >= MAX_FAILURES).then(|| left.as_secs().max(1))
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.entry(ip).or_insert((0, tokio::time::Instant::now()));
+        if e.1.elapsed() >= FAILURE_WINDOW {
+            *e = (0, tokio::time::Instant::now());
+        }
+        e.0 += 1;
+        // Bounded: forget stale entries once the map grows.
+        if map.len() > 10_000 {
+            map.retain(|_, (_, t)| t.elapsed() < FAILURE_WINDOW);
+        }
+    }
+}
+
+/// The token file in a state directory.
+pub fn token_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("admin-token.sha256")
+}
+
+/// Loads the admin token's digest, or creates a token: returns the new token (to show once).
+fn token(state_dir: &Path) -> Result<([u8; 32], Option<String>), AdminError> {
+    let path = token_path(state_dir);
+    let fail = |reason: String| AdminError::Token {
+        path: path.display().to_string(),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(hex) => Ok((
+            parse_hex32(hex.trim()).ok_or_else(|| fail("not a SHA-256 in hex".into()))?,
+            None,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut raw = [0u8; 24];
+            aws_lc_rs::rand::fill(&mut raw).map_err(|_| fail("no system randomness".into()))?;
+            let token: String = format!(
+                "pct_{}",
+                raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            let d = digest::digest(&digest::SHA256, token.as_bytes());
+            let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::create_dir_all(state_dir).map_err(|e| fail(e.to_string()))?;
+            crate::tls::write_private(&path, format!("{hex}\n").as_bytes())
+                .map_err(|e| fail(e.to_string()))?;
+            let mut h = [0u8; 32];
+            h.copy_from_slice(d.as_ref());
+            Ok((h, Some(token)))
+        }
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// The SHA-256 of a token, in hex, for `read_only_token_sha256`.
+pub fn hash_token(token: &str) -> String {
+    digest::digest(&digest::SHA256, token.trim().as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A running admin plane.
+pub struct Admin {
+    /// The token, when it was created by this start (to be shown once).
+    pub new_token: Option<String>,
+    pub addr: SocketAddr,
+}
+
+/// Starts the admin listener on the current runtime; it stops with `stop`.
+pub async fn start(
+    settings: &AdminSettings,
+    state_dir: &Path,
+    edge: Arc<Edge>,
+    source: ConfigSource,
+    stop: CancellationToken,
+) -> Result<Admin, AdminError> {
+    let (token, new_token) = token(state_dir)?;
+    let ck = match &settings.cert {
+        Some(ck) => ck.clone(),
+        None => crate::tls::DevCa::open(state_dir)?
+            .certificate_for(&settings.listen.ip().to_string())?,
+    };
+    let tls = tokio_rustls::TlsAcceptor::from(crate::tls::single_cert_config(ck)?);
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| AdminError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| AdminError::Bind {
+        addr: settings.listen,
+        source,
+    })?;
+    let ctx = Arc::new(Ctx {
+        edge,
+        source,
+        state_dir: state_dir.to_owned(),
+        token,
+        read_only: settings
+            .read_only_token_sha256
+            .as_deref()
+            .and_then(parse_hex32),
+        failures: Mutex::new(HashMap::new()),
+        changes: tokio::sync::Mutex::new(()),
+    });
+    let router = api::router(ctx);
+    tracing::info!(%addr, "admin API listening (HTTPS only)");
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let Ok((stream, peer)) = accepted else {
+                continue;
+            };
+            let (tls, router) = (tls.clone(), router.clone());
+            tokio::spawn(async move {
+                let Some(stream) = crate::edge::tls_only(stream, Duration::from_secs(10)).await
+                else {
+                    return;
+                };
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await
+                else {
+                    return;
+                };
+                let svc = router.layer(axum::Extension(api::Peer(peer.ip())));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .await;
+            });
+        }
+    });
+    Ok(Admin { new_token, addr })
+}
