@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs the Debian packages the tests use (curl, dig,
-# named-checkzone) when run as root;
+# named-checkzone, chromium and chromedriver) when run as root;
 # otherwise names what is missing and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,8 @@ need=()
 command -v curl >/dev/null || need+=(curl)
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v named-checkzone >/dev/null || need+=(bind9-utils)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "installing test dependencies: ${need[*]}"

@@ -56,6 +56,16 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/sites/{host}/exposures", get(exposures))
         .route("/api/pools", get(pools))
         .route("/api/audit", get(audit))
+        .route("/", get(super::ui::overview))
+        .route("/login", get(super::ui::login_form).post(super::ui::login))
+        .route("/logout", axum::routing::post(super::ui::logout))
+        .route("/ui/site/{host}", get(super::ui::site))
+        .route("/ui/site/{host}/confirm", get(super::ui::confirm))
+        .route(
+            "/ui/site/{host}/mode",
+            axum::routing::post(super::ui::set_mode),
+        )
+        .route("/ui/audit", get(super::ui::audit))
         .layer(middleware::from_fn_with_state(ctx.clone(), auth))
         .with_state(ctx)
 }
@@ -73,10 +83,35 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Bearer-token check for every route but `/healthz`; read-only tokens may only read.
+/// Bearer-token (or dashboard session) check for every route but `/healthz` and the login
+/// form; read-only tokens may only read; sessions change things only through the dashboard's
+/// CSRF-protected forms.
 async fn auth(State(ctx): State<Arc<Ctx>>, mut req: Request, next: Next) -> Response {
-    if req.uri().path() == "/healthz" {
+    let path = req.uri().path().to_owned();
+    if path == "/healthz" || path == "/login" {
         return next.run(req).await;
+    }
+    if let Some(session) = super::ui::session_id(req.headers()).and_then(|id| {
+        let sessions = ctx.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .get(&id)
+            .filter(|s| s.expires > tokio::time::Instant::now())
+            .cloned()
+    }) {
+        let reading = matches!(*req.method(), Method::GET | Method::HEAD);
+        if !reading && path.starts_with("/api/") {
+            return error(
+                StatusCode::FORBIDDEN,
+                "API changes need the bearer token; the dashboard uses its forms",
+            );
+        }
+        req.extensions_mut().insert(session.role);
+        req.extensions_mut().insert(session);
+        return next.run(req).await;
+    }
+    let is_page = path == "/" || path.starts_with("/ui/");
+    if is_page && req.headers().get(header::AUTHORIZATION).is_none() {
+        return axum::response::Redirect::to("/login").into_response();
     }
     let ip = req
         .extensions()
@@ -130,27 +165,27 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
 }
 
 #[derive(Serialize)]
-struct SiteView {
-    host: String,
-    pool: String,
-    pool_closed: bool,
-    addresses: Vec<String>,
-    tls_ports: Vec<u16>,
-    cleartext_ports: Vec<u16>,
-    cleartext: &'static str,
-    origin: String,
-    hsts: Option<String>,
+pub(crate) struct SiteView {
+    pub(crate) host: String,
+    pub(crate) pool: String,
+    pub(crate) pool_closed: bool,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) tls_ports: Vec<u16>,
+    pub(crate) cleartext_ports: Vec<u16>,
+    pub(crate) cleartext: &'static str,
+    pub(crate) origin: String,
+    pub(crate) hsts: Option<String>,
     /// Requests in the last 24 hours, and the share over TLS (from the store).
-    requests_24h: u64,
-    tls_percent_24h: Option<f64>,
-    verdict_ready: Option<bool>,
+    pub(crate) requests_24h: u64,
+    pub(crate) tls_percent_24h: Option<f64>,
+    pub(crate) verdict_ready: Option<bool>,
     /// A drain in progress after a move to a closed pool.
-    drain: Option<crate::edge::drain::Drain>,
+    pub(crate) drain: Option<crate::edge::drain::Drain>,
     /// Set by the API (kept in overrides.json), on top of the file.
-    overridden: bool,
+    pub(crate) overridden: bool,
 }
 
-fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
+pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
     let snap = ctx.edge.snapshot();
     let c = &snap.config;
     let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
@@ -175,7 +210,10 @@ fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
             .as_ref()
             .filter(|r| r.requests > 0)
             .map(|r| 100.0 - r.cleartext_percent),
-        verdict_ready: report.as_ref().map(|r| r.verdict.ready),
+        verdict_ready: report
+            .as_ref()
+            .filter(|r| r.requests > 0)
+            .map(|r| r.verdict.ready),
         drain: snap.drains().iter().find(|d| d.site == host).cloned(),
         overridden: load_overrides(&ctx.state_dir)
             .map(|o| o.contains_key(host))
@@ -203,13 +241,13 @@ async fn site(State(ctx): State<Arc<Ctx>>, Path(host): Path<String>) -> Response
 }
 
 /// A change to one site; absent fields stay as they are.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct Change {
-    cleartext: Option<String>,
-    pool: Option<String>,
-    origin: Option<String>,
-    hsts: Option<HstsOverride>,
+pub(crate) struct Change {
+    pub(crate) cleartext: Option<String>,
+    pub(crate) pool: Option<String>,
+    pub(crate) origin: Option<String>,
+    pub(crate) hsts: Option<HstsOverride>,
 }
 
 async fn change(
@@ -218,7 +256,6 @@ async fn change(
     Path(host): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let host = host.to_ascii_lowercase();
     let change: Change = match serde_json::from_slice(&body) {
         Ok(c) => c,
         Err(e) => {
@@ -228,16 +265,43 @@ async fn change(
             )
         }
     };
+    match apply_change(&ctx, role, &host.to_ascii_lowercase(), change).await {
+        Ok(after) => Json(after).into_response(),
+        Err(Refused::Invalid(problems)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": "the change breaks the config; nothing was applied", "problems": problems })),
+        )
+            .into_response(),
+        Err(Refused::Other(status, message)) => error(status, message),
+    }
+}
+
+/// Why a change was not applied.
+pub(crate) enum Refused {
+    /// The validator's problems, one per line.
+    Invalid(Vec<String>),
+    Other(StatusCode, String),
+}
+
+/// Applies one change: overrides updated, config re-validated, applied like a reload,
+/// overrides saved, audit entry appended. Shared by the API and the dashboard.
+pub(crate) async fn apply_change(
+    ctx: &Ctx,
+    role: Role,
+    host: &str,
+    change: Change,
+) -> Result<Option<SiteView>, Refused> {
     let _serial = ctx.changes.lock().await;
-    let Some(before) = site_view(&ctx, &host) else {
-        return error(StatusCode::NOT_FOUND, format!("no site {host:?}"));
+    let Some(before) = site_view(ctx, host) else {
+        return Err(Refused::Other(
+            StatusCode::NOT_FOUND,
+            format!("no site {host:?}"),
+        ));
     };
-    let mut overrides = match load_overrides(&ctx.state_dir) {
-        Ok(o) => o,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    };
+    let mut overrides = load_overrides(&ctx.state_dir)
+        .map_err(|e| Refused::Other(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let entry = overrides
-        .entry(host.clone())
+        .entry(host.to_owned())
         .or_insert_with(SiteOverride::default);
     if change.cleartext.is_some() {
         entry.cleartext = change.cleartext.clone();
@@ -255,27 +319,21 @@ async fn change(
         cur.include_subdomains = h.include_subdomains.or(cur.include_subdomains);
         cur.preload = h.preload.or(cur.preload);
     }
-    let config = match ctx.source.load(&overrides) {
-        Ok(c) => c,
-        Err(e) => {
-            return (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Json(json!({ "error": "the change breaks the config; nothing was applied", "problems": e.lines() })),
-            )
-                .into_response()
-        }
-    };
-    if let Err(e) = ctx.edge.reload(config).await {
-        return error(
+    let config = ctx
+        .source
+        .load(&overrides)
+        .map_err(|e| Refused::Invalid(e.lines()))?;
+    ctx.edge.reload(config).await.map_err(|e| {
+        Refused::Other(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("not applied: {e}"),
-        );
-    }
+        )
+    })?;
     let text = serde_json::to_string_pretty(&overrides).unwrap_or_default();
     if let Err(e) = std::fs::write(overrides_path(&ctx.state_dir), text) {
         tracing::error!(error = %e, "change applied but not saved: it will not survive a restart");
     }
-    let after = site_view(&ctx, &host);
+    let after = site_view(ctx, host);
     let entry = json!({
         "at": crate::analytics::now(),
         "who": role.as_str(),
@@ -284,12 +342,12 @@ async fn change(
         "before": { "pool": before.pool, "cleartext": before.cleartext, "origin": before.origin, "hsts": before.hsts },
         "after": after.as_ref().map(|a| json!({ "pool": a.pool, "cleartext": a.cleartext, "origin": a.origin, "hsts": a.hsts })),
     });
-    append_audit(&ctx, &entry);
-    tracing::info!(site = %host, who = role.as_str(), "site changed through the admin API");
-    Json(after).into_response()
+    append_audit(ctx, &entry);
+    tracing::info!(site = %host, who = role.as_str(), "site changed through the admin plane");
+    Ok(after)
 }
 
-fn audit_path(ctx: &Ctx) -> std::path::PathBuf {
+pub(crate) fn audit_path(ctx: &Ctx) -> std::path::PathBuf {
     ctx.state_dir.join("audit.jsonl")
 }
 

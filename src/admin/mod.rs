@@ -10,6 +10,7 @@
 
 mod api;
 pub mod client;
+mod ui;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -105,6 +106,8 @@ pub(crate) struct Ctx {
     failures: Mutex<HashMap<IpAddr, (u32, tokio::time::Instant)>>,
     /// Serialises changes: read overrides, validate, apply, persist.
     changes: tokio::sync::Mutex<()>,
+    /// Dashboard sessions by cookie value.
+    sessions: Mutex<HashMap<String, ui::Session>>,
 }
 
 impl Ctx {
@@ -244,6 +247,7 @@ pub async fn start(
             .and_then(parse_hex32),
         failures: Mutex::new(HashMap::new()),
         changes: tokio::sync::Mutex::new(()),
+        sessions: Mutex::new(HashMap::new()),
     });
     let router = api::router(ctx);
     tracing::info!(%addr, "admin API listening (HTTPS only)");
