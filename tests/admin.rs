@@ -108,6 +108,22 @@ impl Setup {
         path: &str,
         body: &str,
     ) -> (StatusCode, HeaderMap, String) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        self.request(method, path, &headers, body).await
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, HeaderMap, String) {
         let tls = tls_connect(
             self.admin,
             &self.admin.ip().to_string(),
@@ -123,8 +139,8 @@ impl Setup {
             .method(method)
             .uri(path)
             .header("host", self.admin.to_string());
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let resp = sender
             .send_request(
@@ -437,4 +453,118 @@ async fn the_cli_lists_shows_and_changes_sites() {
             .await
             .expect("join");
     assert!(!ok && err.contains("422"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_pages_need_a_session_read_without_javascript_and_changes_need_the_csrf_token() {
+    let s = setup().await;
+    // Without a session, pages send the browser to the login form.
+    let (status, headers, _) = s.call(None, Method::GET, "/", "").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/login");
+    let (status, _, form) = s.call(None, Method::GET, "/login", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(form.contains("name=\"token\""));
+    let form_type = [("content-type", "application/x-www-form-urlencoded")];
+    let (status, headers, _) = s
+        .request(Method::POST, "/login", &form_type, "token=pct_wrong")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(headers.get("set-cookie").is_none());
+    let (status, headers, _) = s
+        .request(
+            Method::POST,
+            "/login",
+            &form_type,
+            &format!("token={}", s.token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = headers["set-cookie"].to_str().expect("ascii").to_owned();
+    for flag in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    let session = cookie.split(';').next().expect("pair").to_owned();
+    let with_session = [
+        ("cookie", session.as_str()),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    for path in [
+        "/",
+        "/ui/site/www.test",
+        "/ui/audit",
+        "/ui/site/www.test/confirm?mode=reject",
+    ] {
+        let (status, _, html) = s.request(Method::GET, path, &with_session, "").await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(
+            html.contains("<table") || html.contains("<form"),
+            "{path}: {html}"
+        );
+        assert!(
+            !html.to_ascii_lowercase().contains("<script"),
+            "{path} reads without JavaScript"
+        );
+    }
+    let (_, _, confirm) = s
+        .request(
+            Method::GET,
+            "/ui/site/www.test/confirm?mode=reject",
+            &with_session,
+            "",
+        )
+        .await;
+    assert!(confirm.contains("name=csrf"));
+    // A change without the CSRF token, or with a wrong one, is refused.
+    let (status, _, _) = s
+        .request(
+            Method::POST,
+            "/ui/site/www.test/mode",
+            &with_session,
+            "mode=reject",
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = s
+        .request(
+            Method::POST,
+            "/ui/site/www.test/mode",
+            &with_session,
+            "mode=reject&csrf=0000",
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // A session cannot change things through the API: that needs the bearer token.
+    let (status, _, _) = s
+        .request(Method::PATCH, "/api/sites/www.test", &with_session, "{}")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        http(SocketAddr::from((s.open, 4080)), get("http://www.test/"))
+            .await
+            .status,
+        301
+    );
+    // With the token from the confirmation page, the change goes through.
+    let csrf = confirm
+        .split("name=csrf value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("csrf value");
+    let (status, headers, _) = s
+        .request(
+            Method::POST,
+            "/ui/site/www.test/mode",
+            &with_session,
+            &format!("mode=reject&csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/ui/site/www.test");
+    assert_eq!(
+        http(SocketAddr::from((s.open, 4080)), get("http://www.test/"))
+            .await
+            .status,
+        403
+    );
 }
