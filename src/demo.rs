@@ -263,6 +263,7 @@ curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' -X PATCH -d '{{"
 curl -sS -i --resolve www.demo.test:{p}:{op} http://www.demo.test:{p}/
 curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' https://{c}:{a}/api/audit
 #     the same from the command line: {exe} sites --admin https://{c}:{a} --token {admin_token} --ca {ca}
+#     and in a browser: https://{c}:{a}/ (log in with the token; trust {ca} or accept the warning)
 
 Press Ctrl-C to stop (in-flight requests drain first).
 "#
