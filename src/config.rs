@@ -142,6 +142,8 @@ pub struct Config {
     pub dns: Option<DnsSettings>,
     /// The admin plane (`[admin]`), HTTPS only; `None` when not configured.
     pub admin: Option<AdminSettings>,
+    /// Delivery and abuse limits of exposure events (`[exposure]`).
+    pub exposure: ExposureSettings,
 }
 
 /// `[admin]`: the HTTPS-only admin API.
@@ -505,6 +507,62 @@ pub struct Site {
     pub hsts: Option<Hsts>,
     /// Headers and query parameters searched for credentials beyond the defaults.
     pub exposure: crate::exposure::ExtraPositions,
+    /// What happens when a credential is seen in cleartext here.
+    pub response: Option<ExposureResponse>,
+}
+
+/// A site's exposure response (`exposure_response` and `webhook`).
+#[derive(Clone)]
+pub struct ExposureResponse {
+    /// `revoke` asks the issuer to revoke; `notify` only tells it.
+    pub revoke: bool,
+    /// HTTPS only.
+    pub url: http::Uri,
+    /// Signs every event body (HMAC-SHA-256); read from `secret_file`.
+    pub secret: Vec<u8>,
+    /// Extra trust anchors for the webhook's certificate.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// `revoke` only: include the raw credential (held in memory only, never stored).
+    pub include_raw: bool,
+}
+
+impl fmt::Debug for ExposureResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExposureResponse")
+            .field("revoke", &self.revoke)
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("include_raw", &self.include_raw)
+            .finish()
+    }
+}
+
+/// `[exposure]`: delivery and abuse limits of exposure events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExposureSettings {
+    /// New events per site per minute; more are dropped and counted.
+    pub per_site_per_minute: u32,
+    /// New events per client network per minute; more are dropped and counted.
+    pub per_network_per_minute: u32,
+    /// Events waiting for delivery at most; more are dropped and counted.
+    pub max_queue: u32,
+    /// Delivery attempts before an event is marked failed.
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for ExposureSettings {
+    fn default() -> Self {
+        ExposureSettings {
+            per_site_per_minute: 60,
+            per_network_per_minute: 10,
+            max_queue: 10_000,
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(600),
+        }
+    }
 }
 
 impl fmt::Debug for Site {
@@ -518,6 +576,7 @@ impl fmt::Debug for Site {
             .field("origin_ca", &self.origin_ca.len())
             .field("hsts", &self.hsts)
             .field("exposure", &self.exposure)
+            .field("response", &self.response)
             .finish()
     }
 }
@@ -535,6 +594,7 @@ impl Default for Config {
             metrics: None,
             dns: None,
             admin: None,
+            exposure: ExposureSettings::default(),
         }
     }
 }
@@ -634,6 +694,8 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     dns: Option<RawDns>,
     admin: Option<RawAdmin>,
+    #[serde(default)]
+    exposure: RawExposure,
 }
 
 #[derive(Deserialize)]
@@ -728,6 +790,29 @@ struct RawSite {
     exposure_headers: Vec<String>,
     #[serde(default)]
     exposure_params: Vec<String>,
+    exposure_response: Option<String>,
+    webhook: Option<RawWebhook>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    secret_file: PathBuf,
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    include_raw: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawExposure {
+    per_site_per_minute: Option<i64>,
+    per_network_per_minute: Option<i64>,
+    max_queue: Option<i64>,
+    max_attempts: Option<i64>,
+    backoff_base: Option<String>,
+    backoff_max: Option<String>,
 }
 
 impl RawSite {
@@ -806,6 +891,7 @@ impl Validator<'_> {
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
         let dns = raw.dns.and_then(|d| self.dns(d));
         let admin = raw.admin.and_then(|a| self.admin(a));
+        let exposure = self.exposure(raw.exposure);
         Config {
             state_dir,
             edge,
@@ -816,7 +902,139 @@ impl Validator<'_> {
             metrics,
             dns,
             admin,
+            exposure,
         }
+    }
+
+    fn exposure(&mut self, raw: RawExposure) -> ExposureSettings {
+        let d = ExposureSettings::default();
+        let mut count = |key: &str, v: Option<i64>, default: u32, max: i64| match v {
+            None => default,
+            Some(n) if (1..=max).contains(&n) => n as u32,
+            Some(n) => {
+                self.problem(format!("exposure.{key}"), n, format!("between 1 and {max}"));
+                default
+            }
+        };
+        let per_site_per_minute = count(
+            "per_site_per_minute",
+            raw.per_site_per_minute,
+            d.per_site_per_minute,
+            100_000,
+        );
+        let per_network_per_minute = count(
+            "per_network_per_minute",
+            raw.per_network_per_minute,
+            d.per_network_per_minute,
+            100_000,
+        );
+        let max_queue = count("max_queue", raw.max_queue, d.max_queue, 10_000_000);
+        let max_attempts = count("max_attempts", raw.max_attempts, d.max_attempts, 1000);
+        ExposureSettings {
+            per_site_per_minute,
+            per_network_per_minute,
+            max_queue,
+            max_attempts,
+            backoff_base: self.duration("exposure.backoff_base", raw.backoff_base, d.backoff_base),
+            backoff_max: self.duration("exposure.backoff_max", raw.backoff_max, d.backoff_max),
+        }
+    }
+
+    fn response(
+        &mut self,
+        at: &str,
+        policy: Option<&str>,
+        hook: Option<RawWebhook>,
+    ) -> Option<ExposureResponse> {
+        let revoke = match policy.unwrap_or("none") {
+            "none" => {
+                if hook.is_some() {
+                    self.problem(
+                        format!("{at}.webhook"),
+                        "{ … }",
+                        "a webhook needs exposure_response = \"notify\" or \"revoke\"",
+                    );
+                }
+                return None;
+            }
+            "notify" => false,
+            "revoke" => true,
+            other => {
+                self.problem(
+                    format!("{at}.exposure_response"),
+                    format!("{other:?}"),
+                    "use none, notify or revoke",
+                );
+                return None;
+            }
+        };
+        let Some(hook) = hook else {
+            self.problem(
+                format!("{at}.webhook"),
+                "(missing)",
+                "notify and revoke need webhook = { url = \"https://…\", secret_file = \"…\" }",
+            );
+            return None;
+        };
+        let url = match hook.url.parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => u,
+            _ => {
+                self.problem(
+                    format!("{at}.webhook.url"),
+                    format!("{:?}", hook.url),
+                    "an https:// URL: events are only delivered over verified TLS",
+                );
+                return None;
+            }
+        };
+        let path = self.path(&hook.secret_file);
+        let secret = match std::fs::read(&path) {
+            Ok(b) if b.trim_ascii().len() >= 16 => b.trim_ascii().to_vec(),
+            Ok(_) => {
+                self.problem(
+                    format!("{at}.webhook.secret_file"),
+                    format!("{:?}", path.display().to_string()),
+                    "the secret needs at least 16 bytes",
+                );
+                return None;
+            }
+            Err(e) => {
+                self.problem(
+                    format!("{at}.webhook.secret_file"),
+                    format!("{:?}", path.display().to_string()),
+                    format!("cannot read: {e}"),
+                );
+                return None;
+            }
+        };
+        let ca = match &hook.ca {
+            None => Vec::new(),
+            Some(p) => match tls::load_certs(&self.path(p)) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.problem(
+                        format!("{at}.webhook.ca"),
+                        format!("{:?}", p.display().to_string()),
+                        e.to_string(),
+                    );
+                    return None;
+                }
+            },
+        };
+        if hook.include_raw && !revoke {
+            self.problem(
+                format!("{at}.webhook.include_raw"),
+                "true",
+                "only a revoke response may include the raw credential",
+            );
+        }
+        Some(ExposureResponse {
+            revoke,
+            url,
+            secret,
+            ca,
+            include_raw: hook.include_raw && revoke,
+        })
     }
 
     fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
@@ -1305,6 +1523,7 @@ impl Validator<'_> {
             };
             let hsts = self.hsts(&at, rs.hsts);
             let exposure = self.exposure_positions(&at, &rs.exposure_headers, &rs.exposure_params);
+            let response = self.response(&at, rs.exposure_response.as_deref(), rs.webhook.clone());
             if let (Some(host), Some(pool), Some(origin), Some(cleartext)) =
                 (host, pool, origin, cleartext)
             {
@@ -1317,6 +1536,7 @@ impl Validator<'_> {
                     origin_ca,
                     hsts,
                     exposure,
+                    response,
                 });
             }
         }

@@ -137,6 +137,20 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// The exposure response queue: events per credential, delivery state, dropped counts.
+    ///
+    /// Example: portcullis exposures -c portcullis.toml --site api.example.com
+    Exposures {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the SHA-256 of a token read from standard input, for read_only_token_sha256.
     ///
     /// Example: portcullis hash-token < read-only.token
@@ -271,6 +285,55 @@ fn run() -> anyhow::Result<ExitCode> {
                 v["host"].as_str().unwrap_or(&host),
                 v["cleartext"].as_str().unwrap_or("?")
             ));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exposures {
+            config,
+            state_dir,
+            site,
+            json,
+        } => {
+            let dir = match (config, state_dir) {
+                (Some(c), None) => Config::from_file(&c)?.state_dir,
+                (None, Some(d)) => d,
+                (None, None) => Config::default().state_dir,
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("give either --config or --state-dir, not both")
+                }
+            };
+            let site = site.map(|s| s.to_ascii_lowercase());
+            let (events, counters) = portcullis::exposure::queue::read(&dir, site.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                emit(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "events": events, "counters": counters })
+                    )?
+                ));
+            } else {
+                let mut out = format!(
+                    "{:<24} {:<32} {:<8} {:<10} {:>8} {:>6}  {}\n",
+                    "SITE", "FINGERPRINT", "POLICY", "STATE", "ATTEMPTS", "SEEN", "LAST ERROR"
+                );
+                for e in &events {
+                    out.push_str(&format!(
+                        "{:<24} {:<32} {:<8} {:<10} {:>8} {:>6}  {}\n",
+                        e.site,
+                        e.fingerprint,
+                        e.policy,
+                        e.state,
+                        e.attempts,
+                        e.count,
+                        e.last_error.as_deref().unwrap_or("")
+                    ));
+                }
+                out.push_str(&format!(
+                    "coalesced repeats: {}; dropped by the per-site limit: {}, per-network limit: {}, full queue: {}\n",
+                    counters.coalesced, counters.dropped_site_rate, counters.dropped_network_rate, counters.dropped_queue_full
+                ));
+                emit(&out);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::HashToken => {

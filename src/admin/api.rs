@@ -35,6 +35,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/sites/{host}/exposures"),
     ("GET", "/api/pools"),
     ("GET", "/api/audit"),
+    ("GET", "/api/exposure-events"),
 ];
 
 /// The OpenAPI 3.1 document served at `/api/openapi.json`.
@@ -56,6 +57,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/sites/{host}/exposures", get(exposures))
         .route("/api/pools", get(pools))
         .route("/api/audit", get(audit))
+        .route("/api/exposure-events", get(exposure_events))
         .route("/", get(super::ui::overview))
         .route("/login", get(super::ui::login_form).post(super::ui::login))
         .route("/logout", axum::routing::post(super::ui::logout))
@@ -471,6 +473,21 @@ async fn exposures(
     known(&ctx, &host)?;
     let since = since(&w, 90 * 86_400)?;
     Ok(Json(store(&ctx)?.exposures(&host, since).map_err(unavailable)?).into_response())
+}
+
+#[derive(Deserialize)]
+struct SiteFilter {
+    site: Option<String>,
+}
+
+async fn exposure_events(
+    State(ctx): State<Arc<Ctx>>,
+    Query(f): Query<SiteFilter>,
+) -> Result<Response, ApiError> {
+    let site = f.site.map(|s| s.to_ascii_lowercase());
+    let (events, counters) = crate::exposure::queue::read(&ctx.state_dir, site.as_deref())
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    Ok(Json(json!({ "events": events, "counters": counters })).into_response())
 }
 
 async fn pools(State(ctx): State<Arc<Ctx>>) -> Json<Value> {

@@ -352,13 +352,32 @@ pub(crate) async fn site(
             rows("networks", &r.by_network),
             rows("paths", &r.by_path),
         ));
-        let mut exp = String::from("<div class=card><h2>Credentials seen in cleartext</h2><table><thead><tr><th>fingerprint</th><th>where</th><th>seen</th><th>last from</th></tr></thead><tbody>");
+        let events = crate::exposure::queue::read(&ctx.state_dir, Some(&host))
+            .map(|(e, _)| e)
+            .unwrap_or_default();
+        let mut exp = String::from("<div class=card><h2>Credentials seen in cleartext</h2><table><thead><tr><th>fingerprint</th><th>where</th><th>seen</th><th>last from</th><th>issuer told</th></tr></thead><tbody>");
         if r.exposures.is_empty() {
-            exp.push_str("<tr><td class=muted colspan=4>none</td></tr>");
+            exp.push_str("<tr><td class=muted colspan=5>none</td></tr>");
         }
         for e in &r.exposures {
+            let told = match events.iter().find(|ev| ev.fingerprint == e.fingerprint) {
+                Some(ev) if ev.state == "delivered" => {
+                    format!("<span class=good>{} delivered</span>", esc(&ev.policy))
+                }
+                Some(ev) => format!(
+                    "{} {} ({} attempts{})",
+                    esc(&ev.policy),
+                    esc(&ev.state),
+                    ev.attempts,
+                    ev.last_error
+                        .as_deref()
+                        .map(|m| format!(", {}", esc(m)))
+                        .unwrap_or_default()
+                ),
+                None => "<span class=muted>no response configured</span>".to_owned(),
+            };
             exp.push_str(&format!(
-                "<tr><td><code>{}</code></td><td>{} {}</td><td>{}</td><td>{} ({})</td></tr>",
+                "<tr><td><code>{}</code></td><td>{} {}</td><td>{}</td><td>{} ({})</td><td>{told}</td></tr>",
                 esc(&e.fingerprint),
                 esc(&e.kind),
                 esc(&e.name),

@@ -60,7 +60,7 @@ pub(crate) async fn handle(
     let meta = RequestMeta::of(&req);
     let method = req.method().clone();
     let mut found = Vec::new();
-    let (resp, site) = route(&conn, req, Some((analytics, &mut found))).await;
+    let (resp, site, respond) = route(&conn, req, Some((analytics, &mut found))).await;
     let scheme = if conn.sni.is_some() {
         Scheme::Tls
     } else {
@@ -83,6 +83,18 @@ pub(crate) async fn handle(
         analytics.record(&obs);
     } else {
         analytics.record_with_exposures(&obs, &found, meta.path);
+        if let (Some((host, policy, secrets)), Some(r)) = (respond, conn.shared.responder.get()) {
+            r.offer(
+                &host,
+                &policy,
+                &found,
+                secrets,
+                obs.network,
+                obs.family,
+                meta.path,
+                obs.at,
+            );
+        }
     }
     if let Some(log) = analytics.access_log() {
         log.write(access_line(
@@ -135,27 +147,45 @@ fn access_line(
     .to_string()
 }
 
+/// What the exposure response needs from a request: the site, its policy, and the
+/// credentials' SHA-256 (and raw value, if the policy asks for it), in memory only.
+type Respond = Option<(
+    String,
+    Arc<crate::config::ExposureResponse>,
+    Vec<crate::exposure::SecretValue>,
+)>;
+
 /// Routes a request and answers it. With analytics, credentials in a cleartext request are
 /// fingerprinted into `found` before anything else happens to the request.
 async fn route(
     conn: &ConnInfo,
     req: Request<Incoming>,
     analytics: Option<(&Analytics, &mut Vec<Found>)>,
-) -> (Response<Body>, SiteId) {
+) -> (Response<Body>, SiteId, Respond) {
     let snap = conn.shared.snapshot.load_full();
     let routes = snap.pool_for(&conn.key, &conn.pool);
     let site_idx = request_host(&req).and_then(|host| routes?.find(&host));
     let site = site_idx.and_then(|i| snap.sites.get(i));
+    let mut respond: Respond = None;
     if let (Some((a, found)), None) = (analytics, &conn.sni) {
         let extra = site.map(|s| &s.exposure);
         let default = ExtraPositions::default();
-        exposure::detect(
+        let policy = site.and_then(|s| s.response.clone());
+        let mut secrets = Vec::new();
+        let want = policy.as_ref().map(|p| (&mut secrets, p.include_raw));
+        exposure::detect_with_secrets(
             req.headers(),
             req.uri(),
             extra.unwrap_or(&default),
             a.fingerprinter(),
             found,
+            want,
         );
+        if let (Some(p), Some(s)) = (policy, site) {
+            if !found.is_empty() {
+                respond = Some((s.host.to_string(), p, secrets));
+            }
+        }
     }
     if req.method() == Method::CONNECT {
         return (
@@ -164,6 +194,7 @@ async fn route(
                 "405 Method Not Allowed: this edge is not a forward proxy.\n",
             ),
             0,
+            None,
         );
     }
     if request_host(&req).is_none() {
@@ -173,16 +204,17 @@ async fn route(
                 "400 Bad Request: the request names no host.\n",
             ),
             0,
+            None,
         );
     }
     let Some(site) = site else {
-        return (misdirected(), 0);
+        return (misdirected(), 0, respond);
     };
     let edge = &snap.config.edge;
     let resp = match &conn.sni {
         Some(sni) => {
             if !site.host.matches(sni) {
-                return (misdirected(), 0);
+                return (misdirected(), 0, None);
             }
             let mut resp = forward(&site.origin, req, &conn.client, "https", edge).await;
             if let Some(v) = &site.hsts {
@@ -202,7 +234,7 @@ async fn route(
             CleartextMode::Reject | CleartextMode::Closed => reject(),
         },
     };
-    (resp, site.id)
+    (resp, site.id, respond)
 }
 
 /// The request's hostname, lowercase, without port: from the URI authority (HTTP/2

@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     workers: Vec<tokio::runtime::Handle>,
     /// `None` when `[analytics] enabled = false`.
     pub(crate) analytics: Option<Arc<Analytics>>,
+    /// The exposure response queue; set once at start, with analytics.
+    pub(crate) responder: std::sync::OnceLock<Arc<crate::exposure::queue::Responder>>,
 }
 
 impl Shared {
@@ -184,7 +186,28 @@ impl Edge {
                 )?),
                 false => None,
             },
+            responder: std::sync::OnceLock::new(),
         });
+        if config.analytics.enabled {
+            // The worker finds each site's live policy through the snapshot; a weak reference
+            // keeps the edge and its queue from owning each other.
+            let weak = Arc::downgrade(&shared);
+            let policies: crate::exposure::queue::PolicySource = Arc::new(move |host: &str| {
+                let shared = weak.upgrade()?;
+                let snap = shared.snapshot.load();
+                snap.sites
+                    .iter()
+                    .find(|s| s.host.to_string() == host)?
+                    .response
+                    .clone()
+            });
+            let r = crate::exposure::queue::Responder::start(
+                config.exposure.clone(),
+                &config.state_dir,
+                policies,
+            );
+            let _ = shared.responder.set(r);
+        }
         let edge = Edge {
             shared,
             listeners: Mutex::new(HashMap::new()),
@@ -351,6 +374,9 @@ impl Edge {
             .is_ok();
         if let Some(a) = &self.shared.analytics {
             a.shutdown().await;
+        }
+        if let Some(r) = self.shared.responder.get() {
+            r.shutdown().await;
         }
         drained
     }

@@ -76,6 +76,8 @@ pub(crate) struct SiteRuntime {
     pub(crate) pool: usize,
     /// Set while the site is still served on the open pool it moved away from.
     pub(crate) drain: Option<Drain>,
+    /// The exposure response (notify or revoke), if any.
+    pub(crate) response: Option<Arc<crate::config::ExposureResponse>>,
 }
 
 impl SiteRuntime {
@@ -163,6 +165,7 @@ impl Snapshot {
                 exposure: site.exposure.clone(),
                 pool: site.pool,
                 drain: None,
+                response: site.response.clone().map(Arc::new),
                 host: site.host.clone(),
                 mode: site.cleartext,
                 hsts,

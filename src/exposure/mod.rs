@@ -9,7 +9,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use aws_lc_rs::hmac;
+pub mod queue;
+
+use aws_lc_rs::{digest, hmac};
 use http::header::{HeaderMap, HeaderName, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
 use http::Uri;
 
@@ -215,6 +217,20 @@ pub struct ExtraPositions {
     pub params: Vec<String>,
 }
 
+/// What an exposure response needs of a credential beyond its fingerprint: its SHA-256 (for
+/// the issuer to look up its own hashed tokens) and, only for `revoke` with `include_raw`, the
+/// value itself. Held in memory only: never logged (Debug is redacted), never stored.
+pub struct SecretValue {
+    pub sha256: [u8; 32],
+    pub raw: Option<String>,
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue(<redacted>)")
+    }
+}
+
 /// Finds every credential in a request's headers and target and fingerprints it.
 pub fn detect(
     headers: &HeaderMap,
@@ -223,6 +239,19 @@ pub fn detect(
     fp: &Fingerprinter,
     out: &mut Vec<Found>,
 ) {
+    detect_with_secrets(headers, uri, extra, fp, out, None);
+}
+
+/// Like [`detect`]; with `secrets`, also pushes each credential's [`SecretValue`] (in the same
+/// order as `out`), keeping the raw value when `.1` is true.
+pub fn detect_with_secrets(
+    headers: &HeaderMap,
+    uri: &Uri,
+    extra: &ExtraPositions,
+    fp: &Fingerprinter,
+    out: &mut Vec<Found>,
+    mut secrets: Option<(&mut Vec<SecretValue>, bool)>,
+) {
     let mut push = |kind: CredentialKind, name: &[u8], value: &[u8]| {
         if out.len() < MAX_PER_REQUEST && !value.is_empty() {
             out.push(Found {
@@ -230,6 +259,14 @@ pub fn detect(
                 name: PositionName::new(name),
                 fingerprint: fp.fingerprint(value),
             });
+            if let Some((v, keep_raw)) = secrets.as_mut() {
+                let mut sha256 = [0u8; 32];
+                sha256.copy_from_slice(digest::digest(&digest::SHA256, value).as_ref());
+                v.push(SecretValue {
+                    sha256,
+                    raw: keep_raw.then(|| String::from_utf8_lossy(value).into_owned()),
+                });
+            }
         }
     };
     for (header, kind) in [
