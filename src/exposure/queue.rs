@@ -358,58 +358,56 @@ async fn persist(r: &Arc<Responder>) -> bool {
         )
     };
     let db = r.db.clone();
-    let work = tokio::task::spawn_blocking(
-        move || -> rusqlite::Result<Option<Loaded>> {
-            if let Some(dir) = db.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let mut conn = open(&db)?;
-            let tx = conn.transaction()?;
-            for e in &incoming {
-                tx.execute(
+    let work = tokio::task::spawn_blocking(move || -> rusqlite::Result<Option<Loaded>> {
+        if let Some(dir) = db.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let mut conn = open(&db)?;
+        let tx = conn.transaction()?;
+        for e in &incoming {
+            tx.execute(
                 "INSERT OR IGNORE INTO events (id, site, fingerprint, kind, name, policy, first_seen, last_seen, count,
                     network, family, path, state, attempts, next_attempt, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1, ?8, ?9, ?10, 'pending', 0, ?7, ?7)",
                 params![e.id, e.site, e.fingerprint, e.kind, e.name, e.policy, e.at as i64, e.network, e.family, e.path],
             )?;
-            }
-            for ((site, fp), (n, last)) in &repeats {
-                tx.execute(
+        }
+        for ((site, fp), (n, last)) in &repeats {
+            tx.execute(
                 "UPDATE events SET count = count + ?3, last_seen = max(last_seen, ?4) WHERE site = ?1 AND fingerprint = ?2",
                 params![site, fp, *n as i64, *last as i64],
             )?;
-            }
-            for (name, n) in [
-                ("coalesced", counters.coalesced),
-                ("dropped_site_rate", counters.dropped_site_rate),
-                ("dropped_network_rate", counters.dropped_network_rate),
-                ("dropped_queue_full", counters.dropped_queue_full),
-            ] {
-                if n > 0 {
-                    tx.execute(
+        }
+        for (name, n) in [
+            ("coalesced", counters.coalesced),
+            ("dropped_site_rate", counters.dropped_site_rate),
+            ("dropped_network_rate", counters.dropped_network_rate),
+            ("dropped_queue_full", counters.dropped_queue_full),
+        ] {
+            if n > 0 {
+                tx.execute(
                     "INSERT INTO counters VALUES (?1, ?2) ON CONFLICT DO UPDATE SET count = count + excluded.count",
                     params![name, n as i64],
                 )?;
-                }
             }
-            tx.commit()?;
-            if !load {
-                return Ok(None);
-            }
-            // At start: what is already queued, for coalescing and the queue cap.
-            let mut known = HashSet::new();
-            let mut q = conn.prepare("SELECT site, fingerprint FROM events")?;
-            for row in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-                known.insert(row?);
-            }
-            let pending: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM events WHERE state = 'pending'",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok(Some((known, pending as u32)))
-        },
-    );
+        }
+        tx.commit()?;
+        if !load {
+            return Ok(None);
+        }
+        // At start: what is already queued, for coalescing and the queue cap.
+        let mut known = HashSet::new();
+        let mut q = conn.prepare("SELECT site, fingerprint FROM events")?;
+        for row in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            known.insert(row?);
+        }
+        let pending: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE state = 'pending'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Some((known, pending as u32)))
+    });
     match work.await {
         Ok(Ok(loaded)) => {
             if let Some((known, pending)) = loaded {
