@@ -49,7 +49,7 @@ fn every_printed_curl_line_works_when_pasted() {
         .iter()
         .filter(|l| l.starts_with("curl ") || l.starts_with("dig ") || l.starts_with(exe))
         .collect();
-    assert_eq!(curls.len(), 15, "{printed:#?}");
+    assert_eq!(curls.len(), 16, "{printed:#?}");
     let run = |line: &str| {
         let out = Command::new("sh")
             .args(["-c", line])
@@ -66,7 +66,7 @@ fn every_printed_curl_line_works_when_pasted() {
         );
         (out.status.code(), text.to_ascii_lowercase())
     };
-    let expectations: [(Option<i32>, &[&str]); 15] = [
+    let expectations: [(Option<i32>, &[&str]); 16] = [
         (Some(7), &["failed to connect"]),
         (
             Some(0),
@@ -96,6 +96,7 @@ fn every_printed_curl_line_works_when_pasted() {
                 "verdict: not ready",
             ],
         ),
+        (Some(0), &["legacy.demo.test", "notify", "delivered"]),
         (
             Some(0),
             &[

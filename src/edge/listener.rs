@@ -323,13 +323,32 @@ async fn cleartext_on_tls_port(
                 obs.site = site.id;
             }
             let extra = site.map(|s| s.exposure.clone()).unwrap_or_default();
-            exposure::detect(
+            let policy = site.and_then(|s| s.response.clone());
+            let mut secrets = Vec::new();
+            let want = policy.as_ref().map(|p| (&mut secrets, p.include_raw));
+            exposure::detect_with_secrets(
                 req.headers(),
                 req.uri(),
                 &extra,
                 a.fingerprinter(),
                 &mut found,
+                want,
             );
+            if let (Some(p), Some(s), Some(r)) = (policy, site, shared.responder.get()) {
+                if !found.is_empty() {
+                    let family = obs.family;
+                    r.offer(
+                        &s.host.to_string(),
+                        &p,
+                        &found,
+                        secrets,
+                        obs.network,
+                        family,
+                        path,
+                        obs.at,
+                    );
+                }
+            }
         }
         a.record_with_exposures(&obs, &found, path);
     }
