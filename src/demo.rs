@@ -100,7 +100,14 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
     let origin = origin_listener.local_addr().map_err(DemoError::Origin)?;
     tokio::spawn(echo_origin(origin_listener));
     // Every demo starts fresh: no API changes, drains, events or token from an earlier run.
-    for file in ["overrides.json", "drains.json", "audit.jsonl", "exposure-events.db", "exposure-events.db-wal", "exposure-events.db-shm"] {
+    for file in [
+        "overrides.json",
+        "drains.json",
+        "audit.jsonl",
+        "exposure-events.db",
+        "exposure-events.db-wal",
+        "exposure-events.db-shm",
+    ] {
         let _ = std::fs::remove_file(options.state_dir.join(file));
     }
     let hook = demo_webhook(&options.state_dir).await?;
@@ -133,7 +140,12 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
 /// The demo's config, as a file would say it.
 pub fn demo_toml(o: &DemoOptions, origin: SocketAddr, hook: SocketAddr) -> String {
     let state = toml_string(&o.state_dir.display().to_string());
-    let secret = toml_string(&o.state_dir.join("demo-webhook.secret").display().to_string());
+    let secret = toml_string(
+        &o.state_dir
+            .join("demo-webhook.secret")
+            .display()
+            .to_string(),
+    );
     let ca = toml_string(&DevCa::cert_path(&o.state_dir).display().to_string());
     let hook_port = hook.port();
     format!(
@@ -293,28 +305,42 @@ fn shell_quote(s: &str) -> String {
 /// certificate from the demo's development CA) that logs each exposure event it gets, by
 /// site, position and fingerprint only.
 async fn demo_webhook(state_dir: &Path) -> Result<SocketAddr, DemoError> {
-    let ca = DevCa::open(state_dir).map_err(|e| DemoError::Origin(std::io::Error::other(e.to_string())))?;
+    let ca = DevCa::open(state_dir)
+        .map_err(|e| DemoError::Origin(std::io::Error::other(e.to_string())))?;
     let ck = ca
         .certificate_for("localhost")
         .map_err(|e| DemoError::Origin(std::io::Error::other(e.to_string())))?;
     let tls = tokio_rustls::TlsAcceptor::from(
-        crate::tls::single_cert_config(ck).map_err(|e| DemoError::Origin(std::io::Error::other(e.to_string())))?,
+        crate::tls::single_cert_config(ck)
+            .map_err(|e| DemoError::Origin(std::io::Error::other(e.to_string())))?,
     );
     let mut secret = [0u8; 24];
     let _ = aws_lc_rs::rand::fill(&mut secret);
     let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    crate::tls::write_private(&state_dir.join("demo-webhook.secret"), secret.as_bytes()).map_err(DemoError::Origin)?;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.map_err(DemoError::Origin)?;
+    crate::tls::write_private(&state_dir.join("demo-webhook.secret"), secret.as_bytes())
+        .map_err(DemoError::Origin)?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(DemoError::Origin)?;
     let addr = listener.local_addr().map_err(DemoError::Origin)?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let tls = tls.clone();
             tokio::spawn(async move {
-                let Ok(stream) = tls.accept(stream).await else { return };
+                let Ok(stream) = tls.accept(stream).await else {
+                    return;
+                };
                 let svc = service_fn(|req: Request<Incoming>| async move {
                     use http_body_util::BodyExt;
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                     tracing::info!(
                         site = v["site"].as_str().unwrap_or("?"),
@@ -324,7 +350,9 @@ async fn demo_webhook(state_dir: &Path) -> Result<SocketAddr, DemoError> {
                     );
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
