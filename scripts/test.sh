@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs the Debian packages the tests use (curl, dig,
-# named-checkzone, chromium and chromedriver) when run as root;
+# named-checkzone, chromium and chromedriver, nft, ip) when run as root;
 # otherwise names what is missing and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,9 @@ command -v curl >/dev/null || need+=(curl)
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v named-checkzone >/dev/null || need+=(bind9-utils)
 command -v chromium >/dev/null || need+=(chromium)
+command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || need+=(nftables)
+command -v ip >/dev/null || [[ -x /usr/sbin/ip ]] || need+=(iproute2)
+command -v python3 >/dev/null || need+=(python3)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

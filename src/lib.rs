@@ -11,6 +11,7 @@
 //!   reloads by diff and graceful drain.
 //! - [`dns`]: the authoritative DNS server, zones built from the snapshot, zone file export.
 //! - [`probe`]: `portcullis probe`, an audit of any endpoint's cleartext behaviour.
+//! - [`firewall`]: the nftables table that refuses cleartext on closed addresses in the kernel.
 //! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
 //! - [`demo`]: the built-in demo: a loopback config and an echo origin.
 //!
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod dns;
 pub mod edge;
 pub mod exposure;
+pub mod firewall;
 pub mod probe;
 pub mod serve;
 pub mod tls;

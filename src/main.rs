@@ -155,6 +155,9 @@ enum Command {
     ///
     /// Example: portcullis hash-token < read-only.token
     HashToken,
+    /// Kernel-level refusal: an nftables table resetting cleartext on closed addresses (root).
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
     /// DNS tools.
     #[command(subcommand)]
     Dns(DnsCommand),
@@ -203,6 +206,32 @@ impl AdminArgs {
 /// A path segment for a site name (`*` is fine in a path; `/` cannot occur in a host).
 fn site_path(host: &str) -> String {
     format!("/api/sites/{}", host.to_ascii_lowercase())
+}
+
+#[derive(Subcommand)]
+enum FirewallCommand {
+    /// Print the ruleset as nft JSON, without applying it.
+    ///
+    /// Example: portcullis firewall print -c portcullis.toml
+    Print {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Install or replace the `inet portcullis` table through nft.
+    ///
+    /// Example: sudo portcullis firewall apply -c portcullis.toml
+    Apply {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Delete the `inet portcullis` table.
+    ///
+    /// Example: sudo portcullis firewall remove
+    Remove,
+    /// Refused packets per closed address, from the table's counters.
+    ///
+    /// Example: sudo portcullis firewall counters
+    Counters,
 }
 
 #[derive(Subcommand)]
@@ -386,6 +415,45 @@ fn run() -> anyhow::Result<ExitCode> {
                 Some(m) if report.grade > m => ExitCode::from(2),
                 _ => ExitCode::SUCCESS,
             })
+        }
+        Command::Firewall(cmd) => {
+            match cmd {
+                FirewallCommand::Print { config } => emit(&format!(
+                    "{}\n",
+                    portcullis::firewall::print(&Config::from_file(&config)?)
+                )),
+                FirewallCommand::Apply { config } => {
+                    let c = Config::from_file(&config)?;
+                    portcullis::firewall::apply(&c)?;
+                    let addrs: Vec<String> = portcullis::firewall::closed_addresses(&c)
+                        .iter()
+                        .map(|(a, _)| a.to_string())
+                        .collect();
+                    emit(&format!(
+                        "table inet {} applied: cleartext ports {:?} refused on {}\n",
+                        portcullis::firewall::TABLE,
+                        portcullis::firewall::refused_ports(&c),
+                        if addrs.is_empty() {
+                            "no address (no closed pool)".to_owned()
+                        } else {
+                            addrs.join(", ")
+                        }
+                    ));
+                }
+                FirewallCommand::Remove => {
+                    portcullis::firewall::remove()?;
+                    emit(&format!(
+                        "table inet {} removed\n",
+                        portcullis::firewall::TABLE
+                    ));
+                }
+                FirewallCommand::Counters => {
+                    for (name, packets) in portcullis::firewall::counters()? {
+                        emit(&format!("{name} {packets}\n"));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dns(DnsCommand::Serve { config, workers }) => {
             init_logging();

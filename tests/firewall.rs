@@ -1,0 +1,199 @@
+//! Kernel-level refusal, inside a network namespace this test creates for itself: with another
+//! program listening on a wildcard cleartext port, the closed address still refuses (TCP
+//! reset) once `portcullis firewall apply` ran, and its counter rises; `remove` restores the
+//! previous behaviour and leaves no table behind. Needs root, `ip` and `nft`.
+
+use std::process::{Child, Command, Stdio};
+
+#[path = "support/mod.rs"]
+mod support;
+
+/// A namespace, and what runs in it, removed when the test ends however it ends.
+struct Netns {
+    name: String,
+    listener: Option<Child>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(ns: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `curl` inside the namespace: the HTTP status, or curl's exit code as a negative number.
+fn curl(ns: &str, url: &str) -> i32 {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "3",
+            url,
+        ])
+        .output()
+        .expect("curl");
+    match out.status.code() {
+        Some(0) => String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0),
+        Some(c) => -c,
+        None => -255,
+    }
+}
+
+#[test]
+fn the_table_resets_cleartext_on_closed_addresses_counts_it_and_goes_away() {
+    let uid = Command::new("id").arg("-u").output().expect("id");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test needs root (network namespaces, nftables)"
+    );
+    for (tool, package) in [
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+        ("curl", "curl"),
+        ("python3", "python3"),
+    ] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .status()
+                .expect("sh")
+                .success(),
+            "{tool} is missing: install Debian's {package} (scripts/test.sh does it as root)"
+        );
+    }
+    let name = format!(
+        "pc{}x{}",
+        std::process::id(),
+        support::loopback().octets()[2]
+    );
+    assert!(Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .expect("ip")
+        .success());
+    let mut ns = Netns {
+        name: name.clone(),
+        listener: None,
+    };
+    assert!(run(&name, &["ip", "link", "set", "lo", "up"]).0);
+    // Another program holds a wildcard cleartext port: without the table, the closed address
+    // would accept cleartext.
+    ns.listener = Some(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &name,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "0.0.0.0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("listener"),
+    );
+    let mut up = false;
+    for _ in 0..50 {
+        if curl(&name, "http://127.0.0.2:8080/") == 200 {
+            up = true;
+            break;
+        }
+        // A plain test thread, no runtime to block.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        up,
+        "the foreign listener answers on the closed address before the table exists"
+    );
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[pool]]
+name = "closed"
+addresses = ["127.0.0.2"]
+tls_ports = [8443]
+[[pool]]
+name = "open"
+addresses = ["127.0.0.3"]
+tls_ports = [8443]
+cleartext_ports = [8080]
+[[site]]
+host = "a.test"
+pool = "closed"
+origin = "http://127.0.0.1:9"
+[[site]]
+host = "b.test"
+pool = "open"
+origin = "http://127.0.0.1:9"
+cleartext = "reject"
+"#,
+    )
+    .expect("config");
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let config = config.display().to_string();
+    let (ok, printed) = run(&name, &[bin, "firewall", "print", "-c", &config]);
+    assert!(
+        ok && printed.contains("\"tcp reset\"") && printed.contains("refused_127_0_0_2"),
+        "{printed}"
+    );
+    let (ok, out) = run(&name, &[bin, "firewall", "apply", "-c", &config]);
+    assert!(ok, "{out}");
+    // Refused by the kernel (curl exit 7: could not connect), on every closed port …
+    assert_eq!(curl(&name, "http://127.0.0.2:8080/"), -7);
+    assert_eq!(curl(&name, "http://127.0.0.2:80/"), -7);
+    // … and counted; the open address is untouched.
+    let (_, counters) = run(&name, &[bin, "firewall", "counters"]);
+    let count: u64 = counters
+        .lines()
+        .find_map(|l| l.strip_prefix("refused_127_0_0_2 "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a counter for the closed address");
+    assert!(count >= 2, "{counters}");
+    assert_eq!(curl(&name, "http://127.0.0.3:8080/"), 200);
+    // Applying again replaces the table rather than adding a second set of rules.
+    assert!(run(&name, &[bin, "firewall", "apply", "-c", &config]).0);
+    let (_, listed) = run(&name, &["nft", "list", "table", "inet", "portcullis"]);
+    assert_eq!(listed.matches("tcp reset").count(), 1, "{listed}");
+    // Removed: behaviour reverts and no table is left.
+    assert!(run(&name, &[bin, "firewall", "remove"]).0);
+    assert_eq!(curl(&name, "http://127.0.0.2:8080/"), 200);
+    let (_, tables) = run(&name, &["nft", "list", "tables"]);
+    assert!(!tables.contains("portcullis"), "{tables}");
+    drop(ns);
+}
