@@ -144,6 +144,8 @@ pub struct Config {
     pub admin: Option<AdminSettings>,
     /// Delivery and abuse limits of exposure events (`[exposure]`).
     pub exposure: ExposureSettings,
+    /// `[firewall] manage = true`: `serve` keeps the nftables table in sync and counts refusals.
+    pub manage_firewall: bool,
 }
 
 /// `[admin]`: the HTTPS-only admin API.
@@ -595,6 +597,7 @@ impl Default for Config {
             dns: None,
             admin: None,
             exposure: ExposureSettings::default(),
+            manage_firewall: false,
         }
     }
 }
@@ -696,6 +699,14 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     #[serde(default)]
     exposure: RawExposure,
+    #[serde(default)]
+    firewall: RawFirewall,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFirewall {
+    manage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -892,6 +903,7 @@ impl Validator<'_> {
         let dns = raw.dns.and_then(|d| self.dns(d));
         let admin = raw.admin.and_then(|a| self.admin(a));
         let exposure = self.exposure(raw.exposure);
+        let manage_firewall = raw.firewall.manage.unwrap_or(false);
         Config {
             state_dir,
             edge,
@@ -903,6 +915,7 @@ impl Validator<'_> {
             dns,
             admin,
             exposure,
+            manage_firewall,
         }
     }
 

@@ -30,6 +30,8 @@ pub enum ServeError {
     Edge(#[from] EdgeError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Firewall(#[from] crate::firewall::FirewallError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -44,7 +46,15 @@ pub async fn serve(path: PathBuf, workers: &Workers) -> Result<(), ServeError> {
     }
     let admin = config.admin.clone();
     let state_dir = config.state_dir.clone();
+    if config.manage_firewall {
+        crate::firewall::apply(&config)?;
+        tracing::info!(table = crate::firewall::TABLE, "nftables table applied");
+    }
+    let manage_firewall = config.manage_firewall;
     let edge = Arc::new(Edge::start_on(config, Some(workers)).await?);
+    if manage_firewall {
+        tokio::spawn(count_refusals(edge.clone()));
+    }
     let stop_admin = CancellationToken::new();
     if let Some(settings) = admin {
         let source = crate::admin::ConfigSource::File(path.clone());
@@ -139,6 +149,55 @@ async fn reload(edge: &Edge, path: &Path) {
                 }
                 Err(e) => tracing::error!("reload failed, previous config kept: {e}"),
             }
+        }
+    }
+}
+
+/// Reads the firewall's counters every 10 seconds and records the new refusals, per closed
+/// address, as observations of the address's site (or `unknown` when the pool has several).
+async fn count_refusals(edge: Arc<Edge>) {
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        let Ok(Ok(counters)) = tokio::task::spawn_blocking(crate::firewall::counters).await else {
+            continue;
+        };
+        let view = edge.view();
+        let Some(analytics) = view.analytics() else {
+            continue;
+        };
+        let snap = edge.snapshot();
+        for (name, packets) in counters {
+            // serve applied the table at start, which resets its counters: they start at 0.
+            let before = seen.insert(name.clone(), packets).unwrap_or(0);
+            let delta = packets.saturating_sub(before);
+            if delta == 0 {
+                continue;
+            }
+            let found = crate::firewall::closed_addresses(&snap.config)
+                .into_iter()
+                .find(|(ip, _)| crate::firewall::counter_name(ip) == name);
+            let Some((ip, pool)) = found else { continue };
+            let sites: Vec<&crate::config::Site> = snap
+                .config
+                .sites
+                .iter()
+                .filter(|s| snap.config.pools[s.pool].name == pool)
+                .collect();
+            let site = match sites.as_slice() {
+                [one] => analytics.site_id(&one.host.to_string()),
+                _ => 0,
+            };
+            let obs = crate::analytics::connection_event(
+                site,
+                crate::analytics::observe::Outcome::RefusedByFirewall,
+                crate::analytics::observe::Scheme::Cleartext,
+                0,
+                // The counters carry no client address: refusals land in 0.0.0.0/24.
+                std::net::IpAddr::from([0u8, 0, 0, 0]),
+            );
+            tracing::debug!(address = %ip, refused = delta, "cleartext refused by the firewall");
+            analytics.record_n(&obs, delta);
         }
     }
 }

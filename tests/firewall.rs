@@ -197,3 +197,106 @@ cleartext = "reject"
     assert!(!tables.contains("portcullis"), "{tables}");
     drop(ns);
 }
+
+#[test]
+fn serve_keeps_the_table_and_counts_refused_knocks_into_analytics() {
+    let uid = Command::new("id").arg("-u").output().expect("id");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test needs root (network namespaces, nftables)"
+    );
+    let name = format!(
+        "pd{}x{}",
+        std::process::id(),
+        support::loopback().octets()[2]
+    );
+    assert!(Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .expect("ip")
+        .success());
+    let mut ns = Netns {
+        name: name.clone(),
+        listener: None,
+    };
+    assert!(run(&name, &["ip", "link", "set", "lo", "up"]).0);
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[state]
+dir = "{}"
+[analytics]
+flush_interval = "1s"
+[firewall]
+manage = true
+[[pool]]
+name = "closed"
+addresses = ["127.0.0.2"]
+tls_ports = [8443]
+[[site]]
+host = "a.test"
+pool = "closed"
+origin = "http://127.0.0.1:9"
+"#,
+            state.display()
+        ),
+    )
+    .expect("config");
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    ns.listener = Some(
+        Command::new("ip")
+            .args(["netns", "exec", &name, bin, "serve", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve"),
+    );
+    let mut applied = false;
+    for _ in 0..50 {
+        if run(&name, &["nft", "list", "table", "inet", "portcullis"]).0 {
+            applied = true;
+            break;
+        }
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(applied, "serve applied the table");
+    for _ in 0..3 {
+        assert_eq!(curl(&name, "http://127.0.0.2:80/"), -7);
+    }
+    // serve reads the counters every 10 s; the store is written every second.
+    let mut refused = 0;
+    for _ in 0..40 {
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = Command::new(bin)
+            .args(["impact", "a.test", "--json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("impact");
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            refused = v["by_port"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["value"] == "refused by the firewall")
+                .and_then(|r| r["requests"].as_u64())
+                .unwrap_or(0);
+            if refused >= 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        refused, 3,
+        "the knocks after closing are visible in the impact report"
+    );
+    // Deleting the namespace stops serve and takes the namespace's table with it.
+    drop(ns);
+}

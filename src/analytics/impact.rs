@@ -105,6 +105,8 @@ pub fn report(
     for r in &cleartext {
         let label = if r.outcome == "cleartext_on_tls_port" {
             format!("{} (a TLS port)", r.port)
+        } else if r.outcome == "refused_by_firewall" {
+            "refused by the firewall".to_owned()
         } else {
             r.port.to_string()
         };

@@ -211,6 +211,14 @@ impl Analytics {
         }
     }
 
+    /// Counts `n` identical observations at once (firewall counters arrive as deltas).
+    pub fn record_n(&self, o: &Observation, n: u64) {
+        let mut agg = lock(self.slot());
+        for _ in 0..n.min(1_000_000) {
+            agg.record(o, self.settings.top_k);
+        }
+    }
+
     /// Counts since start (up to the last drain, at most a second old).
     pub fn totals(&self) -> Totals {
         lock(&self.totals).clone()

@@ -31,6 +31,8 @@ pub enum Outcome {
     HandshakeFailed,
     /// Nothing (or not enough) arrived before the handshake timeout.
     HandshakeTimeout,
+    /// A cleartext connection the nftables table reset (counted from its counters).
+    RefusedByFirewall,
 }
 
 impl Outcome {
@@ -40,6 +42,7 @@ impl Outcome {
             Outcome::CleartextOnTlsPort => "cleartext_on_tls_port",
             Outcome::HandshakeFailed => "handshake_failed",
             Outcome::HandshakeTimeout => "handshake_timeout",
+            Outcome::RefusedByFirewall => "refused_by_firewall",
         }
     }
 }
