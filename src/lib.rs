@@ -13,6 +13,7 @@
 //! - [`probe`]: `portcullis probe`, an audit of any endpoint's cleartext behaviour.
 //! - [`firewall`]: the nftables table that refuses cleartext on closed addresses in the kernel.
 //! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
+//! - [`stages`]: staged switch-off plans: warn headers, brownout windows, the move.
 //! - [`demo`]: the built-in demo: a loopback config and an echo origin.
 //!
 //! The binary (`main.rs`) only parses arguments and calls into these modules.
@@ -29,4 +30,5 @@ pub mod exposure;
 pub mod firewall;
 pub mod probe;
 pub mod serve;
+pub mod stages;
 pub mod tls;

@@ -151,6 +151,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a site through the staged switch-off, or back (admin API). Without STAGE, updates
+    /// the plan's settings and shows it.
+    ///
+    /// Example: portcullis stage www.example.com warn --target-pool api --sunset 2027-03-01 --notice https://example.com/https-only
+    Stage {
+        host: String,
+        /// observe, warn, brownout, move or closed
+        stage: Option<String>,
+        /// Step even if readiness checks fail (recorded in the audit log).
+        #[arg(long)]
+        force: bool,
+        /// The closed pool the site will move to.
+        #[arg(long)]
+        target_pool: Option<String>,
+        /// Planned closing date (YYYY-MM-DD, UTC), sent in the Sunset header.
+        #[arg(long)]
+        sunset: Option<String>,
+        /// A page explaining the change, sent in the Link header.
+        #[arg(long)]
+        notice: Option<String>,
+        /// Brownout windows: START (YYYY-MM-DDTHH:MM:SSZ or unix seconds),DURATION,EVERY (like 10m,1d).
+        #[arg(long)]
+        brownout: Option<String>,
+        /// Acknowledge the credentials seen in cleartext so far.
+        #[arg(long)]
+        ack_exposures: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print the SHA-256 of a token read from standard input, for read_only_token_sha256.
     ///
     /// Example: portcullis hash-token < read-only.token
@@ -363,6 +392,72 @@ fn run() -> anyhow::Result<ExitCode> {
                 ));
                 emit(&out);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stage {
+            host,
+            stage,
+            force,
+            target_pool,
+            sunset,
+            notice,
+            brownout,
+            ack_exposures,
+            admin,
+        } => {
+            let time = |s: &str| -> anyhow::Result<u64> {
+                if let Ok(n) = s.parse::<u64>() {
+                    return Ok(n);
+                }
+                let full = if s.len() == 10 {
+                    format!("{s}T00:00:00Z")
+                } else {
+                    s.to_owned()
+                };
+                let t = humantime::parse_rfc3339(&full).with_context(|| {
+                    format!("{s:?}: write a date like 2027-03-01 or 2027-03-01T12:00:00Z")
+                })?;
+                Ok(t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()))
+            };
+            let brownout = match brownout {
+                None => None,
+                Some(b) => {
+                    let parts: Vec<&str> = b.split(',').collect();
+                    let [start, duration, every] = parts.as_slice() else {
+                        anyhow::bail!("--brownout {b:?}: write START,DURATION,EVERY like 2027-01-10T14:00:00Z,10m,1d");
+                    };
+                    let dur = |s: &str| {
+                        humantime::parse_duration(s)
+                            .map(|d| d.as_secs())
+                            .with_context(|| format!("{s:?} in --brownout"))
+                    };
+                    Some(
+                        serde_json::json!({ "start": time(start)?, "duration": dur(duration)?, "every": if *every == "0" { 0 } else { dur(every)? } }),
+                    )
+                }
+            };
+            let sunset = sunset.as_deref().map(time).transpose()?;
+            let mut body =
+                serde_json::json!({ "force": force, "acknowledge_exposures": ack_exposures });
+            for (k, v) in [
+                ("stage", stage.map(serde_json::Value::from)),
+                ("target_pool", target_pool.map(serde_json::Value::from)),
+                ("sunset", sunset.map(serde_json::Value::from)),
+                ("notice", notice.map(serde_json::Value::from)),
+                ("brownout", brownout),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            let answer = admin.call(
+                http::Method::POST,
+                &format!("{}/stage", site_path(&host)),
+                Some(body.to_string()),
+            )?;
+            let v: serde_json::Value = serde_json::from_str(&answer)?;
+            emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
             Ok(ExitCode::SUCCESS)
         }
         Command::HashToken => {

@@ -36,6 +36,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/pools"),
     ("GET", "/api/audit"),
     ("GET", "/api/exposure-events"),
+    ("POST", "/api/sites/{host}/stage"),
 ];
 
 /// The OpenAPI 3.1 document served at `/api/openapi.json`.
@@ -58,6 +59,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/pools", get(pools))
         .route("/api/audit", get(audit))
         .route("/api/exposure-events", get(exposure_events))
+        .route("/api/sites/{host}/stage", axum::routing::post(stage_change))
         .route("/", get(super::ui::overview))
         .route("/login", get(super::ui::login_form).post(super::ui::login))
         .route("/logout", axum::routing::post(super::ui::logout))
@@ -185,6 +187,8 @@ pub(crate) struct SiteView {
     pub(crate) drain: Option<crate::edge::drain::Drain>,
     /// Set by the API (kept in overrides.json), on top of the file.
     pub(crate) overridden: bool,
+    /// The staged switch-off plan, if the site has one.
+    pub(crate) stage: Option<crate::stages::Plan>,
 }
 
 pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
@@ -220,6 +224,7 @@ pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
         overridden: load_overrides(&ctx.state_dir)
             .map(|o| o.contains_key(host))
             .unwrap_or(false),
+        stage: ctx.edge.stages().get(host).cloned(),
     })
 }
 
@@ -353,7 +358,7 @@ pub(crate) fn audit_path(ctx: &Ctx) -> std::path::PathBuf {
     ctx.state_dir.join("audit.jsonl")
 }
 
-fn append_audit(ctx: &Ctx, entry: &Value) {
+pub(crate) fn append_audit(ctx: &Ctx, entry: &Value) {
     use std::io::Write;
     let written = std::fs::OpenOptions::new()
         .create(true)
@@ -473,6 +478,32 @@ async fn exposures(
     known(&ctx, &host)?;
     let since = since(&w, 90 * 86_400)?;
     Ok(Json(store(&ctx)?.exposures(&host, since).map_err(unavailable)?).into_response())
+}
+
+async fn stage_change(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(role): Extension<Role>,
+    Path(host): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: super::stage::StageRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "body: {e}; send JSON like {{\"stage\": \"warn\", \"target_pool\": \"closed\"}}"
+            ),
+        ),
+    };
+    match super::stage::change_stage(&ctx, role, &host.to_ascii_lowercase(), req).await {
+        Ok(plan) => Json(plan).into_response(),
+        Err(super::stage::StageRefused::Blocked(reasons)) => (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": "readiness checks failed; fix them, or send \"force\": true (recorded in the audit log)", "reasons": reasons })),
+        )
+            .into_response(),
+        Err(super::stage::StageRefused::Other(status, message)) => error(status, message),
+    }
 }
 
 #[derive(Deserialize)]

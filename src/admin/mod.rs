@@ -10,6 +10,7 @@
 
 mod api;
 pub mod client;
+mod stage;
 mod ui;
 
 use std::collections::HashMap;

@@ -331,6 +331,16 @@ pub(crate) async fn site(
         .map(|p| p.tls.max(p.cleartext))
         .max()
         .unwrap_or(0);
+    if let Some(plan) = &v.stage {
+        body.push_str(&format!(
+            "<div class=card id=stage><p>Switch-off stage: <strong>{}</strong> since {}{}{}{}</p></div>",
+            plan.stage.as_str(),
+            plan.since,
+            plan.target_pool.as_ref().map(|t| format!(", moving to pool <strong>{}</strong>", esc(t))).unwrap_or_default(),
+            plan.sunset.map(|t| format!(", sunset {}", esc(&crate::stages::http_date(t)))).unwrap_or_default(),
+            plan.brownout.map(|b| format!(", brownouts of {} s every {} s from {}", b.duration, b.every, b.start)).unwrap_or_default(),
+        ));
+    }
     body.push_str(&format!(
         "<div class=card><h2>Requests per minute, {label}</h2><p class=legend><i style=\"background:#1e7b34\"></i>over TLS<i style=\"background:#b3261e\"></i>cleartext <span class=muted>(peak {peak} a minute; time runs left to right, up to now)</span></p><figure id=chart>{}</figure></div>",
         chart(&series, from, now + 60)

@@ -23,6 +23,7 @@ use crate::analytics::observe::{self, Network, Outcome, Scheme, TlsVersion};
 use crate::analytics::{self, Analytics, RequestMeta};
 use crate::config::{CleartextMode, HostPattern, ListenerKind};
 use crate::exposure::{self, ExtraPositions, Found};
+use crate::stages::Stage;
 
 /// Bodies the edge sends: the origin's, streamed, or a short one of its own.
 pub(crate) type Body = Either<Incoming, Full<Bytes>>;
@@ -223,16 +224,38 @@ async fn route(
             }
             resp
         }
-        None => match site.mode_on(routes.map_or(site.pool, |r| r.index), analytics::now()) {
-            CleartextMode::Redirect => {
-                let host = request_host(&req).unwrap_or(Cow::Borrowed(""));
-                redirect(site, &host, &req)
+        None => {
+            let plans = conn.shared.stages.load();
+            let plan = plans.get(&site.host.to_string());
+            let mut mode = site.mode_on(routes.map_or(site.pool, |r| r.index), analytics::now());
+            let now = crate::stages::now();
+            if plan.is_some_and(|p| {
+                p.stage >= Stage::Brownout && p.brownout.is_some_and(|b| b.active(now))
+            }) {
+                mode = CleartextMode::Reject;
             }
-            CleartextMode::Allow => forward(&site.origin, req, &conn.client, "http", edge).await,
-            // `closed` cannot be reached on a cleartext port (validation forbids it); should it
-            // ever be, refusing is the only safe answer.
-            CleartextMode::Reject | CleartextMode::Closed => reject(),
-        },
+            let mut resp = match mode {
+                CleartextMode::Redirect => {
+                    let host = request_host(&req).unwrap_or(Cow::Borrowed(""));
+                    redirect(site, &host, &req)
+                }
+                CleartextMode::Allow => {
+                    forward(&site.origin, req, &conn.client, "http", edge).await
+                }
+                // `closed` cannot be reached on a cleartext port (validation forbids it); should
+                // it ever be, refusing is the only safe answer.
+                CleartextMode::Reject | CleartextMode::Closed => reject(),
+            };
+            // Warn: redirect and allow answers say cleartext is going away, and when.
+            if let (Some(p), CleartextMode::Redirect | CleartextMode::Allow) = (plan, mode) {
+                for (name, value) in crate::stages::warn_headers(p) {
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        resp.headers_mut().append(name, v);
+                    }
+                }
+            }
+            resp
+        }
     };
     (resp, site.id, respond)
 }

@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     workers: Vec<tokio::runtime::Handle>,
     /// `None` when `[analytics] enabled = false`.
     pub(crate) analytics: Option<Arc<Analytics>>,
+    /// Staged switch-off plans by site, read per cleartext request.
+    pub(crate) stages: ArcSwap<crate::stages::Plans>,
     /// The exposure response queue; set once at start, with analytics.
     pub(crate) responder: std::sync::OnceLock<Arc<crate::exposure::queue::Responder>>,
 }
@@ -187,6 +189,7 @@ impl Edge {
                 false => None,
             },
             responder: std::sync::OnceLock::new(),
+            stages: ArcSwap::from_pointee(crate::stages::load(&config.state_dir)),
         });
         if config.analytics.enabled {
             // The worker finds each site's live policy through the snapshot; a weak reference
@@ -253,6 +256,18 @@ impl Edge {
             self.shared.shutdown.child_token(),
         ));
         Ok(())
+    }
+
+    /// Replaces the staged switch-off plans (already saved) and rebuilds routes for them.
+    pub async fn set_stages(&self, plans: crate::stages::Plans) -> Result<(), EdgeError> {
+        self.shared.stages.store(Arc::new(plans));
+        let config = (*self.shared.snapshot.load().config).clone();
+        self.reload(config).await
+    }
+
+    /// The live staged switch-off plans.
+    pub fn stages(&self) -> Arc<crate::stages::Plans> {
+        self.shared.stages.load_full()
     }
 
     /// A read-only handle on the edge's counters and analytics, for reporting.

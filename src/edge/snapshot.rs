@@ -182,6 +182,27 @@ impl Snapshot {
         let listeners = config.listeners();
         let previous = shared.snapshot.load();
         let drains = Self::reconcile_drains(&config, &previous, generation);
+        // A site being staged toward a closed pool is served over TLS there already, so the
+        // readiness probe and early clients can use it before the move.
+        for (host, plan) in shared.stages.load().iter() {
+            let target = plan
+                .target_pool
+                .as_deref()
+                .and_then(|t| config.pools.iter().position(|p| p.name == t));
+            let site = config
+                .sites
+                .iter()
+                .position(|s| s.host.to_string() == *host);
+            if let (Some(t), Some(i)) = (target, site) {
+                if config.sites[i].pool != t {
+                    let routes = &mut pools[t];
+                    match &config.sites[i].host {
+                        HostPattern::Exact(h) => routes.exact.entry(h.clone()).or_insert(i),
+                        HostPattern::Wildcard(w) => routes.wildcard.entry(w.clone()).or_insert(i),
+                    };
+                }
+            }
+        }
         for d in &drains {
             let site = config
                 .sites

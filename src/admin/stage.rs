@@ -1,0 +1,316 @@
+//! Stage changes through the admin plane: readiness gates, `force`, the move and its rollback,
+//! persistence and the audit trail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::api::{append_audit, apply_change, site_view, Change, Refused};
+use super::{Ctx, Role};
+use crate::analytics::impact;
+use crate::analytics::store::Store;
+use crate::stages::{self, Brownout, Plan, Stage};
+
+/// Exposures newer than this block a step unless acknowledged.
+const EXPOSURE_WINDOW: u64 = 24 * 3600;
+
+/// A stage change, and plan settings to update with it.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StageRequest {
+    /// The stage to go to; absent: only update the settings.
+    pub(crate) stage: Option<String>,
+    #[serde(default)]
+    pub(crate) force: bool,
+    pub(crate) target_pool: Option<String>,
+    /// The planned closing date, seconds since the epoch.
+    pub(crate) sunset: Option<u64>,
+    pub(crate) notice: Option<String>,
+    pub(crate) brownout: Option<Brownout>,
+    /// Acknowledge the exposures seen so far, so they no longer block a step.
+    #[serde(default)]
+    pub(crate) acknowledge_exposures: bool,
+}
+
+/// Why a stage change did not happen.
+pub(crate) enum StageRefused {
+    /// Readiness checks failed; `force` would override them.
+    Blocked(Vec<String>),
+    Other(StatusCode, String),
+}
+
+/// Readiness checks for going to `to`. Empty: ready.
+async fn gates(ctx: &Ctx, host: &str, plan: &Plan, to: Stage) -> Vec<String> {
+    let mut reasons = Vec::new();
+    let snap = ctx.edge.snapshot();
+    let config = &snap.config;
+    // 1. A live TLS probe through the closed pool the site moves to, certificate verified.
+    match plan
+        .target_pool
+        .as_deref()
+        .and_then(|t| config.pools.iter().find(|p| p.name == t))
+    {
+        None => reasons.push("no target closed pool: set target_pool".to_owned()),
+        Some(p) if !p.is_closed() => reasons.push(format!(
+            "target pool {:?} has cleartext ports: it is not closed",
+            p.name
+        )),
+        Some(p) => {
+            if let Err(e) = self_probe(ctx, host, p).await {
+                reasons.push(format!(
+                    "TLS self-probe through pool {:?} failed: {e}",
+                    p.name
+                ));
+            }
+        }
+    }
+    let now = crate::analytics::now();
+    let store = Store::open_read_only(&Store::path(&config.state_dir)).ok();
+    // 2. The cleartext share, for the steps that take cleartext away for good.
+    if to >= Stage::Move {
+        let since = now.saturating_sub(config.readiness.window.as_secs());
+        match store
+            .as_ref()
+            .map(|s| impact::report(s, host, since, now, &config.readiness))
+        {
+            Some(Ok(r)) if r.cleartext_percent > config.readiness.max_cleartext_percent => reasons
+                .push(format!(
+                    "{:.3}% of requests used cleartext over the last {} days; the threshold is {}%",
+                    r.cleartext_percent,
+                    config.readiness.window.as_secs() / 86_400,
+                    config.readiness.max_cleartext_percent
+                )),
+            Some(Ok(_)) => {}
+            _ => reasons.push("no traffic recorded yet: nothing to base the step on".to_owned()),
+        }
+    }
+    // 3. No fresh exposure, unless acknowledged, from brownout on.
+    if to >= Stage::Brownout {
+        let since = now
+            .saturating_sub(EXPOSURE_WINDOW)
+            .max(plan.exposures_acknowledged_at.unwrap_or(0) + 1);
+        let fresh = store
+            .as_ref()
+            .and_then(|s| s.exposures(host, since).ok())
+            .map_or(0, |e| e.len());
+        if fresh > 0 {
+            reasons.push(format!(
+                "{fresh} credential(s) seen in cleartext in the last 24 hours and not acknowledged: rotate them, then acknowledge"
+            ));
+        }
+    }
+    reasons
+}
+
+/// A TLS handshake with certificate verification and one request through `pool`'s first
+/// address and TLS port, with the site's name.
+async fn self_probe(ctx: &Ctx, host: &str, pool: &crate::config::Pool) -> Result<(), String> {
+    let addr = pool.addresses.first().ok_or("the pool has no address")?;
+    let port = pool.redirect_port();
+    let name = match host.strip_prefix("*.") {
+        Some(suffix) => format!("portcullis-probe.{suffix}"),
+        None => host.to_owned(),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Ok(dev) = crate::tls::load_certs(&crate::tls::DevCa::cert_path(&ctx.state_dir)) {
+        roots.add_parsable_certificates(dev);
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name =
+        rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| e.to_string())?;
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect((*addr, port))
+            .await
+            .map_err(|e| format!("connect {addr}:{port}: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| format!("TLS to {addr}:{port}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::get("/")
+            .header(http::header::HOST, &name)
+            .header(http::header::USER_AGENT, "portcullis-readiness-probe")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        sender.send_request(req).await.map_err(|e| e.to_string())?;
+        Ok::<(), String>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// Applies a stage change (or just settings): gates, the move or its rollback, saving,
+/// routing, audit.
+pub(crate) async fn change_stage(
+    ctx: &Ctx,
+    role: Role,
+    host: &str,
+    req: StageRequest,
+) -> Result<Plan, StageRefused> {
+    let _serial = ctx.changes.lock().await;
+    let Some(view) = site_view(ctx, host) else {
+        return Err(StageRefused::Other(
+            StatusCode::NOT_FOUND,
+            format!("no site {host:?}"),
+        ));
+    };
+    let to = match req.stage.as_deref() {
+        None => None,
+        Some(s) => Some(Stage::parse(s).ok_or_else(|| {
+            StageRefused::Other(
+                StatusCode::BAD_REQUEST,
+                format!("stage {s:?}: use observe, warn, brownout, move or closed"),
+            )
+        })?),
+    };
+    let plans = (*ctx.edge.stages()).clone();
+    let before = plans.get(host).cloned().unwrap_or_else(|| Plan {
+        since: stages::now(),
+        ..Plan::default()
+    });
+    let mut plan = before.clone();
+    if let Some(t) = &req.target_pool {
+        plan.target_pool = Some(t.clone());
+    }
+    if req.sunset.is_some() {
+        plan.sunset = req.sunset;
+    }
+    if req.notice.is_some() {
+        plan.notice = req.notice.clone();
+    }
+    if req.brownout.is_some() {
+        plan.brownout = req.brownout;
+    }
+    if req.acknowledge_exposures {
+        plan.exposures_acknowledged_at = Some(crate::analytics::now());
+    }
+    let mut reasons = Vec::new();
+    let mut plans = plans;
+    if plan.target_pool != before.target_pool {
+        // Serve the site over TLS on its new pool first: the self-probe goes through it.
+        let mut warmed = plans.clone();
+        let mut settings = before.clone();
+        settings.target_pool = plan.target_pool.clone();
+        warmed.insert(host.to_owned(), settings);
+        ctx.edge
+            .set_stages(warmed.clone())
+            .await
+            .map_err(|e| StageRefused::Other(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        plans = warmed;
+    }
+    if let Some(to) = to {
+        if to > plan.stage {
+            reasons = gates(ctx, host, &plan, to).await;
+            if !reasons.is_empty() && !req.force {
+                return Err(StageRefused::Blocked(reasons));
+            }
+        }
+        if to >= Stage::Move && plan.stage < Stage::Move {
+            let Some(target) = plan.target_pool.clone() else {
+                return Err(StageRefused::Other(
+                    StatusCode::CONFLICT,
+                    "moving needs target_pool".into(),
+                ));
+            };
+            plan.previous_pool = Some(view.pool.clone());
+            plan.previous_mode = Some(view.cleartext.to_owned());
+            // Held by this function already: apply_change takes the same lock, so release it.
+            drop(_serial);
+            let change = Change {
+                pool: Some(target),
+                cleartext: Some("closed".into()),
+                ..Change::default()
+            };
+            apply_change(ctx, role, host, change)
+                .await
+                .map_err(refused)?;
+            return finish(ctx, role, host, plans, before, plan, to, req.force, reasons).await;
+        }
+        if to < Stage::Move && plan.stage >= Stage::Move {
+            let change = Change {
+                pool: plan.previous_pool.clone(),
+                cleartext: plan.previous_mode.clone(),
+                ..Change::default()
+            };
+            drop(_serial);
+            apply_change(ctx, role, host, change)
+                .await
+                .map_err(refused)?;
+            return finish(ctx, role, host, plans, before, plan, to, req.force, reasons).await;
+        }
+        drop(_serial);
+        return finish(ctx, role, host, plans, before, plan, to, req.force, reasons).await;
+    }
+    drop(_serial);
+    let stage = plan.stage;
+    finish(ctx, role, host, plans, before, plan, stage, false, reasons).await
+}
+
+fn refused(r: Refused) -> StageRefused {
+    match r {
+        Refused::Invalid(p) => StageRefused::Other(StatusCode::UNPROCESSABLE_ENTITY, p.join("; ")),
+        Refused::Other(s, m) => StageRefused::Other(s, m),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    ctx: &Ctx,
+    role: Role,
+    host: &str,
+    mut plans: stages::Plans,
+    before: Plan,
+    mut plan: Plan,
+    to: Stage,
+    forced: bool,
+    reasons: Vec<String>,
+) -> Result<Plan, StageRefused> {
+    if to != plan.stage {
+        plan.stage = to;
+        plan.since = stages::now();
+    }
+    if plan.stage >= Stage::Warn && plan.deprecated_at.is_none() {
+        plan.deprecated_at = Some(stages::now());
+    }
+    if plan.stage < Stage::Warn {
+        plan.deprecated_at = None;
+    }
+    plans.insert(host.to_owned(), plan.clone());
+    stages::save(&ctx.state_dir, &plans).map_err(|e| {
+        StageRefused::Other(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot save the plan: {e}"),
+        )
+    })?;
+    ctx.edge
+        .set_stages(plans)
+        .await
+        .map_err(|e| StageRefused::Other(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    append_audit(
+        ctx,
+        &json!({
+            "at": crate::analytics::now(),
+            "who": role.as_str(),
+            "site": host,
+            "stage": { "from": before.stage.as_str(), "to": plan.stage.as_str() },
+            "forced": forced && !reasons.is_empty(),
+            "overridden_checks": if forced { reasons } else { Vec::new() },
+            "before": before,
+            "after": plan,
+        }),
+    );
+    Ok(plan)
+}

@@ -1,0 +1,185 @@
+//! Staged switch-off: a site moves from open to closed through observe, warn, brownout, move
+//! and closed, each step guarded by readiness checks, each reversible.
+//!
+//! Plans are kept in `STATE/stages.json` and read by the request path (warn headers, brownout
+//! windows) through the edge's snapshot of them. Time comes from [`now`], which follows
+//! tokio's clock, so schedules can be tested with a paused clock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::analytics::aggregate::Timestamp;
+
+/// The stages, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    #[default]
+    Observe,
+    Warn,
+    Brownout,
+    Move,
+    Closed,
+}
+
+impl Stage {
+    pub fn parse(s: &str) -> Option<Stage> {
+        Some(match s {
+            "observe" => Stage::Observe,
+            "warn" => Stage::Warn,
+            "brownout" => Stage::Brownout,
+            "move" => Stage::Move,
+            "closed" => Stage::Closed,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Observe => "observe",
+            Stage::Warn => "warn",
+            Stage::Brownout => "brownout",
+            Stage::Move => "move",
+            Stage::Closed => "closed",
+        }
+    }
+}
+
+/// Scheduled windows during which cleartext gets the reject answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Brownout {
+    /// First window's start, seconds since the epoch.
+    pub start: Timestamp,
+    /// Length of each window, seconds.
+    pub duration: u64,
+    /// Seconds between window starts; 0: one window only.
+    pub every: u64,
+}
+
+impl Brownout {
+    pub fn active(&self, now: Timestamp) -> bool {
+        if now < self.start {
+            return false;
+        }
+        let since = now - self.start;
+        let offset = if self.every == 0 {
+            since
+        } else {
+            since % self.every
+        };
+        offset < self.duration
+    }
+}
+
+/// One site's migration plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Plan {
+    pub stage: Stage,
+    /// When the site entered its current stage.
+    pub since: Timestamp,
+    /// When warn started (the `Deprecation` date).
+    pub deprecated_at: Option<Timestamp>,
+    /// The planned closing date (the `Sunset` date).
+    pub sunset: Option<Timestamp>,
+    /// Where clients can read about the change (the `Link`).
+    pub notice: Option<String>,
+    pub brownout: Option<Brownout>,
+    /// The closed pool the site moves to.
+    pub target_pool: Option<String>,
+    /// The open pool and mode it had before the move, for a rollback.
+    pub previous_pool: Option<String>,
+    pub previous_mode: Option<String>,
+    /// Exposures seen up to this time are acknowledged: they no longer block a step.
+    pub exposures_acknowledged_at: Option<Timestamp>,
+}
+
+/// Plans by site host.
+pub type Plans = BTreeMap<String, Plan>;
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("stages.json")
+}
+
+pub fn load(state_dir: &Path) -> Plans {
+    std::fs::read_to_string(path(state_dir))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+pub fn save(state_dir: &Path, plans: &Plans) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = path(state_dir).with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(plans).unwrap_or_default(),
+    )?;
+    std::fs::rename(tmp, path(state_dir))
+}
+
+/// Seconds since the epoch for schedules: the wall clock plus an offset that tests move
+/// forward with [`advance`]. (tokio's paused clock does not mix with the real sockets the
+/// tests use: it jumps to the next timer whenever tasks wait on I/O, firing every timeout.)
+pub fn now() -> Timestamp {
+    crate::analytics::now().saturating_add(OFFSET.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+static OFFSET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Moves schedule time forward, for tests.
+pub fn advance(secs: u64) {
+    OFFSET.fetch_add(secs, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// An HTTP-date (RFC 9110) for `Sunset`.
+pub fn http_date(t: Timestamp) -> String {
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+}
+
+/// Headers a cleartext answer carries from the warn stage on.
+pub fn warn_headers(plan: &Plan) -> Vec<(&'static str, String)> {
+    if plan.stage < Stage::Warn {
+        return Vec::new();
+    }
+    let mut h = vec![(
+        "deprecation",
+        format!("@{}", plan.deprecated_at.unwrap_or(plan.since)),
+    )];
+    if let Some(s) = plan.sunset {
+        h.push(("sunset", http_date(s)));
+    }
+    if let Some(n) = &plan.notice {
+        h.push((
+            "link",
+            format!("<{n}>; rel=\"deprecation\", <{n}>; rel=\"sunset\""),
+        ));
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brownout_windows_recur() {
+        let b = Brownout {
+            start: 1000,
+            duration: 60,
+            every: 3600,
+        };
+        assert!(!b.active(999));
+        assert!(b.active(1000));
+        assert!(b.active(1059));
+        assert!(!b.active(1060));
+        assert!(b.active(1000 + 3600 + 30));
+        let once = Brownout {
+            start: 1000,
+            duration: 60,
+            every: 0,
+        };
+        assert!(!once.active(1000 + 3600 + 30));
+    }
+}
