@@ -488,12 +488,14 @@ async fn stage_change(
 ) -> Response {
     let req: super::stage::StageRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(
-            StatusCode::BAD_REQUEST,
-            format!(
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
                 "body: {e}; send JSON like {{\"stage\": \"warn\", \"target_pool\": \"closed\"}}"
             ),
-        ),
+            )
+        }
     };
     match super::stage::change_stage(&ctx, role, &host.to_ascii_lowercase(), req).await {
         Ok(plan) => Json(plan).into_response(),
