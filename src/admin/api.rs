@@ -330,12 +330,19 @@ pub(crate) async fn apply_change(
         .source
         .load(&overrides)
         .map_err(|e| Refused::Invalid(e.lines()))?;
+    let firewall = config.manage_firewall.then(|| config.clone());
     ctx.edge.reload(config).await.map_err(|e| {
         Refused::Other(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("not applied: {e}"),
         )
     })?;
+    if let Some(c) = firewall {
+        // A site moved to a closed pool changes which addresses the kernel must guard.
+        if let Err(e) = crate::firewall::apply(&c) {
+            tracing::error!("nftables table not updated: {e}");
+        }
+    }
     let text = serde_json::to_string_pretty(&overrides).unwrap_or_default();
     if let Err(e) = std::fs::write(overrides_path(&ctx.state_dir), text) {
         tracing::error!(error = %e, "change applied but not saved: it will not survive a restart");
