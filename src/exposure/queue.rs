@@ -136,6 +136,28 @@ pub struct EventRow {
     pub delivered_at: Option<Timestamp>,
 }
 
+/// One `events` row, selected in the column order both queries below use.
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        id: r.get(0)?,
+        site: r.get(1)?,
+        fingerprint: r.get(2)?,
+        kind: r.get(3)?,
+        name: r.get(4)?,
+        policy: r.get(5)?,
+        first_seen: r.get::<_, i64>(6)? as u64,
+        last_seen: r.get::<_, i64>(7)? as u64,
+        count: r.get::<_, i64>(8)? as u64,
+        network: r.get(9)?,
+        family: r.get(10)?,
+        state: r.get(11)?,
+        attempts: r.get::<_, i64>(12)? as u32,
+        next_attempt: r.get::<_, i64>(13)? as u64,
+        last_error: r.get(14)?,
+        delivered_at: r.get::<_, Option<i64>>(15)?.map(|t| t as u64),
+    })
+}
+
 /// Reads the queue and the counters (for the CLI and the API).
 pub fn read(state_dir: &Path, site: Option<&str>) -> Result<(Vec<EventRow>, Counters), String> {
     let path = db_path(state_dir);
@@ -152,26 +174,7 @@ pub fn read(state_dir: &Path, site: Option<&str>) -> Result<(Vec<EventRow>, Coun
         )
         .map_err(err)?;
     let rows = q
-        .query_map(params![site], |r| {
-            Ok(EventRow {
-                id: r.get(0)?,
-                site: r.get(1)?,
-                fingerprint: r.get(2)?,
-                kind: r.get(3)?,
-                name: r.get(4)?,
-                policy: r.get(5)?,
-                first_seen: r.get::<_, i64>(6)? as u64,
-                last_seen: r.get::<_, i64>(7)? as u64,
-                count: r.get::<_, i64>(8)? as u64,
-                network: r.get(9)?,
-                family: r.get(10)?,
-                state: r.get(11)?,
-                attempts: r.get::<_, i64>(12)? as u32,
-                next_attempt: r.get::<_, i64>(13)? as u64,
-                last_error: r.get(14)?,
-                delivered_at: r.get::<_, Option<i64>>(15)?.map(|t| t as u64),
-            })
-        })
+        .query_map(params![site], event_row)
         .map_err(err)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
@@ -459,26 +462,7 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
                     state, attempts, next_attempt, last_error, delivered_at
              FROM events WHERE state = 'pending' AND next_attempt <= ?1 ORDER BY next_attempt LIMIT 32",
         )?;
-        let rows = q.query_map(params![now() as i64], |r| {
-            Ok(EventRow {
-                id: r.get(0)?,
-                site: r.get(1)?,
-                fingerprint: r.get(2)?,
-                kind: r.get(3)?,
-                name: r.get(4)?,
-                policy: r.get(5)?,
-                first_seen: r.get::<_, i64>(6)? as u64,
-                last_seen: r.get::<_, i64>(7)? as u64,
-                count: r.get::<_, i64>(8)? as u64,
-                network: r.get(9)?,
-                family: r.get(10)?,
-                state: r.get(11)?,
-                attempts: r.get::<_, i64>(12)? as u32,
-                next_attempt: r.get::<_, i64>(13)? as u64,
-                last_error: r.get(14)?,
-                delivered_at: None,
-            })
-        })?;
+        let rows = q.query_map(params![now() as i64], event_row)?;
         rows.collect()
     })
     .await;
