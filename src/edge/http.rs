@@ -227,7 +227,8 @@ async fn route(
         None => {
             let plans = conn.shared.stages.load();
             let plan = plans.get(&site.host.to_string());
-            let mut mode = site.mode_on(routes.map_or(site.pool, |r| r.index), analytics::now());
+            let mut mode =
+                site.mode_on(routes.map_or(site.pool, |r| r.index), crate::stages::now());
             let now = crate::stages::now();
             if plan.is_some_and(|p| {
                 p.stage >= Stage::Brownout && p.brownout.is_some_and(|b| b.active(now))

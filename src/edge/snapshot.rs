@@ -247,7 +247,7 @@ impl Snapshot {
         };
         let ttl = config.dns.as_ref().map_or(DEFAULT_DRAIN_TTL, |d| d.ttl);
         let old = (!first).then_some(&*previous.config);
-        let drains = drain::reconcile(old, config, &kept, crate::analytics::now(), ttl);
+        let drains = drain::reconcile(old, config, &kept, crate::stages::now(), ttl);
         if drains != kept {
             for d in drains.iter().filter(|d| !kept.contains(d)) {
                 tracing::info!(site = %d.site, from = %d.from_pool, to = %d.to_pool, until = d.until, "site moved to a closed pool: its old addresses keep its cleartext mode until the old DNS answers expire");
