@@ -103,6 +103,7 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
     for file in [
         "overrides.json",
         "drains.json",
+        "stages.json",
         "audit.jsonl",
         "exposure-events.db",
         "exposure-events.db-wal",
