@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -618,11 +618,7 @@ async fn probe_tls(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &str) -
         let authority = format!("{host}:{}", addr.port());
         report.cleartext_to_tls_port = Some(ask(o, s, &authority, path, None, host).await);
     }
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    for c in &o.ca {
-        let _ = roots.add(c.clone());
-    }
+    let roots = crate::tls::trust_anchors(&o.ca);
     let inner =
         match WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
             .build()

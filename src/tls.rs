@@ -67,6 +67,32 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// The system's trust anchors plus `extra`. The system store is read once per process.
+pub fn trust_anchors(extra: &[CertificateDer<'static>]) -> rustls::RootCertStore {
+    static SYSTEM: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    let system = SYSTEM.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %e, "reading system trust anchors");
+        }
+        roots.add_parsable_certificates(found.certs);
+        roots
+    });
+    let mut roots = system.clone();
+    roots.add_parsable_certificates(extra.iter().cloned());
+    roots
+}
+
+/// A verifying TLS 1.2/1.3 client config trusting the system anchors plus `extra`: every
+/// outgoing TLS connection (origins, webhooks, probes, the CLI) starts from this.
+pub fn client_config(extra: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(trust_anchors(extra))
+        .with_no_client_auth())
+}
+
 /// A certificate chain and its private key, checked to belong together.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = load_certs(cert)?;

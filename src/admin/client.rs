@@ -8,7 +8,6 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use rustls::RootCertStore;
 
 /// Why a CLI call to the admin API failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,22 +46,15 @@ pub async fn call(
         .trim_matches(['[', ']'])
         .to_owned();
     let port = uri.port_u16().unwrap_or(443);
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if let Some(ca) = ca {
-        for c in crate::tls::load_certs(ca)? {
-            let _ = roots.add(c);
-        }
-    }
+    let extra = match ca {
+        Some(ca) => crate::tls::load_certs(ca)?,
+        None => Vec::new(),
+    };
     let unreachable = |reason: String| ClientError::Unreachable {
         addr: admin.to_owned(),
         reason,
     };
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| unreachable(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = crate::tls::client_config(&extra)?;
     let name = ServerName::try_from(host.clone())
         .map_err(|_| ClientError::BadAddress(admin.to_owned()))?;
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))

@@ -114,16 +114,9 @@ async fn self_probe(ctx: &Ctx, host: &str, pool: &crate::config::Pool) -> Result
         Some(suffix) => format!("portcullis-probe.{suffix}"),
         None => host.to_owned(),
     };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if let Ok(dev) = crate::tls::load_certs(&crate::tls::DevCa::cert_path(&ctx.state_dir)) {
-        roots.add_parsable_certificates(dev);
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let dev =
+        crate::tls::load_certs(&crate::tls::DevCa::cert_path(&ctx.state_dir)).unwrap_or_default();
+    let cfg = crate::tls::client_config(&dev).map_err(|e| e.to_string())?;
     let server_name =
         rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| e.to_string())?;
     let work = async {

@@ -3,7 +3,6 @@
 
 use std::error::Error as _;
 use std::net::IpAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
@@ -58,18 +57,7 @@ impl OriginClient {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(edge.origin_connect_timeout));
         let connector = if site.origin.is_https() {
-            let mut roots = RootCertStore::empty();
-            roots.extend(system_roots().roots.iter().cloned());
-            for ca in &site.origin_ca {
-                roots
-                    .add(ca.clone())
-                    .map_err(|e| format!("origin_ca: {e}"))?;
-            }
-            let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let cfg = tls::client_config(&site.origin_ca).map_err(|e| e.to_string())?;
             hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(cfg)
                 .https_only()
@@ -91,26 +79,13 @@ impl OriginClient {
     }
 }
 
+/// For plain-http origins the connector never uses TLS; it still needs a config.
 fn empty_client_config() -> Result<rustls::ClientConfig, String> {
     Ok(rustls::ClientConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(RootCertStore::empty())
         .with_no_client_auth())
-}
-
-/// System trust anchors, read once per process.
-fn system_roots() -> &'static RootCertStore {
-    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let mut roots = RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        for e in &found.errors {
-            tracing::warn!(error = %e, "reading system trust anchors");
-        }
-        roots.add_parsable_certificates(found.certs);
-        roots
-    })
 }
 
 /// Sends `req` to the site's origin and returns its response, or 502/504 of our own.

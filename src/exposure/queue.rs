@@ -540,16 +540,7 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
 
 /// POSTs one signed event. Only 2xx counts as delivered.
 async fn post(policy: &ExposureResponse, id: &str, body: Vec<u8>) -> Result<(), String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    for c in &policy.ca {
-        let _ = roots.add(c.clone());
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = crate::tls::client_config(&policy.ca).map_err(|e| e.to_string())?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(cfg)
         .https_only()
