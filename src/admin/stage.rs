@@ -204,52 +204,45 @@ pub(crate) async fn change_stage(
             .map_err(|e| StageRefused::Other(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         plans = warmed;
     }
-    if let Some(to) = to {
-        if to > plan.stage {
-            reasons = gates(ctx, host, &plan, to).await;
-            if !reasons.is_empty() && !req.force {
-                return Err(StageRefused::Blocked(reasons));
-            }
+    let to = to.unwrap_or(plan.stage);
+    if to > plan.stage {
+        reasons = gates(ctx, host, &plan, to).await;
+        if !reasons.is_empty() && !req.force {
+            return Err(StageRefused::Blocked(reasons));
         }
-        if to >= Stage::Move && plan.stage < Stage::Move {
-            let Some(target) = plan.target_pool.clone() else {
-                return Err(StageRefused::Other(
-                    StatusCode::CONFLICT,
-                    "moving needs target_pool".into(),
-                ));
-            };
-            plan.previous_pool = Some(view.pool.clone());
-            plan.previous_mode = Some(view.cleartext.to_owned());
-            // Held by this function already: apply_change takes the same lock, so release it.
-            drop(_serial);
-            let change = Change {
-                pool: Some(target),
-                cleartext: Some("closed".into()),
-                ..Change::default()
-            };
-            apply_change(ctx, role, host, change)
-                .await
-                .map_err(refused)?;
-            return finish(ctx, role, host, plans, before, plan, to, req.force, reasons).await;
-        }
-        if to < Stage::Move && plan.stage >= Stage::Move {
-            let change = Change {
-                pool: plan.previous_pool.clone(),
-                cleartext: plan.previous_mode.clone(),
-                ..Change::default()
-            };
-            drop(_serial);
-            apply_change(ctx, role, host, change)
-                .await
-                .map_err(refused)?;
-            return finish(ctx, role, host, plans, before, plan, to, req.force, reasons).await;
-        }
-        drop(_serial);
-        return finish(ctx, role, host, plans, before, plan, to, req.force, reasons).await;
     }
+    // Crossing the move changes the site's pool, through the same path as an API change.
+    let pool_change = if to >= Stage::Move && plan.stage < Stage::Move {
+        let Some(target) = plan.target_pool.clone() else {
+            return Err(StageRefused::Other(
+                StatusCode::CONFLICT,
+                "moving needs target_pool".into(),
+            ));
+        };
+        plan.previous_pool = Some(view.pool.clone());
+        plan.previous_mode = Some(view.cleartext.to_owned());
+        Some(Change {
+            pool: Some(target),
+            cleartext: Some("closed".into()),
+            ..Change::default()
+        })
+    } else if to < Stage::Move && plan.stage >= Stage::Move {
+        Some(Change {
+            pool: plan.previous_pool.clone(),
+            cleartext: plan.previous_mode.clone(),
+            ..Change::default()
+        })
+    } else {
+        None
+    };
+    // apply_change takes the same lock.
     drop(_serial);
-    let stage = plan.stage;
-    finish(ctx, role, host, plans, before, plan, stage, false, reasons).await
+    if let Some(change) = pool_change {
+        apply_change(ctx, role, host, change)
+            .await
+            .map_err(refused)?;
+    }
+    finish(ctx, role, host, plans, before, plan, to, req.force, reasons).await
 }
 
 fn refused(r: Refused) -> StageRefused {

@@ -165,7 +165,9 @@ async fn route(
 ) -> (Response<Body>, SiteId, Respond) {
     let snap = conn.shared.snapshot.load_full();
     let routes = snap.pool_for(&conn.key, &conn.pool);
-    let site_idx = request_host(&req).and_then(|host| routes?.find(&host));
+    let host = request_host(&req);
+    let has_host = host.is_some();
+    let site_idx = host.and_then(|host| routes?.find(&host));
     let site = site_idx.and_then(|i| snap.sites.get(i));
     let mut respond: Respond = None;
     if let (Some((a, found)), None) = (analytics, &conn.sni) {
@@ -184,7 +186,7 @@ async fn route(
         );
         if let (Some(p), Some(s)) = (policy, site) {
             if !found.is_empty() {
-                respond = Some((s.host.to_string(), p, secrets));
+                respond = Some((s.name.clone(), p, secrets));
             }
         }
     }
@@ -198,7 +200,7 @@ async fn route(
             None,
         );
     }
-    if request_host(&req).is_none() {
+    if !has_host {
         return (
             text(
                 StatusCode::BAD_REQUEST,
@@ -226,7 +228,7 @@ async fn route(
         }
         None => {
             let plans = conn.shared.stages.load();
-            let plan = plans.get(&site.host.to_string());
+            let plan = plans.get(&site.name);
             let mut mode =
                 site.mode_on(routes.map_or(site.pool, |r| r.index), crate::stages::now());
             let now = crate::stages::now();

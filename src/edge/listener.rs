@@ -338,7 +338,7 @@ async fn cleartext_on_tls_port(
                 if !found.is_empty() {
                     let family = obs.family;
                     r.offer(
-                        &s.host.to_string(),
+                        &s.name,
                         &p,
                         &found,
                         secrets,

@@ -198,11 +198,7 @@ impl Edge {
             let policies: crate::exposure::queue::PolicySource = Arc::new(move |host: &str| {
                 let shared = weak.upgrade()?;
                 let snap = shared.snapshot.load();
-                snap.sites
-                    .iter()
-                    .find(|s| s.host.to_string() == host)?
-                    .response
-                    .clone()
+                snap.sites.iter().find(|s| s.name == host)?.response.clone()
             });
             let r = crate::exposure::queue::Responder::start(
                 config.exposure.clone(),

@@ -62,6 +62,8 @@ impl PoolRoutes {
 /// A site with everything a request needs, prepared once per snapshot.
 pub(crate) struct SiteRuntime {
     pub(crate) host: HostPattern,
+    /// `host` as text, made once: stage plans and exposure events are keyed by it.
+    pub(crate) name: String,
     pub(crate) mode: CleartextMode,
     /// `Strict-Transport-Security` value, `None` when disabled.
     pub(crate) hsts: Option<HeaderValue>,
@@ -166,6 +168,7 @@ impl Snapshot {
                 pool: site.pool,
                 drain: None,
                 response: site.response.clone().map(Arc::new),
+                name: site.host.to_string(),
                 host: site.host.clone(),
                 mode: site.cleartext,
                 hsts,
