@@ -239,3 +239,89 @@ fn another_program_listening_on_a_closed_address_cleartext_port_is_warned_about(
     let (_, stdout, _) = check(&path);
     assert!(!stdout.contains("warning"), "{stdout}");
 }
+
+#[test]
+fn cleartext_admin_and_unsafe_webhooks_are_rejected() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "short").expect("secret");
+    let text = format!(
+        r#"
+[admin]
+listen = "http://127.0.0.1:9443"
+[[pool]]
+name = "open"
+addresses = ["192.0.2.20"]
+tls_ports = [443]
+cleartext_ports = [80]
+[[site]]
+host = "plain-hook.test"
+pool = "open"
+origin = "http://127.0.0.1:9"
+cleartext = "reject"
+exposure_response = "revoke"
+webhook = {{ url = "http://hooks.example/x", secret_file = "{secret}" }}
+[[site]]
+host = "weak-secret.test"
+pool = "open"
+origin = "http://127.0.0.1:9"
+cleartext = "reject"
+exposure_response = "notify"
+webhook = {{ url = "https://hooks.example/x", secret_file = "{secret}", include_raw = true }}
+[[site]]
+host = "no-hook.test"
+pool = "open"
+origin = "http://127.0.0.1:9"
+cleartext = "reject"
+exposure_response = "notify"
+"#,
+        secret = secret.display()
+    );
+    let path = write(dir.path(), &text);
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    for fragment in [
+        "admin.listen = \"http://127.0.0.1:9443\": the admin plane is HTTPS-only",
+        "plain-hook.test",
+        "an https:// URL",
+        "the secret needs at least 16 bytes",
+        "no-hook.test",
+        "notify and revoke need webhook",
+    ] {
+        assert!(stderr.contains(fragment), "{fragment:?} not in:\n{stderr}");
+    }
+    let path = write(
+        dir.path(),
+        "[admin]\nlisten = \"127.0.0.1:9443\"\ntls = false\n",
+    );
+    let (ok, _, stderr) = check(&path);
+    assert!(
+        !ok && stderr.contains("admin.tls = false: the admin plane is HTTPS-only"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn hash_token_prints_the_digest_the_config_expects() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("hash-token")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"my-read-only-token\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    // SHA-256 of the token without its newline, computed independently of portcullis.
+    let want: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"my-read-only-token")
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
+}

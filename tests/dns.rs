@@ -615,3 +615,67 @@ async fn a_site_moved_to_a_closed_pool_drains_from_its_old_addresses() {
 fn h_roots(state: &std::path::Path) -> rustls::RootCertStore {
     support::roots_from(&state.join("dev-ca.pem"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_serve_answers_without_the_edge_and_reloads_on_sighup() {
+    // Documentation addresses: `dns serve` binds only the DNS socket, never the pools.
+    let dns = SocketAddr::from((loopback(), 5353));
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("dns.toml");
+    let write = |addr: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[dns]\nlisten = \"{dns}\"\nzones = [\"example.test\"]\n[[pool]]\nname = \"p\"\naddresses = [\"{addr}\"]\ntls_ports = [443]\n[[site]]\nhost = \"www.example.test\"\npool = \"p\"\norigin = \"http://127.0.0.1:9\"\n"
+            ),
+        )
+        .expect("write")
+    };
+    write("192.0.2.10");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["dns", "serve", "--workers", "1", "-c"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dns serve");
+    let answer = || async {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.ok()?;
+        sock.send_to(&query("www.example.test.", RecordType::A, true), dns)
+            .await
+            .ok()?;
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(addresses(&Message::from_vec(&buf[..n]).ok()?))
+    };
+    let mut first = None;
+    for _ in 0..50 {
+        first = answer().await;
+        if first.is_some() {
+            break;
+        }
+    }
+    assert_eq!(
+        first,
+        Some(vec!["192.0.2.10".parse::<IpAddr>().expect("ip")])
+    );
+    write("192.0.2.20");
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if answer().await == Some(vec!["192.0.2.20".parse::<IpAddr>().expect("ip")]) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(reloaded, "SIGHUP changed the answer");
+}

@@ -444,3 +444,51 @@ async fn a_flood_of_fake_credentials_is_limited_coalesced_and_counted() {
         portcullis::exposure::queue::read(&state, Some("legacy.test")).expect("queue");
     assert_eq!(counters.dropped_network_rate, 17);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_whose_certificate_is_not_trusted_gets_nothing() {
+    let trusted = TestCa::new();
+    let other = TestCa::new();
+    let files = tempfile::tempdir().expect("tmp");
+    let ca_file = trusted.write_ca(files.path());
+    let port = free_port();
+    // The receiver's certificate comes from a CA the site does not trust.
+    let (got, _rx) = receiver(&other, port).await;
+    let open = loopback();
+    let h = Harness::start(&config(files.path(), open, port, &ca_file, "")).await;
+    let clear = SocketAddr::from((open, 6080));
+    assert_eq!(
+        http(
+            clear,
+            with_key("notify.test", "x-api-key", "key-for-an-impostor")
+        )
+        .await
+        .status,
+        403
+    );
+    let state = h.dir.path().join("state");
+    wait_until("a failed attempt is recorded", || {
+        let state = state.clone();
+        async move {
+            portcullis::exposure::queue::read(&state, None)
+                .map(|(e, _)| e.len() == 1 && e[0].attempts >= 1)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let (events, _) = portcullis::exposure::queue::read(&state, None).expect("queue");
+    assert_eq!(events[0].state, "pending");
+    assert!(
+        events[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("certificate"),
+        "{:?}",
+        events[0].last_error
+    );
+    assert!(
+        got.lock().expect("lock").is_empty(),
+        "nothing reached the untrusted receiver"
+    );
+}

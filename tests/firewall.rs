@@ -66,8 +66,9 @@ fn curl(ns: &str, url: &str) -> i32 {
     }
 }
 
-#[test]
-fn the_table_resets_cleartext_on_closed_addresses_counts_it_and_goes_away() {
+/// A fresh network namespace with loopback up, removed when the guard drops. Needs root and
+/// the tools the tests drive; says which Debian package is missing.
+fn fresh_netns(prefix: &str) -> Netns {
     let uid = Command::new("id").arg("-u").output().expect("id");
     assert_eq!(
         String::from_utf8_lossy(&uid.stdout).trim(),
@@ -90,7 +91,7 @@ fn the_table_resets_cleartext_on_closed_addresses_counts_it_and_goes_away() {
         );
     }
     let name = format!(
-        "pc{}x{}",
+        "{prefix}{}x{}",
         std::process::id(),
         support::loopback().octets()[2]
     );
@@ -99,11 +100,18 @@ fn the_table_resets_cleartext_on_closed_addresses_counts_it_and_goes_away() {
         .status()
         .expect("ip")
         .success());
-    let mut ns = Netns {
+    let ns = Netns {
         name: name.clone(),
         listener: None,
     };
     assert!(run(&name, &["ip", "link", "set", "lo", "up"]).0);
+    ns
+}
+
+#[test]
+fn the_table_resets_cleartext_on_closed_addresses_counts_it_and_goes_away() {
+    let mut ns = fresh_netns("pc");
+    let name = ns.name.clone();
     // Another program holds a wildcard cleartext port: without the table, the closed address
     // would accept cleartext.
     ns.listener = Some(
@@ -200,27 +208,8 @@ cleartext = "reject"
 
 #[test]
 fn serve_keeps_the_table_and_counts_refused_knocks_into_analytics() {
-    let uid = Command::new("id").arg("-u").output().expect("id");
-    assert_eq!(
-        String::from_utf8_lossy(&uid.stdout).trim(),
-        "0",
-        "this test needs root (network namespaces, nftables)"
-    );
-    let name = format!(
-        "pd{}x{}",
-        std::process::id(),
-        support::loopback().octets()[2]
-    );
-    assert!(Command::new("ip")
-        .args(["netns", "add", &name])
-        .status()
-        .expect("ip")
-        .success());
-    let mut ns = Netns {
-        name: name.clone(),
-        listener: None,
-    };
-    assert!(run(&name, &["ip", "link", "set", "lo", "up"]).0);
+    let mut ns = fresh_netns("pd");
+    let name = ns.name.clone();
     let dir = tempfile::tempdir().expect("tmp");
     let state = dir.path().join("state");
     let config = dir.path().join("portcullis.toml");

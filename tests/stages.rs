@@ -326,3 +326,47 @@ async fn move_is_blocked_by_the_cleartext_share_forced_with_an_audit_trail_and_r
         "observe sends no warning"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_seen_in_cleartext_blocks_the_brownout_until_acknowledged() {
+    let s = setup().await;
+    let (status, _) = s
+        .stage(serde_json::json!({ "stage": "warn", "target_pool": "closed" }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let req = Request::get("/cart")
+        .header("host", "shop.test")
+        .header("authorization", "Bearer leaked-token")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    assert_eq!(
+        http(SocketAddr::from((s.open, 3080)), req).await.status,
+        301
+    );
+    let state = s.dir.path().join("state");
+    wait_until("the exposure is stored", || {
+        let state = state.clone();
+        async move {
+            portcullis::analytics::store::Store::open_read_only(
+                &portcullis::analytics::store::Store::path(&state),
+            )
+            .and_then(|st| st.exposures("shop.test", 0))
+            .map(|e| e.len() == 1)
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    let (status, body) = s.stage(serde_json::json!({ "stage": "brownout" })).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["reasons"].to_string().contains("not acknowledged"),
+        "{body}"
+    );
+    // Acknowledged (the key was rotated): the same step goes through, unforced.
+    let (status, plan) = s
+        .stage(serde_json::json!({ "stage": "brownout", "acknowledge_exposures": true }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    let last = s.audit().into_iter().last().expect("audit");
+    assert_eq!(last["forced"], false);
+}
