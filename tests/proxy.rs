@@ -190,6 +190,140 @@ async fn origin_connections_are_pooled_and_kept_alive() {
 }
 
 #[tokio::test]
+async fn chunked_responses_keep_the_origin_connection_and_closed_ones_are_replaced() {
+    let s = setup("").await;
+    for _ in 0..3 {
+        let got = https(
+            s.a,
+            "app.test",
+            s.h.roots(),
+            false,
+            get("https://app.test/chunked"),
+        )
+        .await;
+        assert_eq!(
+            (got.status.as_u16(), got.body.as_str()),
+            (200, "one\ntwo\n")
+        );
+    }
+    assert_eq!(
+        s.origin.conns.load(Ordering::Relaxed),
+        1,
+        "a chunked response read to its end returns the connection to the pool"
+    );
+    // The origin closes the connection after each of these answers: every next request must
+    // find a new connection, not fail on the closed one.
+    for i in 0..3 {
+        let got = https(
+            s.a,
+            "app.test",
+            s.h.roots(),
+            true,
+            get_h2("https://app.test/close"),
+        )
+        .await;
+        assert_eq!(
+            (got.status.as_u16(), got.body.as_str()),
+            (200, "closing\n"),
+            "request {i}"
+        );
+    }
+    let got = https(
+        s.a,
+        "app.test",
+        s.h.roots(),
+        false,
+        get("https://app.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(s.origin.conns.load(Ordering::Relaxed), 4);
+}
+
+#[tokio::test]
+async fn origin_connections_idle_past_origin_idle_timeout_are_closed() {
+    let origin = TestOrigin::start().await;
+    let ip = loopback();
+    let h = Harness::start(&format!(
+        r#"
+[state]
+dir = "STATE"
+[edge]
+origin_idle_timeout = "200ms"
+[[pool]]
+name = "main"
+addresses = ["{ip}"]
+tls_ports = [7443]
+[[site]]
+host = "app.test"
+pool = "main"
+origin = "{o}"
+"#,
+        o = origin.url()
+    ))
+    .await;
+    let a = SocketAddr::from((ip, 7443));
+    for _ in 0..2 {
+        let got = https(a, "app.test", h.roots(), false, get("https://app.test/")).await;
+        assert_eq!(got.status, 200);
+    }
+    assert_eq!(
+        origin.conns.load(Ordering::Relaxed),
+        1,
+        "reused while fresh"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let got = https(a, "app.test", h.roots(), false, get("https://app.test/")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        origin.conns.load(Ordering::Relaxed),
+        2,
+        "the idle connection was closed and a new one opened"
+    );
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandons_does_not_leave_its_origin_connection_in_the_pool() {
+    let s = setup("").await;
+    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
+        .await
+        .expect("tls");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    let conn = tokio::spawn(conn);
+    let resp = sender
+        .send_request(get_h2("https://app.test/stream"))
+        .await
+        .expect("resp");
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("frame").expect("ok");
+    assert_eq!(first.into_data().expect("data"), "first\n");
+    // The client goes away mid-response.
+    drop((body, sender));
+    conn.abort();
+    // The origin connection still carries the rest of /stream: a new request must not be
+    // queued behind it.
+    for _ in 0..2 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            https(
+                s.a,
+                "app.test",
+                s.h.roots(),
+                false,
+                get("https://app.test/"),
+            ),
+        )
+        .await
+        .expect("answered on another origin connection");
+        assert_eq!(got.status, 200);
+    }
+    assert_eq!(s.origin.conns.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
 async fn response_bodies_stream_without_waiting_for_the_end() {
     let s = setup("").await;
     let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))

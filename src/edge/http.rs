@@ -26,7 +26,7 @@ use crate::exposure::{self, ExtraPositions, Found};
 use crate::stages::Stage;
 
 /// Bodies the edge sends: the origin's, streamed, or a short one of its own.
-pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+pub(crate) type Body = Either<super::proxy::OriginBody, Full<Bytes>>;
 
 /// The 403 body of `reject` mode. It names no credential and echoes nothing.
 pub const REJECT_BODY: &str =

@@ -1,20 +1,27 @@
 //! Forwarding to origins: a pooled keep-alive client per site (certificate-verified for
 //! `https://` origins), hop-by-hop headers removed, forwarding headers set, bodies streamed.
 
-use std::error::Error as _;
+use hyper::body::Body as _;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
+use tower_service::Service as _;
 
 use super::http::{text, Body};
 use super::workers;
@@ -26,11 +33,102 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// A site's way to its origin: one pooled client per worker, so an origin connection is only
-/// ever used by the worker thread that drives it.
+/// Idle origin connections kept per worker and site.
+const POOL_MAX_IDLE: usize = 1024;
+
+/// A site's way to its origin: a pool of keep-alive HTTP/1.1 connections per worker, so an
+/// origin connection is only ever used by the worker thread that drives it.
+///
+/// This is hyper's connection-level client with a pool of our own rather than
+/// hyper-util's pooled client: on a single-threaded worker the pool is a stack behind an
+/// uncontended lock, a connection goes back to it when the response body ends (no task per
+/// request to watch for that), and no hashing of the origin's address per request.
 pub(crate) struct OriginClient {
-    clients: Vec<Client<HttpsConnector<HttpConnector>, Incoming>>,
+    pools: Vec<Arc<Pool>>,
+    connector: HttpsConnector<HttpConnector>,
     origin: Origin,
+    /// The origin as a URI, for the connector.
+    target: Uri,
+}
+
+/// Idle connections to one origin on one worker, most recently used last.
+struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    /// How long a connection may stay idle.
+    keep: Duration,
+    /// Whether the task that closes connections idle too long runs.
+    sweeping: AtomicBool,
+}
+
+struct Idle {
+    tx: SendRequest<Incoming>,
+    since: Instant,
+}
+
+impl Pool {
+    fn new(keep: Duration) -> Pool {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            keep,
+            sweeping: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection that can take a request now.
+    fn checkout(&self) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.lock();
+        while let Some(c) = idle.pop() {
+            if c.tx.is_ready() {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    fn checkin(self: &Arc<Self>, tx: SendRequest<Incoming>) {
+        {
+            let mut idle = self.lock();
+            if idle.len() >= POOL_MAX_IDLE {
+                idle.remove(0);
+            }
+            idle.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(sweep(Arc::downgrade(self)));
+            }
+        }
+    }
+}
+
+/// Closes a pool's connections once idle longer than its limit (within a quarter more), and
+/// ends with the pool.
+async fn sweep(pool: Weak<Pool>) {
+    let every = match pool.upgrade() {
+        Some(p) => (p.keep / 4).max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut idle = pool.lock();
+        // Oldest first: the stale ones are a prefix.
+        let stale = idle
+            .iter()
+            .take_while(|c| now.duration_since(c.since) >= pool.keep)
+            .count();
+        idle.drain(..stale);
+    }
 }
 
 impl OriginClient {
@@ -39,19 +137,6 @@ impl OriginClient {
         edge: &EdgeSettings,
         workers: usize,
     ) -> Result<OriginClient, String> {
-        let clients = (0..workers.max(1))
-            .map(|_| Self::client(site, edge))
-            .collect::<Result<_, _>>()?;
-        Ok(OriginClient {
-            clients,
-            origin: site.origin.clone(),
-        })
-    }
-
-    fn client(
-        site: &Site,
-        edge: &EdgeSettings,
-    ) -> Result<Client<HttpsConnector<HttpConnector>, Incoming>, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -70,12 +155,117 @@ impl OriginClient {
                 .enable_http1()
                 .wrap_connector(http)
         };
-        Ok(Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            // Origins usually keep idle connections 60 to 75 s; close ours first.
-            .pool_idle_timeout(Duration::from_secs(50))
-            .pool_max_idle_per_host(1024)
-            .build(connector))
+        let target = Uri::builder()
+            .scheme(site.origin.scheme.clone())
+            .authority(site.origin.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("origin {}: {e}", site.origin))?;
+        Ok(OriginClient {
+            pools: (0..workers.max(1))
+                .map(|_| Arc::new(Pool::new(edge.origin_idle_timeout)))
+                .collect(),
+            connector,
+            origin: site.origin.clone(),
+            target,
+        })
+    }
+
+    /// Sends `req` on a pooled connection, or a new one. A pooled connection the origin closed
+    /// just before we wrote to it hands the request back unsent; it is then sent once more on a
+    /// new connection.
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<OriginBody>, Box<dyn std::error::Error + Send + Sync>> {
+        let pool = &self.pools[workers::current() % self.pools.len()];
+        loop {
+            let (mut tx, pooled) = match pool.checkout() {
+                Some(tx) => (tx, true),
+                None => (self.connect().await?, false),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let pool = pool.clone();
+                    return Ok(resp.map(|body| OriginBody {
+                        body,
+                        done: false,
+                        back: Some((tx, pool)),
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => req = unsent,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<SendRequest<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+        let io = self.connector.clone().call(self.target.clone()).await?;
+        let (tx, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "origin connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+}
+
+/// An origin's response body, streamed; once it has been read to its end, the connection
+/// returns to its pool.
+pub(crate) struct OriginBody {
+    body: Incoming,
+    done: bool,
+    back: Option<(SendRequest<Incoming>, Arc<Pool>)>,
+}
+
+impl hyper::body::Body for OriginBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = r {
+            self.done = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for OriginBody {
+    fn drop(&mut self) {
+        // A body dropped before its end leaves the connection mid-response: it is closed.
+        if !(self.done || self.body.is_end_stream()) {
+            return;
+        }
+        let Some((mut tx, pool)) = self.back.take() else {
+            return;
+        };
+        if tx.is_ready() {
+            pool.checkin(tx);
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // The connection task has not yet seen the end of the response.
+            rt.spawn(async move {
+                if tx.ready().await.is_ok() {
+                    pool.checkin(tx);
+                }
+            });
+        }
     }
 }
 
@@ -101,23 +291,13 @@ pub(crate) async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
+    // Origin-form: the connection already goes to the origin.
     let pq = req
         .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let uri = Uri::builder()
-        .scheme(origin.origin.scheme.clone())
-        .authority(origin.origin.authority.clone())
-        .path_and_query(pq)
-        .build();
-    let Ok(uri) = uri else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: unusable request target.\n",
-        );
-    };
-    *req.uri_mut() = uri;
+    *req.uri_mut() = Uri::from(pq);
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
@@ -132,16 +312,14 @@ pub(crate) async fn forward(
         headers.insert(HOST, h);
     }
 
-    let client = &origin.clients[workers::current() % origin.clients.len()];
-    let sent = tokio::time::timeout(edge.origin_response_timeout, client.request(req)).await;
-    match sent {
+    match tokio::time::timeout(edge.origin_response_timeout, origin.send(req)).await {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
             resp.map(Either::Left)
         }
-        Ok(Err(e)) if is_timeout(&e) => gateway_timeout(),
+        Ok(Err(e)) if is_timeout(&*e) => gateway_timeout(),
         Ok(Err(e)) => {
-            tracing::warn!(origin = %origin.origin, error = %error_chain(&e), "origin unreachable");
+            tracing::warn!(origin = %origin.origin, error = %error_chain(&*e), "origin unreachable");
             text(
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: the origin server could not be reached.\n",
@@ -158,8 +336,8 @@ fn gateway_timeout() -> Response<Body> {
     )
 }
 
-fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.source();
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {

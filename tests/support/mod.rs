@@ -293,6 +293,8 @@ pub fn get_h2(url: &str) -> Request<Full<Bytes>> {
 /// - `/slow/MS`: answers after MS milliseconds;
 /// - `/stream`: sends "first\n" at once, then "second\n" after `/release` is requested;
 /// - `/echo-body`: streams the request body back as it arrives;
+/// - `/chunked`: two chunks at once, with no length (chunked transfer coding);
+/// - `/close`: answers with `Connection: close`, then closes;
 /// - anything else: the method, path and every request header, one per line.
 pub struct TestOrigin {
     pub addr: SocketAddr,
@@ -414,6 +416,21 @@ async fn origin_handle(
         });
         let body = StreamBody::new(tokio_stream_from(rx));
         return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    if path == "/chunked" {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+        let _ = tx.try_send(Ok(Frame::data(Bytes::from("one\n"))));
+        let _ = tx.try_send(Ok(Frame::data(Bytes::from("two\n"))));
+        return Ok(Response::new(BodyExt::boxed(StreamBody::new(
+            tokio_stream_from(rx),
+        ))));
+    }
+    if path == "/close" {
+        let resp = Response::builder()
+            .header("connection", "close")
+            .body(Full::new(Bytes::from("closing\n")).boxed())
+            .expect("response");
+        return Ok(resp);
     }
     if path == "/echo-body" {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
