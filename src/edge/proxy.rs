@@ -5,7 +5,7 @@ use hyper::body::Body as _;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -301,15 +301,10 @@ pub(crate) async fn forward(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    // RFC 7239: `host` is the Host header as the proxy received it. It is safe to quote: it
-    // matched a configured site, so it is a DNS name with at most a numeric port.
-    let host = authority_for_host
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    set_forwarding(headers, client, proto, host);
-    if let Some(h) = authority_for_host {
-        headers.insert(HOST, h);
+    let host = authority_for_host.unwrap_or(HeaderValue::from_static(""));
+    set_forwarding(headers, client, proto, &host);
+    if !host.is_empty() {
+        headers.insert(HOST, host);
     }
 
     match tokio::time::timeout(edge.origin_response_timeout, origin.send(req)).await {
@@ -363,27 +358,36 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Removes headers that describe one connection (RFC 9110 section 7.6.1), including those
 /// the Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these: one scan of the names is cheaper than a hashed
-    // removal per hop-by-hop header.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
+    // One scan of the names finds which are present; most messages carry none, or only
+    // `Connection: keep-alive`, and then nothing else is hashed or allocated.
+    let mut present = [false; HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(name);
     }
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Connection first: `strip_hop_by_hop` reads the names it lists.
+const HOP_COUNT: usize = 8;
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -394,16 +398,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-}
-
 /// How a client address is written in forwarding headers, prepared once per connection.
 pub(crate) struct ClientAddr {
     /// `X-Forwarded-For` value.
     xff: HeaderValue,
     /// `for=` parameter of `Forwarded` (RFC 7239: IPv6 quoted and bracketed).
     node: String,
+    /// The `Forwarded` value of the connection's first request, with the host and protocol
+    /// it was made for: later requests on the connection nearly always name the same host.
+    forwarded: OnceLock<(HeaderValue, &'static str, HeaderValue)>,
 }
 
 impl ClientAddr {
@@ -424,15 +427,40 @@ impl ClientAddr {
             xff: HeaderValue::try_from(ip.to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
             node,
+            forwarded: OnceLock::new(),
         }
     }
 }
 
 /// The edge is the first hop clients reach, so it states the client address itself rather
 /// than trusting forwarding headers the client may have forged.
-fn set_forwarding(headers: &mut HeaderMap, client: &ClientAddr, proto: &'static str, host: &str) {
+fn set_forwarding(
+    headers: &mut HeaderMap,
+    client: &ClientAddr,
+    proto: &'static str,
+    host: &HeaderValue,
+) {
     headers.insert(X_FORWARDED_FOR, client.xff.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let forwarded = match client.forwarded.get() {
+        Some((h, p, v)) if h == host && *p == proto => Some(v.clone()),
+        _ => {
+            let v = forwarded(client, proto, host);
+            if let Some(v) = &v {
+                let _ = client.forwarded.set((host.clone(), proto, v.clone()));
+            }
+            v
+        }
+    };
+    if let Some(v) = forwarded {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// RFC 7239: `host` is the Host header as the proxy received it. It is safe to quote: it
+/// matched a configured site, so it is a DNS name with at most a numeric port.
+fn forwarded(client: &ClientAddr, proto: &str, host: &HeaderValue) -> Option<HeaderValue> {
+    let host = host.to_str().ok()?;
     let mut v = String::with_capacity(client.node.len() + host.len() + 24);
     v.push_str("for=");
     v.push_str(&client.node);
@@ -441,9 +469,7 @@ fn set_forwarding(headers: &mut HeaderMap, client: &ClientAddr, proto: &'static 
     v.push_str(";host=\"");
     v.push_str(host);
     v.push('"');
-    if let Ok(v) = HeaderValue::try_from(v) {
-        headers.insert(header::FORWARDED, v);
-    }
+    HeaderValue::try_from(v).ok()
 }
 
 #[cfg(test)]
@@ -468,18 +494,18 @@ mod tests {
 
     #[test]
     fn forwarding_headers_replace_client_supplied_ones() {
-        let mut h = HeaderMap::new();
-        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
-        set_forwarding(
-            &mut h,
-            &ClientAddr::new("2001:db8::1".parse().expect("ip")),
-            "https",
-            "a.example",
-        );
-        assert_eq!(h[X_FORWARDED_FOR], "2001:db8::1");
-        assert_eq!(
-            h[header::FORWARDED],
-            "for=\"[2001:db8::1]\";proto=https;host=\"a.example\""
-        );
+        let client = ClientAddr::new("2001:db8::1".parse().expect("ip"));
+        // The connection's first host, again (from the per-connection cache), then another.
+        for host in ["a.example", "a.example", "b.example:8443"] {
+            let mut h = HeaderMap::new();
+            h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+            h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+            set_forwarding(&mut h, &client, "https", &HeaderValue::from_static(host));
+            assert_eq!(h[X_FORWARDED_FOR], "2001:db8::1");
+            assert_eq!(
+                h[header::FORWARDED],
+                format!("for=\"[2001:db8::1]\";proto=https;host=\"{host}\"")
+            );
+        }
     }
 }
