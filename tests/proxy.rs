@@ -385,6 +385,51 @@ async fn request_bodies_stream_to_the_origin_without_waiting_for_the_end() {
 }
 
 #[tokio::test]
+async fn an_origin_answering_before_the_request_body_ends_is_served_and_the_next_request_too() {
+    let s = setup("").await;
+    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
+        .await
+        .expect("tls");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    // The origin's default route answers without reading the body.
+    let req = Request::post("https://app.test/early")
+        .body(StreamBody::new(support::tokio_stream_from(rx)))
+        .expect("req");
+    tx.send(Ok(Frame::data(Bytes::from("part-1"))))
+        .await
+        .expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .expect("answered while the request body is still open")
+        .expect("resp");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("path: /early"));
+    let _ = tx.send(Ok(Frame::data(Bytes::from("part-2")))).await;
+    drop(tx);
+    for _ in 0..2 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            https(
+                s.a,
+                "app.test",
+                s.h.roots(),
+                false,
+                get("https://app.test/"),
+            ),
+        )
+        .await
+        .expect("the next request is not stuck behind the earlier one");
+        assert_eq!(got.status, 200);
+    }
+}
+
+#[tokio::test]
 async fn unreachable_origin_is_502_and_slow_origin_is_504() {
     let s = setup("").await;
     let got = https(

@@ -2,13 +2,15 @@
 //! `https://` origins), hop-by-hop headers removed, forwarding headers set, bodies streamed.
 
 use hyper::body::Body as _;
+use std::future::{poll_fn, Future};
 use std::net::IpAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use bytes::Bytes;
@@ -20,6 +22,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use tower_service::Service as _;
 
@@ -61,8 +64,38 @@ struct Pool {
 }
 
 struct Idle {
-    tx: SendRequest<Incoming>,
+    conn: Conn,
     since: Instant,
+}
+
+type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// One origin connection: the handle requests are sent on, and the connection itself. It
+/// has no task of its own: whoever waits on it (the request being sent, then its response
+/// body) polls it, so the origin's answer wakes the client connection's task directly.
+struct Conn {
+    tx: SendRequest<Incoming>,
+    /// `None` once the connection has ended.
+    io: Option<Pin<Box<http1::Connection<OriginIo, Incoming>>>>,
+}
+
+impl Conn {
+    /// Lets the connection make progress: write the request, read the response.
+    fn poll_io(&mut self, cx: &mut Context<'_>) {
+        if let Some(io) = &mut self.io {
+            if let Poll::Ready(r) = io.as_mut().poll(cx) {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "origin connection ended with an error");
+                }
+                self.io = None;
+            }
+        }
+    }
+
+    /// Open and idle, ready for the next request.
+    fn reusable(&self) -> bool {
+        self.io.is_some() && self.tx.is_ready()
+    }
 }
 
 impl Pool {
@@ -78,25 +111,29 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The most recently used idle connection that can take a request now.
-    fn checkout(&self) -> Option<SendRequest<Incoming>> {
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
-        while let Some(c) = idle.pop() {
-            if c.tx.is_ready() {
-                return Some(c.tx);
+        while let Some(mut c) = idle.pop() {
+            // Nobody polls an idle connection: this notices an origin that closed it
+            // (reading costs no system call unless the socket has become readable).
+            c.conn
+                .poll_io(&mut Context::from_waker(std::task::Waker::noop()));
+            if c.conn.reusable() {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn checkin(self: &Arc<Self>, tx: SendRequest<Incoming>) {
+    fn checkin(self: &Arc<Self>, conn: Conn) {
         {
             let mut idle = self.lock();
             if idle.len() >= POOL_MAX_IDLE {
                 idle.remove(0);
             }
             idle.push(Idle {
-                tx,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -180,17 +217,24 @@ impl OriginClient {
     ) -> Result<Response<OriginBody>, Box<dyn std::error::Error + Send + Sync>> {
         let pool = &self.pools[workers::current() % self.pools.len()];
         loop {
-            let (mut tx, pooled) = match pool.checkout() {
-                Some(tx) => (tx, true),
+            let (mut conn, pooled) = match pool.checkout() {
+                Some(c) => (c, true),
                 None => (self.connect().await?, false),
             };
-            match tx.try_send_request(req).await {
+            let mut sent = pin!(conn.tx.try_send_request(req));
+            let answer = poll_fn(|cx| {
+                conn.poll_io(cx);
+                sent.as_mut().poll(cx)
+            })
+            .await;
+            match answer {
                 Ok(resp) => {
                     let pool = pool.clone();
                     return Ok(resp.map(|body| OriginBody {
                         body,
                         done: false,
-                        back: Some((tx, pool)),
+                        conn: Some(conn),
+                        pool,
                     }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -201,26 +245,23 @@ impl OriginClient {
         }
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<SendRequest<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    async fn connect(&self) -> Result<Conn, Box<dyn std::error::Error + Send + Sync>> {
         let io = self.connector.clone().call(self.target.clone()).await?;
-        let (tx, conn) = http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "origin connection ended with an error");
-            }
-        });
-        Ok(tx)
+        let (tx, io) = http1::Builder::new().handshake(io).await?;
+        Ok(Conn {
+            tx,
+            io: Some(Box::pin(io)),
+        })
     }
 }
 
-/// An origin's response body, streamed; once it has been read to its end, the connection
-/// returns to its pool.
+/// An origin's response body, streamed; it drives the origin connection while it is read,
+/// and once read to its end the connection returns to its pool.
 pub(crate) struct OriginBody {
     body: Incoming,
     done: bool,
-    back: Option<(SendRequest<Incoming>, Arc<Pool>)>,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
 }
 
 impl hyper::body::Body for OriginBody {
@@ -231,9 +272,13 @@ impl hyper::body::Body for OriginBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.body).poll_frame(cx);
+        let this = &mut *self;
+        if let Some(c) = &mut this.conn {
+            c.poll_io(cx);
+        }
+        let r = Pin::new(&mut this.body).poll_frame(cx);
         if let Poll::Ready(None) = r {
-            self.done = true;
+            this.done = true;
         }
         r
     }
@@ -253,16 +298,26 @@ impl Drop for OriginBody {
         if !(self.done || self.body.is_end_stream()) {
             return;
         }
-        let Some((mut tx, pool)) = self.back.take() else {
+        let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if tx.is_ready() {
-            pool.checkin(tx);
+        if conn.reusable() {
+            self.pool.checkin(conn);
         } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            // The connection task has not yet seen the end of the response.
+            // The connection has not finished the exchange yet (say, the rest of a request
+            // body the origin answered early): drive it to the end, then pool it.
+            let pool = self.pool.clone();
             rt.spawn(async move {
-                if tx.ready().await.is_ok() {
-                    pool.checkin(tx);
+                let ready = poll_fn(|cx| {
+                    conn.poll_io(cx);
+                    if conn.io.is_none() {
+                        return Poll::Ready(false);
+                    }
+                    conn.tx.poll_ready(cx).map(|r| r.is_ok())
+                })
+                .await;
+                if ready {
+                    pool.checkin(conn);
                 }
             });
         }
