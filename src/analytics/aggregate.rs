@@ -134,16 +134,21 @@ impl ExposureAgg {
     }
 }
 
+/// The maps every request updates: keyed with foldhash (randomly seeded) rather than
+/// SipHash, which cost more than the rest of counting a request. Their size is bounded by the
+/// per-bucket caps, whatever clients send.
+pub type CountMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Counters gathered since the last drain.
 #[derive(Debug, Default, Clone)]
 pub struct Aggregate {
-    pub traffic: HashMap<TrafficKey, u64>,
-    pub dims: HashMap<DimKey, u64>,
+    pub traffic: CountMap<TrafficKey, u64>,
+    pub dims: CountMap<DimKey, u64>,
     /// Distinct values held per (bucket, site, scheme, kind), for the cap.
-    pub distinct: HashMap<CapKey, u32>,
+    pub distinct: CountMap<CapKey, u32>,
     /// Counts whose value did not fit under the cap.
-    pub overflow: HashMap<CapKey, u64>,
-    pub exposures: HashMap<(SiteId, Fingerprint), ExposureAgg>,
+    pub overflow: CountMap<CapKey, u64>,
+    pub exposures: CountMap<(SiteId, Fingerprint), ExposureAgg>,
     /// Exposure records refused because too many distinct credentials arrived at once.
     pub exposures_dropped: u64,
 }
