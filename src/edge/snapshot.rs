@@ -41,9 +41,12 @@ pub(crate) struct PoolRoutes {
     pub(crate) name: String,
     /// Index into `Config::pools`.
     pub(crate) index: usize,
-    exact: HashMap<String, usize>,
-    wildcard: HashMap<String, usize>,
+    exact: HostMap,
+    wildcard: HostMap,
 }
+
+/// Looked up once per request with the client's hostname; the keys are the configured ones.
+type HostMap = HashMap<String, usize, foldhash::fast::RandomState>;
 
 impl PoolRoutes {
     /// The site index for a lowercase hostname.
