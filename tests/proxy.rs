@@ -67,6 +67,28 @@ origin = "http://{dead}"
     }
 }
 
+/// An HTTP/2 connection to `app.test`, and the task driving it (abort it to hang up).
+async fn h2_app<B>(
+    s: &Setup,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
+        .await
+        .expect("tls");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    (sender, tokio::spawn(conn))
+}
+
 #[tokio::test]
 async fn http1_and_http2_are_proxied_with_forwarding_headers_and_host_kept() {
     let s = setup("").await;
@@ -285,14 +307,7 @@ origin = "{o}"
 #[tokio::test]
 async fn a_response_the_client_abandons_does_not_leave_its_origin_connection_in_the_pool() {
     let s = setup("").await;
-    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
-        .await
-        .expect("tls");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2");
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2_app(&s).await;
     let resp = sender
         .send_request(get_h2("https://app.test/stream"))
         .await
@@ -326,14 +341,7 @@ async fn a_response_the_client_abandons_does_not_leave_its_origin_connection_in_
 #[tokio::test]
 async fn response_bodies_stream_without_waiting_for_the_end() {
     let s = setup("").await;
-    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
-        .await
-        .expect("tls");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2_app(&s).await;
     let resp = sender
         .send_request(get_h2("https://app.test/stream"))
         .await
@@ -353,14 +361,7 @@ async fn response_bodies_stream_without_waiting_for_the_end() {
 #[tokio::test]
 async fn request_bodies_stream_to_the_origin_without_waiting_for_the_end() {
     let s = setup("").await;
-    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
-        .await
-        .expect("tls");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2_app(&s).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
     let req = Request::post("https://app.test/echo-body")
         .body(StreamBody::new(support::tokio_stream_from(rx)))
@@ -387,14 +388,7 @@ async fn request_bodies_stream_to_the_origin_without_waiting_for_the_end() {
 #[tokio::test]
 async fn an_origin_answering_before_the_request_body_ends_is_served_and_the_next_request_too() {
     let s = setup("").await;
-    let tls = tls_connect(s.a, "app.test", client_config(s.h.roots(), &[b"h2"]))
-        .await
-        .expect("tls");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2_app(&s).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
     // The origin's default route answers without reading the body.
     let req = Request::post("https://app.test/early")
