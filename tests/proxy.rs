@@ -24,6 +24,11 @@ struct Setup {
 }
 
 async fn setup(extra_sites: &str) -> Setup {
+    setup_with("", extra_sites).await
+}
+
+/// `setup` with more `[edge]` keys.
+async fn setup_with(edge: &str, extra_sites: &str) -> Setup {
     let origin = TestOrigin::start().await;
     let dead = {
         let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -37,6 +42,7 @@ dir = "STATE"
 [edge]
 origin_response_timeout = "500ms"
 max_header_bytes = 8192
+{edge}
 [[pool]]
 name = "main"
 addresses = ["{ip}"]
@@ -87,6 +93,48 @@ where
             .await
             .expect("h2");
     (sender, tokio::spawn(conn))
+}
+
+/// GET `https://app.test{path}` over a fresh TLS connection, HTTP/2 if `h2`.
+async fn get_app(s: &Setup, path: &str, h2: bool) -> support::Got {
+    let url = format!("https://app.test{path}");
+    let req = if h2 { get_h2(&url) } else { get(&url) };
+    https(s.a, "app.test", s.h.roots(), h2, req).await
+}
+
+/// Two more requests to `app.test`, each answered 200 within 5 s.
+async fn answers_twice_in_time(s: &Setup, why: &str) {
+    for _ in 0..2 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            https(
+                s.a,
+                "app.test",
+                s.h.roots(),
+                false,
+                get("https://app.test/"),
+            ),
+        )
+        .await
+        .expect(why);
+        assert_eq!(got.status, 200);
+    }
+}
+
+type Chunks = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+type StreamedBody = StreamBody<support::ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+
+/// A POST whose body has sent `first` and stays open: the sender writes the rest (or drops to
+/// end it).
+async fn streaming_post(url: &str, first: &'static str) -> (Chunks, Request<StreamedBody>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let req = Request::post(url)
+        .body(StreamBody::new(support::tokio_stream_from(rx)))
+        .expect("req");
+    tx.send(Ok(Frame::data(Bytes::from(first))))
+        .await
+        .expect("send");
+    (tx, req)
 }
 
 #[tokio::test]
@@ -160,14 +208,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
             got.body
         );
     }
-    let got = https(
-        s.a,
-        "app.test",
-        s.h.roots(),
-        true,
-        get_h2("https://app.test/hop"),
-    )
-    .await;
+    let got = get_app(&s, "/hop", true).await;
     assert_eq!(got.status, 200);
     assert!(got.headers.get("x-resp-hop").is_none());
     assert!(got.headers.get("keep-alive").is_none());
@@ -193,14 +234,7 @@ async fn hsts_can_be_disabled_per_site() {
 async fn origin_connections_are_pooled_and_kept_alive() {
     let s = setup("").await;
     for _ in 0..5 {
-        let got = https(
-            s.a,
-            "app.test",
-            s.h.roots(),
-            false,
-            get("https://app.test/"),
-        )
-        .await;
+        let got = get_app(&s, "/", false).await;
         assert_eq!(got.status, 200);
     }
     assert_eq!(s.origin.hits.load(Ordering::Relaxed), 5);
@@ -215,14 +249,7 @@ async fn origin_connections_are_pooled_and_kept_alive() {
 async fn chunked_responses_keep_the_origin_connection_and_closed_ones_are_replaced() {
     let s = setup("").await;
     for _ in 0..3 {
-        let got = https(
-            s.a,
-            "app.test",
-            s.h.roots(),
-            false,
-            get("https://app.test/chunked"),
-        )
-        .await;
+        let got = get_app(&s, "/chunked", false).await;
         assert_eq!(
             (got.status.as_u16(), got.body.as_str()),
             (200, "one\ntwo\n")
@@ -236,69 +263,33 @@ async fn chunked_responses_keep_the_origin_connection_and_closed_ones_are_replac
     // The origin closes the connection after each of these answers: every next request must
     // find a new connection, not fail on the closed one.
     for i in 0..3 {
-        let got = https(
-            s.a,
-            "app.test",
-            s.h.roots(),
-            true,
-            get_h2("https://app.test/close"),
-        )
-        .await;
+        let got = get_app(&s, "/close", true).await;
         assert_eq!(
             (got.status.as_u16(), got.body.as_str()),
             (200, "closing\n"),
             "request {i}"
         );
     }
-    let got = https(
-        s.a,
-        "app.test",
-        s.h.roots(),
-        false,
-        get("https://app.test/"),
-    )
-    .await;
+    let got = get_app(&s, "/", false).await;
     assert_eq!(got.status, 200);
     assert_eq!(s.origin.conns.load(Ordering::Relaxed), 4);
 }
 
 #[tokio::test]
 async fn origin_connections_idle_past_origin_idle_timeout_are_closed() {
-    let origin = TestOrigin::start().await;
-    let ip = loopback();
-    let h = Harness::start(&format!(
-        r#"
-[state]
-dir = "STATE"
-[edge]
-origin_idle_timeout = "200ms"
-[[pool]]
-name = "main"
-addresses = ["{ip}"]
-tls_ports = [7443]
-[[site]]
-host = "app.test"
-pool = "main"
-origin = "{o}"
-"#,
-        o = origin.url()
-    ))
-    .await;
-    let a = SocketAddr::from((ip, 7443));
+    let s = setup_with(r#"origin_idle_timeout = "200ms""#, "").await;
     for _ in 0..2 {
-        let got = https(a, "app.test", h.roots(), false, get("https://app.test/")).await;
-        assert_eq!(got.status, 200);
+        assert_eq!(get_app(&s, "/", false).await.status, 200);
     }
     assert_eq!(
-        origin.conns.load(Ordering::Relaxed),
+        s.origin.conns.load(Ordering::Relaxed),
         1,
         "reused while fresh"
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let got = https(a, "app.test", h.roots(), false, get("https://app.test/")).await;
-    assert_eq!(got.status, 200);
+    assert_eq!(get_app(&s, "/", false).await.status, 200);
     assert_eq!(
-        origin.conns.load(Ordering::Relaxed),
+        s.origin.conns.load(Ordering::Relaxed),
         2,
         "the idle connection was closed and a new one opened"
     );
@@ -320,21 +311,7 @@ async fn a_response_the_client_abandons_does_not_leave_its_origin_connection_in_
     conn.abort();
     // The origin connection still carries the rest of /stream: a new request must not be
     // queued behind it.
-    for _ in 0..2 {
-        let got = tokio::time::timeout(
-            Duration::from_secs(5),
-            https(
-                s.a,
-                "app.test",
-                s.h.roots(),
-                false,
-                get("https://app.test/"),
-            ),
-        )
-        .await
-        .expect("answered on another origin connection");
-        assert_eq!(got.status, 200);
-    }
+    answers_twice_in_time(&s, "answered on another origin connection").await;
     assert_eq!(s.origin.conns.load(Ordering::Relaxed), 2);
 }
 
@@ -362,13 +339,7 @@ async fn response_bodies_stream_without_waiting_for_the_end() {
 async fn request_bodies_stream_to_the_origin_without_waiting_for_the_end() {
     let s = setup("").await;
     let (mut sender, _conn) = h2_app(&s).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let req = Request::post("https://app.test/echo-body")
-        .body(StreamBody::new(support::tokio_stream_from(rx)))
-        .expect("req");
-    tx.send(Ok(Frame::data(Bytes::from("ping-1"))))
-        .await
-        .expect("send");
+    let (tx, req) = streaming_post("https://app.test/echo-body", "ping-1").await;
     let resp = sender.send_request(req).await.expect("resp");
     let mut body = resp.into_body();
     let echoed = tokio::time::timeout(Duration::from_secs(5), body.frame())
@@ -389,14 +360,8 @@ async fn request_bodies_stream_to_the_origin_without_waiting_for_the_end() {
 async fn an_origin_answering_before_the_request_body_ends_is_served_and_the_next_request_too() {
     let s = setup("").await;
     let (mut sender, _conn) = h2_app(&s).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
     // The origin's default route answers without reading the body.
-    let req = Request::post("https://app.test/early")
-        .body(StreamBody::new(support::tokio_stream_from(rx)))
-        .expect("req");
-    tx.send(Ok(Frame::data(Bytes::from("part-1"))))
-        .await
-        .expect("send");
+    let (tx, req) = streaming_post("https://app.test/early", "part-1").await;
     let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
         .await
         .expect("answered while the request body is still open")
@@ -406,21 +371,7 @@ async fn an_origin_answering_before_the_request_body_ends_is_served_and_the_next
     assert!(String::from_utf8_lossy(&body).contains("path: /early"));
     let _ = tx.send(Ok(Frame::data(Bytes::from("part-2")))).await;
     drop(tx);
-    for _ in 0..2 {
-        let got = tokio::time::timeout(
-            Duration::from_secs(5),
-            https(
-                s.a,
-                "app.test",
-                s.h.roots(),
-                false,
-                get("https://app.test/"),
-            ),
-        )
-        .await
-        .expect("the next request is not stuck behind the earlier one");
-        assert_eq!(got.status, 200);
-    }
+    answers_twice_in_time(&s, "the next request is not stuck behind the earlier one").await;
 }
 
 #[tokio::test]
@@ -436,24 +387,10 @@ async fn unreachable_origin_is_502_and_slow_origin_is_504() {
     .await;
     assert_eq!(got.status, 502);
     assert!(got.body.contains("could not be reached"));
-    let got = https(
-        s.a,
-        "app.test",
-        s.h.roots(),
-        true,
-        get_h2("https://app.test/slow/3000"),
-    )
-    .await;
+    let got = get_app(&s, "/slow/3000", true).await;
     assert_eq!(got.status, 504);
     assert!(got.body.contains("did not answer in time"));
-    let got = https(
-        s.a,
-        "app.test",
-        s.h.roots(),
-        true,
-        get_h2("https://app.test/slow/10"),
-    )
-    .await;
+    let got = get_app(&s, "/slow/10", true).await;
     assert_eq!(got.status, 200);
 }
 
