@@ -4,6 +4,9 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::LazyLock;
+
+use aho_corasick::AhoCorasick;
 
 /// How the client reached the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -165,7 +168,8 @@ impl ClientFamily {
     }
 
     /// Classifies a User-Agent. Order matters: crawlers announce themselves as browsers, and
-    /// PowerShell's agent mentions Mozilla.
+    /// PowerShell's agent mentions Mozilla. One pass over the agent finds every token (a
+    /// browser's agent is over 100 bytes and arrives with every request).
     pub fn classify(user_agent: Option<&[u8]>) -> ClientFamily {
         let Some(ua) = user_agent else {
             return ClientFamily::None;
@@ -173,76 +177,110 @@ impl ClientFamily {
         if ua.iter().all(u8::is_ascii_whitespace) {
             return ClientFamily::None;
         }
-        let has = |needle: &str| contains_ci(ua, needle.as_bytes());
-        const BOTS: [&str; 9] = [
-            "bot",
-            "crawler",
-            "spider",
-            "slurp",
-            "facebookexternalhit",
-            "crawl",
-            "headlesschrome",
-            "lighthouse",
-            "monitor",
-        ];
-        const IOT: [&str; 12] = [
-            "esp8266",
-            "esp32",
-            "arduino",
-            "tasmota",
-            "shelly",
-            "esphome",
-            "lwip",
-            "zephyr",
-            "contiki",
-            "micropython",
-            "espressif",
-            "embedded",
-        ];
-        if BOTS.iter().any(|n| has(n)) {
-            ClientFamily::Bot
-        } else if IOT.iter().any(|n| has(n)) {
-            ClientFamily::Iot
-        } else if has("powershell") {
-            ClientFamily::PowerShell
-        } else if ua.starts_with(b"curl/") || has("libcurl") {
-            ClientFamily::Curl
-        } else if has("wget") {
-            ClientFamily::Wget
-        } else if has("python") || has("aiohttp") || has("httpx") || has("urllib") {
-            ClientFamily::Python
-        } else if has("go-http-client") || ua.starts_with(b"Go ") {
-            ClientFamily::Go
-        } else if has("okhttp") || has("java/") || has("apache-httpclient") || has("jetty") {
-            ClientFamily::Java
-        } else if has("axios")
-            || has("node-fetch")
-            || has("undici")
-            || has("node.js")
-            || has("got (")
-        {
-            ClientFamily::Node
-        } else if has(".net") || has("dotnet") || has("system.net.http") {
-            ClientFamily::DotNet
-        } else if ua.starts_with(b"Mozilla/")
-            && (has("chrome/")
-                || has("firefox/")
-                || has("safari/")
-                || has("edg/")
-                || has("msie")
-                || has("trident/"))
-        {
-            ClientFamily::Browser
-        } else {
-            ClientFamily::Other
+        let (searcher, families) = &*UA_TOKENS;
+        // The families whose tokens appear, one bit per `FAMILY_ORDER` position.
+        let mut seen = 0u32;
+        for m in searcher.find_overlapping_iter(ua) {
+            seen |= 1 << families[m.pattern().as_usize()];
+        }
+        if ua.starts_with(b"curl/") {
+            seen |= 1 << order_of(ClientFamily::Curl);
+        }
+        if ua.starts_with(b"Go ") {
+            seen |= 1 << order_of(ClientFamily::Go);
+        }
+        // Browser tokens only count in an agent that starts like a browser's.
+        if !ua.starts_with(b"Mozilla/") {
+            seen &= !(1 << order_of(ClientFamily::Browser));
+        }
+        match seen {
+            0 => ClientFamily::Other,
+            // The lowest bit is the family that takes precedence.
+            _ => FAMILY_ORDER[seen.trailing_zeros() as usize],
         }
     }
 }
 
-fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+/// Families by precedence, browsers last (many agents claim to be Mozilla).
+const FAMILY_ORDER: [ClientFamily; 11] = [
+    ClientFamily::Bot,
+    ClientFamily::Iot,
+    ClientFamily::PowerShell,
+    ClientFamily::Curl,
+    ClientFamily::Wget,
+    ClientFamily::Python,
+    ClientFamily::Go,
+    ClientFamily::Java,
+    ClientFamily::Node,
+    ClientFamily::DotNet,
+    ClientFamily::Browser,
+];
+
+fn order_of(f: ClientFamily) -> usize {
+    FAMILY_ORDER.iter().position(|x| *x == f).unwrap_or(0)
 }
+
+/// Tokens (matched without regard to ASCII case) and the family each one points to.
+const UA_TOKEN_LIST: &[(&str, ClientFamily)] = &[
+    ("bot", ClientFamily::Bot),
+    ("crawler", ClientFamily::Bot),
+    ("spider", ClientFamily::Bot),
+    ("slurp", ClientFamily::Bot),
+    ("facebookexternalhit", ClientFamily::Bot),
+    ("crawl", ClientFamily::Bot),
+    ("headlesschrome", ClientFamily::Bot),
+    ("lighthouse", ClientFamily::Bot),
+    ("monitor", ClientFamily::Bot),
+    ("esp8266", ClientFamily::Iot),
+    ("esp32", ClientFamily::Iot),
+    ("arduino", ClientFamily::Iot),
+    ("tasmota", ClientFamily::Iot),
+    ("shelly", ClientFamily::Iot),
+    ("esphome", ClientFamily::Iot),
+    ("lwip", ClientFamily::Iot),
+    ("zephyr", ClientFamily::Iot),
+    ("contiki", ClientFamily::Iot),
+    ("micropython", ClientFamily::Iot),
+    ("espressif", ClientFamily::Iot),
+    ("embedded", ClientFamily::Iot),
+    ("powershell", ClientFamily::PowerShell),
+    ("libcurl", ClientFamily::Curl),
+    ("wget", ClientFamily::Wget),
+    ("python", ClientFamily::Python),
+    ("aiohttp", ClientFamily::Python),
+    ("httpx", ClientFamily::Python),
+    ("urllib", ClientFamily::Python),
+    ("go-http-client", ClientFamily::Go),
+    ("okhttp", ClientFamily::Java),
+    ("java/", ClientFamily::Java),
+    ("apache-httpclient", ClientFamily::Java),
+    ("jetty", ClientFamily::Java),
+    ("axios", ClientFamily::Node),
+    ("node-fetch", ClientFamily::Node),
+    ("undici", ClientFamily::Node),
+    ("node.js", ClientFamily::Node),
+    ("got (", ClientFamily::Node),
+    (".net", ClientFamily::DotNet),
+    ("dotnet", ClientFamily::DotNet),
+    ("system.net.http", ClientFamily::DotNet),
+    ("chrome/", ClientFamily::Browser),
+    ("firefox/", ClientFamily::Browser),
+    ("safari/", ClientFamily::Browser),
+    ("edg/", ClientFamily::Browser),
+    ("msie", ClientFamily::Browser),
+    ("trident/", ClientFamily::Browser),
+];
+
+/// The searcher over `UA_TOKEN_LIST`, and each pattern's `FAMILY_ORDER` position.
+static UA_TOKENS: LazyLock<(AhoCorasick, Vec<usize>)> = LazyLock::new(|| {
+    let searcher = AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(UA_TOKEN_LIST.iter().map(|(t, _)| t))
+        // A fixed list of short literals always builds.
+        .expect("user agent tokens");
+    let families = UA_TOKEN_LIST.iter().map(|(_, f)| order_of(*f)).collect();
+    (searcher, families)
+});
 
 /// The client's network: IPv4 /24 or IPv6 /48, enough to tell networks apart without keeping
 /// individual addresses.
@@ -370,6 +408,21 @@ mod tests {
         assert_eq!(c("ESP8266HTTPClient"), ClientFamily::Iot);
         assert_eq!(c("Shelly/20230913-114010"), ClientFamily::Iot);
         assert_eq!(c("SomethingElse/1.0"), ClientFamily::Other);
+        // Precedence when an agent carries tokens of several families.
+        assert_eq!(
+            c("Mozilla/5.0 (X11) HeadlessChrome/120.0 Safari/537.36"),
+            ClientFamily::Bot
+        );
+        assert_eq!(c("Mozilla/5.0 Chrome/120.0 Wget/1.21"), ClientFamily::Wget);
+        assert_eq!(c("Mozilla/5.0 python-requests/2.31"), ClientFamily::Python);
+        assert_eq!(c("Java/17 okhttp/4.12 axios"), ClientFamily::Java);
+        assert_eq!(c("ESP32 Python/3.11"), ClientFamily::Iot);
+        assert_eq!(c("libcurl-agent/1.0"), ClientFamily::Curl);
+        assert_eq!(c("Go 1.1 package http"), ClientFamily::Go);
+        assert_eq!(c("Microsoft .NET Framework"), ClientFamily::DotNet);
+        assert_eq!(c("MOZILLA/5.0 CHROME/120"), ClientFamily::Other);
+        assert_eq!(c("Chrome/120.0 Safari/537.36"), ClientFamily::Other);
+        assert_eq!(c("Mozilla/4.0 (compatible; MSIE 8.0)"), ClientFamily::Browser);
         assert_eq!(c("   "), ClientFamily::None);
         assert_eq!(ClientFamily::classify(None), ClientFamily::None);
     }
