@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use portcullis::analytics::store::Store;
 use support::{get, http, https, loopback, roots_from, wait_until, Harness, Serve, TestOrigin};
 use tokio::net::TcpSocket;
@@ -379,4 +380,63 @@ async fn analytics_can_be_turned_off() {
     assert!(h.edge.view().analytics().is_none());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!Store::path(&h.dir.path().join("state")).exists());
+}
+
+#[tokio::test]
+async fn each_request_on_a_connection_is_classified_by_its_own_user_agent() {
+    let origin = TestOrigin::start().await;
+    let (closed, open) = (loopback(), loopback());
+    let toml = two_pools(
+        closed,
+        open,
+        &origin.url(),
+        "access_log = \"STATE/access.log\"",
+    );
+    let h = Harness::start(&toml).await;
+    let tls = support::tls_connect(
+        SocketAddr::from((closed, 5443)),
+        "api.test",
+        support::client_config(h.roots(), &[b"http/1.1"]),
+    )
+    .await
+    .expect("tls");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    // One keep-alive connection: the edge remembers the connection's agent, and must notice
+    // when it changes.
+    let agents = [
+        Some(CHROME),
+        Some("python-requests/2.31"),
+        Some(CHROME),
+        None,
+        Some("curl/8.5.0"),
+    ];
+    for agent in agents {
+        let mut req = Request::get("/").header("host", "api.test");
+        if let Some(a) = agent {
+            req = req.header("user-agent", a);
+        }
+        let resp = sender
+            .send_request(req.body(Full::new(Bytes::new())).expect("req"))
+            .await
+            .expect("response");
+        assert_eq!(support::read(resp).await.status, 200);
+    }
+    let log = h.dir.path().join("state/access.log");
+    let families = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["family"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    wait_until("five access log lines", || {
+        let n = families().len();
+        async move { n == 5 }
+    })
+    .await;
+    assert_eq!(families(), ["browser", "python", "browser", "none", "curl"]);
 }

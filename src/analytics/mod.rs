@@ -407,8 +407,17 @@ pub struct RequestMeta {
 
 impl RequestMeta {
     pub fn of<B>(req: &http::Request<B>) -> RequestMeta {
+        RequestMeta::with_classifier(req, ClientFamily::classify)
+    }
+
+    /// `of`, with the User-Agent classified by `classify` (say, one that remembers a
+    /// connection's agent).
+    pub fn with_classifier<B>(
+        req: &http::Request<B>,
+        classify: impl FnOnce(Option<&[u8]>) -> ClientFamily,
+    ) -> RequestMeta {
         RequestMeta {
-            family: ClientFamily::classify(
+            family: classify(
                 req.headers()
                     .get(http::header::USER_AGENT)
                     .map(|v| v.as_bytes()),

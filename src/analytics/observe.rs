@@ -422,7 +422,10 @@ mod tests {
         assert_eq!(c("Microsoft .NET Framework"), ClientFamily::DotNet);
         assert_eq!(c("MOZILLA/5.0 CHROME/120"), ClientFamily::Other);
         assert_eq!(c("Chrome/120.0 Safari/537.36"), ClientFamily::Other);
-        assert_eq!(c("Mozilla/4.0 (compatible; MSIE 8.0)"), ClientFamily::Browser);
+        assert_eq!(
+            c("Mozilla/4.0 (compatible; MSIE 8.0)"),
+            ClientFamily::Browser
+        );
         assert_eq!(c("   "), ClientFamily::None);
         assert_eq!(ClientFamily::classify(None), ClientFamily::None);
     }

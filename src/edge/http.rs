@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, LOCATION, STRICT_TRANSPORT_SECURITY};
@@ -19,7 +19,7 @@ use super::proxy::{forward, ClientAddr};
 use super::snapshot::SiteRuntime;
 use super::Shared;
 use crate::analytics::aggregate::{Observation, SiteId};
-use crate::analytics::observe::{self, Network, Outcome, Scheme, TlsVersion};
+use crate::analytics::observe::{self, ClientFamily, Network, Outcome, Scheme, TlsVersion};
 use crate::analytics::{self, Analytics, RequestMeta};
 use crate::config::{CleartextMode, HostPattern, ListenerKind};
 use crate::exposure::{self, ExtraPositions, Found};
@@ -49,6 +49,25 @@ pub(crate) struct ConnInfo {
     pub(crate) tls: TlsVersion,
     /// The client's network, for analytics.
     pub(crate) network: Network,
+    /// The User-Agent of the connection's first request, copied, and its family: clients
+    /// rarely change agent within a connection.
+    pub(crate) agent: OnceLock<(Box<[u8]>, ClientFamily)>,
+}
+
+impl ConnInfo {
+    fn client_family(&self, ua: Option<&[u8]>) -> ClientFamily {
+        let Some(ua) = ua else {
+            return ClientFamily::None;
+        };
+        match self.agent.get() {
+            Some((known, family)) if **known == *ua => *family,
+            _ => {
+                let family = ClientFamily::classify(Some(ua));
+                let _ = self.agent.set((ua.into(), family));
+                family
+            }
+        }
+    }
 }
 
 pub(crate) async fn handle(
@@ -58,7 +77,7 @@ pub(crate) async fn handle(
     let Some(analytics) = conn.shared.analytics.as_deref() else {
         return Ok(route(&conn, req, None).await.0);
     };
-    let meta = RequestMeta::of(&req);
+    let meta = RequestMeta::with_classifier(&req, |ua| conn.client_family(ua));
     let method = req.method().clone();
     let mut found = Vec::new();
     let (resp, site, respond) = route(&conn, req, Some((analytics, &mut found))).await;

@@ -161,6 +161,7 @@ fn conn_info(
         tls,
         pool,
         sni,
+        agent: Default::default(),
     })
 }
 
