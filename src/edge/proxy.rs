@@ -5,13 +5,12 @@ use hyper::body::Body as _;
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
@@ -61,11 +60,15 @@ struct Pool {
     keep: Duration,
     /// Whether the task that closes connections idle too long runs.
     sweeping: AtomicBool,
+    /// Quarters of `keep` counted by that task: idle times are measured in them, so putting
+    /// a connection back reads no clock.
+    quarter: AtomicU64,
 }
 
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// `Pool::quarter` when the connection went idle.
+    since: u64,
 }
 
 type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
@@ -104,6 +107,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             keep,
             sweeping: AtomicBool::new(false),
+            quarter: AtomicU64::new(0),
         }
     }
 
@@ -134,7 +138,7 @@ impl Pool {
             }
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: self.quarter.load(Ordering::Relaxed),
             });
         }
         if !self.sweeping.swap(true, Ordering::Relaxed) {
@@ -146,7 +150,8 @@ impl Pool {
 }
 
 /// Closes a pool's connections once idle longer than its limit (within a quarter more), and
-/// ends with the pool.
+/// ends with the pool. A connection that went idle during quarter q has been idle four to five
+/// quarters when quarter q + 5 begins.
 async fn sweep(pool: Weak<Pool>) {
     let every = match pool.upgrade() {
         Some(p) => (p.keep / 4).max(Duration::from_millis(10)),
@@ -157,13 +162,10 @@ async fn sweep(pool: Weak<Pool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let now = Instant::now();
+        let now = pool.quarter.fetch_add(1, Ordering::Relaxed) + 1;
         let mut idle = pool.lock();
         // Oldest first: the stale ones are a prefix.
-        let stale = idle
-            .iter()
-            .take_while(|c| now.duration_since(c.since) >= pool.keep)
-            .count();
+        let stale = idle.iter().take_while(|c| now - c.since >= 5).count();
         idle.drain(..stale);
     }
 }
