@@ -32,3 +32,9 @@ pub mod probe;
 pub mod serve;
 pub mod stages;
 pub mod tls;
+
+/// Locks `m`, going on with the data if another thread panicked while holding it: every
+/// mutex here guards counters or caches that stay usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

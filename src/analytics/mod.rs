@@ -30,6 +30,7 @@ use store::{Store, StoreError};
 
 use crate::config::{AnalyticsSettings, Config};
 use crate::exposure::{CredentialKind, ExposureError, Fingerprinter, Found};
+use crate::lock;
 
 /// Pending entries held while the store fails before minutes are folded into hours.
 const MAX_PENDING_ENTRIES: usize = 500_000;
@@ -253,10 +254,6 @@ impl Analytics {
         lock(&self.totals).add(&out);
         out
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Drains every second, writes every `flush_interval`, rolls up hourly, and flushes once more

@@ -49,24 +49,43 @@ pub(crate) struct ConnInfo {
     pub(crate) tls: TlsVersion,
     /// The client's network, for analytics.
     pub(crate) network: Network,
-    /// The User-Agent of the connection's first request, copied, and its family: clients
-    /// rarely change agent within a connection.
-    pub(crate) agent: OnceLock<(Box<[u8]>, ClientFamily)>,
+    /// The family of the connection's User-Agent: clients rarely change agent mid-connection.
+    pub(crate) agent: FirstSeen<Vec<u8>, ClientFamily>,
 }
 
 impl ConnInfo {
     fn client_family(&self, ua: Option<&[u8]>) -> ClientFamily {
-        let Some(ua) = ua else {
-            return ClientFamily::None;
-        };
-        match self.agent.get() {
-            Some((known, family)) if **known == *ua => *family,
-            _ => {
-                let family = ClientFamily::classify(Some(ua));
-                let _ = self.agent.set((ua.into(), family));
-                family
+        match ua {
+            Some(ua) => self.agent.get(ua, |ua| ClientFamily::classify(Some(ua))),
+            None => ClientFamily::None,
+        }
+    }
+}
+
+/// A value worked out from a connection's first request and reused for later requests that
+/// bring the same key (nearly all do); any other key gets it worked out afresh.
+pub(crate) struct FirstSeen<K, V>(OnceLock<(K, V)>);
+
+impl<K, V> Default for FirstSeen<K, V> {
+    fn default() -> Self {
+        FirstSeen(OnceLock::new())
+    }
+}
+
+impl<K, V: Clone> FirstSeen<K, V> {
+    pub(crate) fn get<Q>(&self, key: &Q, make: impl FnOnce(&Q) -> V) -> V
+    where
+        Q: PartialEq + ToOwned<Owned = K> + ?Sized,
+        K: std::borrow::Borrow<Q>,
+    {
+        if let Some((k, v)) = self.0.get() {
+            if k.borrow() == key {
+                return v.clone();
             }
         }
+        let v = make(key);
+        let _ = self.0.set((key.to_owned(), v.clone()));
+        v
     }
 }
 

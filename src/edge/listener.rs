@@ -29,6 +29,7 @@ use crate::analytics::observe::{Network, Outcome, PathTemplate, Scheme, TlsVersi
 use crate::analytics::{connection_event, RequestMeta};
 use crate::config::ListenerKind;
 use crate::exposure;
+use crate::lock;
 
 /// The answer to cleartext HTTP on a TLS port. Fixed bytes: no input is echoed.
 const TLS_ONLY_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
@@ -502,10 +503,6 @@ where
 struct CloseSignal {
     close: AtomicBool,
     waker: Mutex<Option<Waker>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Waits for shutdown or for `idle` without activity, then signals the connection.

@@ -6,7 +6,7 @@ use std::future::{poll_fn, Future};
 use std::net::IpAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,10 +25,10 @@ use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use tower_service::Service as _;
 
-use super::http::{text, Body};
+use super::http::{text, Body, FirstSeen};
 use super::workers;
 use crate::config::{EdgeSettings, Origin, Site};
-use crate::tls;
+use crate::{lock, tls};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -111,13 +111,9 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The most recently used idle connection that is still open.
     fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.lock();
+        let mut idle = lock(&self.idle);
         while let Some(mut c) = idle.pop() {
             // Nobody polls an idle connection: this notices an origin that closed it
             // (reading costs no system call unless the socket has become readable).
@@ -132,7 +128,7 @@ impl Pool {
 
     fn checkin(self: &Arc<Self>, conn: Conn) {
         {
-            let mut idle = self.lock();
+            let mut idle = lock(&self.idle);
             if idle.len() >= POOL_MAX_IDLE {
                 idle.remove(0);
             }
@@ -163,7 +159,7 @@ async fn sweep(pool: Weak<Pool>) {
             return;
         };
         let now = pool.quarter.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut idle = pool.lock();
+        let mut idle = lock(&pool.idle);
         // Oldest first: the stale ones are a prefix.
         let stale = idle.iter().take_while(|c| now - c.since >= 5).count();
         idle.drain(..stale);
@@ -461,9 +457,9 @@ pub(crate) struct ClientAddr {
     xff: HeaderValue,
     /// `for=` parameter of `Forwarded` (RFC 7239: IPv6 quoted and bracketed).
     node: String,
-    /// The `Forwarded` value of the connection's first request, with the host and protocol
-    /// it was made for: later requests on the connection nearly always name the same host.
-    forwarded: OnceLock<(HeaderValue, &'static str, HeaderValue)>,
+    /// The `Forwarded` value by the host of the connection's first request: later requests
+    /// nearly always name the same host, and a connection keeps one protocol.
+    forwarded: FirstSeen<HeaderValue, Option<HeaderValue>>,
 }
 
 impl ClientAddr {
@@ -484,7 +480,7 @@ impl ClientAddr {
             xff: HeaderValue::try_from(ip.to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
             node,
-            forwarded: OnceLock::new(),
+            forwarded: FirstSeen::default(),
         }
     }
 }
@@ -499,16 +495,10 @@ fn set_forwarding(
 ) {
     headers.insert(X_FORWARDED_FOR, client.xff.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let forwarded = match client.forwarded.get() {
-        Some((h, p, v)) if h == host && *p == proto => Some(v.clone()),
-        _ => {
-            let v = forwarded(client, proto, host);
-            if let Some(v) = &v {
-                let _ = client.forwarded.set((host.clone(), proto, v.clone()));
-            }
-            v
-        }
-    };
+    // Keyed by host alone: a connection's protocol never changes.
+    let forwarded = client
+        .forwarded
+        .get(host, |host| forwarded(client, proto, host));
     if let Some(v) = forwarded {
         headers.insert(header::FORWARDED, v);
     }
