@@ -1,12 +1,11 @@
 //! Accept loops and the life of one connection: protocol sniffing on TLS ports, the TLS
 //! handshake with SNI checked against the pool, then HTTP/1.1 or HTTP/2 until drained or idle.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::Waker;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -15,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,6 @@ use crate::analytics::observe::{Network, Outcome, PathTemplate, Scheme, TlsVersi
 use crate::analytics::{connection_event, RequestMeta};
 use crate::config::ListenerKind;
 use crate::exposure;
-use crate::lock;
 
 /// The answer to cleartext HTTP on a TLS port. Fixed bytes: no input is echoed.
 const TLS_ONLY_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
@@ -465,29 +464,20 @@ async fn serve_http<T>(
 /// asks it to finish in-flight requests and close.
 ///
 /// The decision is a watchdog task's, woken only by its timer and by shutdown: polling the
-/// connection then costs one atomic load instead of a timer and a cancellation check on
-/// every wake-up.
+/// connection then also polls one oneshot receiver, instead of a timer and a cancellation
+/// future on every wake-up.
 async fn drive<C>(conn: C, shutdown: CancellationToken, ticks: Arc<AtomicU64>, idle: Duration)
 where
     C: GracefulConnection<Error = hyper::Error>,
 {
-    let signal = Arc::new(CloseSignal::default());
-    let watchdog = tokio::spawn(watch(signal.clone(), shutdown, ticks, idle));
+    let (close_tx, mut close_rx) = oneshot::channel();
+    let watchdog = tokio::spawn(watch(close_tx, shutdown, ticks, idle));
     let mut conn = pin!(conn);
-    let mut registered = false;
     let mut closing = false;
     let r = poll_fn(|cx| {
-        if !closing {
-            // The future is only ever polled by this connection's task, so its waker is
-            // stored once. Stored before the flag is read, so a close is never missed.
-            if !registered {
-                *lock(&signal.waker) = Some(cx.waker().clone());
-                registered = true;
-            }
-            if signal.close.load(Ordering::Acquire) {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
+        if !closing && Pin::new(&mut close_rx).poll(cx).is_ready() {
+            closing = true;
+            conn.as_mut().graceful_shutdown();
         }
         conn.as_mut().poll(cx)
     })
@@ -498,16 +488,9 @@ where
     }
 }
 
-/// How a connection's watchdog tells it to close.
-#[derive(Default)]
-struct CloseSignal {
-    close: AtomicBool,
-    waker: Mutex<Option<Waker>>,
-}
-
-/// Waits for shutdown or for `idle` without activity, then signals the connection.
+/// Waits for shutdown or for `idle` without activity, then tells the connection to close.
 async fn watch(
-    signal: Arc<CloseSignal>,
+    close: oneshot::Sender<()>,
     shutdown: CancellationToken,
     ticks: Arc<AtomicU64>,
     idle: Duration,
@@ -530,8 +513,5 @@ async fn watch(
             }
         }
     }
-    signal.close.store(true, Ordering::Release);
-    if let Some(w) = lock(&signal.waker).take() {
-        w.wake();
-    }
+    let _ = close.send(());
 }
