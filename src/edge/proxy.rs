@@ -1,7 +1,6 @@
 //! Forwarding to origins: a pooled keep-alive client per site (certificate-verified for
 //! `https://` origins), hop-by-hop headers removed, forwarding headers set, bodies streamed.
 
-use hyper::body::Body as _;
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
 use std::pin::{pin, Pin};
@@ -10,19 +9,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
+use tokio::net::TcpStream;
 use tower_service::Service as _;
 
 use super::http::{text, Body, FirstSeen};
