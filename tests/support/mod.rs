@@ -109,18 +109,69 @@ impl Serve {
     }
 }
 
+/// How long a test waits for something that should happen: far more than it takes on an idle
+/// machine, so a loaded one (a CI runner, another build on the same cores) makes the test slower
+/// rather than failing it. It stays below the edge's default idle timeouts (60 s, and 50 s for
+/// origin connections), so a bound of `PATIENCE` still tells a short configured timeout from
+/// those.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A wall-clock deadline `PATIENCE` from now. Wall clock on purpose: a paused tokio clock would
+/// run through a deadline in virtual time without the edge having had any real time at all.
+pub struct Deadline(std::time::Instant);
+
+impl Deadline {
+    #[allow(clippy::disallowed_methods)]
+    pub fn start() -> Deadline {
+        Deadline(std::time::Instant::now())
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.0.elapsed()
+    }
+
+    pub fn passed(&self) -> bool {
+        self.elapsed() >= PATIENCE
+    }
+}
+
+/// Polls `f` until it returns true, every 25 ms for up to [`PATIENCE`]; panics naming `what`
+/// and how long it waited.
 pub async fn wait_until<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
-        if f().await {
-            return;
+    let deadline = Deadline::start();
+    while !f().await {
+        if deadline.passed() {
+            panic!(
+                "timed out waiting until {what}: still not true after {:.1?}",
+                deadline.elapsed()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("timed out waiting until {what}");
+}
+
+/// [`wait_until`] for a plain `#[test]` thread, with no runtime to block: polls every 100 ms.
+pub fn wait_until_blocking(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Deadline::start();
+    while !f() {
+        if deadline.passed() {
+            panic!(
+                "timed out waiting until {what}: still not true after {:.1?}",
+                deadline.elapsed()
+            );
+        }
+        pause(Duration::from_millis(100));
+    }
+}
+
+/// Sleeps the calling thread, for tests that run without a runtime.
+#[allow(clippy::disallowed_methods)]
+pub fn pause(d: Duration) {
+    std::thread::sleep(d);
 }
 
 /// A random address in 127.0.0.0/8, away from 127.0.0.x which people use by hand.
@@ -302,6 +353,8 @@ pub struct TestOrigin {
     pub hits: Arc<AtomicU64>,
     /// TCP connections accepted, to observe pooling.
     pub conns: Arc<AtomicU64>,
+    /// TCP connections that have ended, to observe the edge closing idle ones.
+    pub closed: Arc<AtomicU64>,
 }
 
 impl TestOrigin {
@@ -337,25 +390,30 @@ impl TestOrigin {
         let release = Arc::new(tokio::sync::Notify::new());
         let hits = Arc::new(AtomicU64::new(0));
         let conns = Arc::new(AtomicU64::new(0));
-        let (r, h, c) = (release.clone(), hits.clone(), conns.clone());
+        let closed = Arc::new(AtomicU64::new(0));
+        let (r, h, c, d) = (release.clone(), hits.clone(), conns.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
                 c.fetch_add(1, Ordering::Relaxed);
-                let (r, h) = (r.clone(), h.clone());
+                let (r, h, d) = (r.clone(), h.clone(), d.clone());
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| origin_handle(req, r.clone(), h.clone()));
                     let b = hyper::server::conn::http1::Builder::new();
-                    let _ = match tls {
-                        None => b.serve_connection(TokioIo::new(s), svc).await,
-                        Some(acceptor) => match acceptor.accept(s).await {
-                            Ok(t) => b.serve_connection(TokioIo::new(t), svc).await,
-                            Err(_) => return,
-                        },
-                    };
+                    match tls {
+                        None => {
+                            let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(t) = acceptor.accept(s).await {
+                                let _ = b.serve_connection(TokioIo::new(t), svc).await;
+                            }
+                        }
+                    }
+                    d.fetch_add(1, Ordering::Relaxed);
                 });
             }
         });
@@ -364,6 +422,7 @@ impl TestOrigin {
             release,
             hits,
             conns,
+            closed,
         }
     }
 
