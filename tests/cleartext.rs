@@ -165,7 +165,7 @@ async fn raw(addr: SocketAddr, request: &str) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request.as_bytes()).await.expect("write");
     let mut out = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out))
+    tokio::time::timeout(support::PATIENCE, s.read_to_end(&mut out))
         .await
         .expect("server closes the connection")
         .expect("read");

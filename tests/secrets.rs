@@ -5,9 +5,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use support::{loopback, roots_from, wait_until, Serve, TestOrigin};
+use support::{loopback, roots_from, wait_until, Serve, TestOrigin, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -16,12 +15,13 @@ fn secret(i: usize) -> String {
     format!("PcSecret{i:02}q7Zx{}", std::process::id())
 }
 
-/// Sends raw bytes and reads until the server closes or stops answering.
+/// Sends raw bytes and reads until the server closes (every request here asks it to, or goes
+/// to a TLS port, which answers cleartext and closes) or, at worst, stops answering.
 async fn raw(addr: SocketAddr, request: String) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request.as_bytes()).await.expect("write");
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rustls::{AlertDescription, HandshakeKind, ProtocolVersion};
 use support::{
-    client_config, get, get_h2, https, loopback, tls_connect, Harness, TestCa, TestOrigin,
+    client_config, get, get_h2, https, loopback, tls_connect, Harness, TestCa, TestOrigin, PATIENCE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -264,7 +264,7 @@ async fn cleartext_http_on_tls_port_gets_400_and_is_counted() {
         .await
         .expect("write");
     let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut out))
+    tokio::time::timeout(PATIENCE, c.read_to_string(&mut out))
         .await
         .expect("closed")
         .expect("read");
@@ -285,14 +285,15 @@ async fn garbage_and_silence_on_tls_port_are_closed_and_counted() {
     let mut c = TcpStream::connect(s.a).await.expect("connect");
     c.write_all(&[0x00, 0x01, 0xff, 0x42]).await.expect("write");
     let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+    let n = tokio::time::timeout(PATIENCE, c.read_to_end(&mut buf))
         .await
         .expect("closed");
     assert!(buf.is_empty(), "nothing is answered to garbage: {n:?}");
 
     let mut silent = TcpStream::connect(s.a).await.expect("connect");
     let started = tokio::time::Instant::now();
-    let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf))
+    // Within PATIENCE only the handshake timeout can close it: the idle timeout is 60 s.
+    let _ = tokio::time::timeout(PATIENCE, silent.read_to_end(&mut buf))
         .await
         .expect("closed by the handshake timeout");
     assert!(
@@ -312,7 +313,7 @@ async fn a_stalled_handshake_is_closed_after_the_handshake_timeout() {
     // The start of a TLS record, then nothing.
     c.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+    tokio::time::timeout(PATIENCE, c.read_to_end(&mut buf))
         .await
         .expect("closed")
         .ok();
