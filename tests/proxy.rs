@@ -14,7 +14,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{
-    client_config, echoed, get, get_h2, https, loopback, tls_connect, Harness, TestCa, TestOrigin,
+    client_config, echoed, get, get_h2, https, loopback, tls_connect, wait_until, Harness, TestCa,
+    TestOrigin, PATIENCE,
 };
 
 struct Setup {
@@ -102,11 +103,13 @@ async fn get_app(s: &Setup, path: &str, h2: bool) -> support::Got {
     https(s.a, "app.test", s.h.roots(), h2, req).await
 }
 
-/// Two more requests to `app.test`, each answered 200 within 5 s.
+/// Two more requests to `app.test`, each answered 200. One stuck behind a response that never
+/// ends would wait forever, so any finite bound tells them apart: a generous one, so that a
+/// loaded machine does not.
 async fn answers_twice_in_time(s: &Setup, why: &str) {
     for _ in 0..2 {
         let got = tokio::time::timeout(
-            Duration::from_secs(5),
+            PATIENCE,
             https(
                 s.a,
                 "app.test",
@@ -286,7 +289,12 @@ async fn origin_connections_idle_past_origin_idle_timeout_are_closed() {
         1,
         "reused while fresh"
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Closed by the edge, not merely old: the origin sees the connection end.
+    wait_until("the edge closes the idle origin connection", || {
+        let closed = s.origin.closed.clone();
+        async move { closed.load(Ordering::Relaxed) == 1 }
+    })
+    .await;
     assert_eq!(get_app(&s, "/", false).await.status, 200);
     assert_eq!(
         s.origin.conns.load(Ordering::Relaxed),
@@ -324,7 +332,7 @@ async fn response_bodies_stream_without_waiting_for_the_end() {
         .await
         .expect("resp");
     let mut body = resp.into_body();
-    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+    let first = tokio::time::timeout(PATIENCE, body.frame())
         .await
         .expect("first chunk arrives while the origin still holds the rest")
         .expect("frame")
@@ -342,7 +350,7 @@ async fn request_bodies_stream_to_the_origin_without_waiting_for_the_end() {
     let (tx, req) = streaming_post("https://app.test/echo-body", "ping-1").await;
     let resp = sender.send_request(req).await.expect("resp");
     let mut body = resp.into_body();
-    let echoed = tokio::time::timeout(Duration::from_secs(5), body.frame())
+    let echoed = tokio::time::timeout(PATIENCE, body.frame())
         .await
         .expect("the origin saw the first chunk while the request body is still open")
         .expect("frame")
@@ -362,7 +370,7 @@ async fn an_origin_answering_before_the_request_body_ends_is_served_and_the_next
     let (mut sender, _conn) = h2_app(&s).await;
     // The origin's default route answers without reading the body.
     let (tx, req) = streaming_post("https://app.test/early", "part-1").await;
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+    let resp = tokio::time::timeout(PATIENCE, sender.send_request(req))
         .await
         .expect("answered while the request body is still open")
         .expect("resp");
@@ -505,7 +513,8 @@ origin = "{o}"
         .expect("write");
     let started = tokio::time::Instant::now();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf))
+    // Within PATIENCE only the header read timeout can close it: the idle timeout is 60 s.
+    let _ = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut buf))
         .await
         .expect("the edge closes the connection");
     assert!(
@@ -531,17 +540,19 @@ async fn an_origin_that_does_not_accept_the_connection_in_time_is_504() {
         .expect("addr")
         .as_socket()
         .expect("inet");
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(stuck),
-        )
-        .await
-        {
-            fillers.push(s);
-        }
-    }
+    // Connects started and never awaited: the kernel completes the first, which fills the
+    // queue, and every socket is kept. (Awaiting each under a short timeout would close the
+    // one that filled the queue if a loaded machine woke the task late.)
+    let _fillers: Vec<socket2::Socket> = (0..4)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_nonblocking(true).expect("nonblocking");
+            // In progress (EINPROGRESS) is the expected answer.
+            let _ = s.connect(&stuck.into());
+            s
+        })
+        .collect();
     let ip = loopback();
     let toml = format!(
         r#"
@@ -549,6 +560,8 @@ async fn an_origin_that_does_not_accept_the_connection_in_time_is_504() {
 dir = "STATE"
 [edge]
 origin_connect_timeout = "300ms"
+# Longer than PATIENCE, so only the connect timeout can answer within it.
+origin_response_timeout = "120s"
 [[pool]]
 name = "p"
 addresses = ["{ip}"]
@@ -571,7 +584,8 @@ origin = "http://{stuck}"
     .await;
     assert_eq!(got.status, 504, "{}", got.body);
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "bounded by the connect timeout"
+        started.elapsed() < PATIENCE,
+        "bounded by the connect timeout: {:?}",
+        started.elapsed()
     );
 }
