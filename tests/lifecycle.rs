@@ -12,7 +12,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use support::{
     client_config, get, get_h2, https, loopback, refused, roots_from, tls_connect, wait_until,
-    Harness, Serve, TestOrigin,
+    Harness, Serve, TestOrigin, PATIENCE,
 };
 use tokio::io::AsyncReadExt;
 
@@ -130,7 +130,14 @@ async fn sighup_reloads_by_diff_under_continuous_traffic_without_a_failed_reques
         }));
     }
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let served = |at_least: u64| {
+        let ok = ok.clone();
+        move || {
+            let n = ok.load(Ordering::Relaxed);
+            async move { n >= at_least }
+        }
+    };
+    wait_until("the clients have traffic going", served(20)).await;
     // 1: add a pool, a listener and a site.
     serve.write(&config(a, Some(b), &origin.url(), ""));
     serve.signal("-HUP");
@@ -169,7 +176,13 @@ async fn sighup_reloads_by_diff_under_continuous_traffic_without_a_failed_reques
         refused(addr_b).await
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // As much traffic again after the removal, and enough in all for the check below.
+    let after_removal = ok.load(Ordering::Relaxed) + 20;
+    wait_until(
+        "the clients keep being served after the removal",
+        served(after_removal.max(51)),
+    )
+    .await;
 
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -234,6 +247,8 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
 dir = "STATE"
 [edge]
 idle_timeout = "300ms"
+# Longer than PATIENCE, so only the idle timeout can close a connection within it.
+header_read_timeout = "60s"
 [[pool]]
 name = "p"
 addresses = ["{ip}"]
@@ -261,7 +276,7 @@ origin = "{o}"
     assert_eq!(resp.status(), 200);
     drop(resp);
     let started = tokio::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(3), conn)
+    tokio::time::timeout(PATIENCE, conn)
         .await
         .expect("the edge closes the idle connection")
         .expect("join")
@@ -273,7 +288,7 @@ origin = "{o}"
         .await
         .expect("tls");
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut buf))
+    tokio::time::timeout(PATIENCE, tls.read_to_end(&mut buf))
         .await
         .expect("closed")
         .ok();
