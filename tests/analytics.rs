@@ -335,7 +335,7 @@ async fn a_locked_store_never_fails_or_slows_a_request_and_loses_no_count() {
     let mut slowest = Duration::ZERO;
     let started = tokio::time::Instant::now();
     let mut sent = 1u64;
-    while started.elapsed() < Duration::from_millis(2500) {
+    while started.elapsed() < Duration::from_secs(4) {
         let t = tokio::time::Instant::now();
         let got = http(clear, get("http://legacy.test/")).await;
         slowest = slowest.max(t.elapsed());
@@ -343,10 +343,11 @@ async fn a_locked_store_never_fails_or_slows_a_request_and_loses_no_count() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // The lock is held for 2.5 s and each flush attempt waits 200 ms for it: a request that
-    // waited on the store would take that long.
+    // The lock is held for 4 s and each flush attempt waits 200 ms for it: a request that
+    // waited on the store would take that long. Half of it is far more than any request takes,
+    // even on a loaded machine.
     assert!(
-        slowest < Duration::from_millis(1000),
+        slowest < Duration::from_secs(2),
         "a request took {slowest:?} while the store was locked"
     );
     assert!(analytics_lag() >= 1, "the metrics show the flush lag");
