@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
 use portcullis::admin::{self, ConfigSource};
+use portcullis::analytics::store::Store;
 use portcullis::config::Config;
 use portcullis::edge::Edge;
-use support::{get, http, https, loopback, wait_until, TestOrigin};
+use support::{get, http, https, loopback, wait_until, Deadline, TestOrigin, PATIENCE};
 use tokio_util::sync::CancellationToken;
 
 struct Driver(Child);
@@ -119,13 +120,22 @@ origin = "{o}"
         .await;
         assert_eq!(got.status, 200);
     }
-    let db = portcullis::analytics::store::Store::path(&state);
-    wait_until("traffic reaches the store", || {
+    // All 20 requests, and with them the exposure, which is written in the same transaction.
+    let db = Store::path(&state);
+    wait_until("the 20 requests reach the store", || {
         let db = db.clone();
-        async move { db.exists() && std::fs::metadata(&db).map(|m| m.len() > 0).unwrap_or(false) }
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Store::open_read_only(&db)
+                    .and_then(|s| s.traffic("shop.test", 0))
+                    .map(|rows| rows.iter().map(|r| r.count).sum::<u64>() == 20)
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false)
+        }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
 
     let port = free_port();
     let _driver = Driver(
@@ -151,22 +161,22 @@ origin = "{o}"
         }
     });
     let caps = caps.as_object().expect("object").clone();
-    let mut client = None;
-    for _ in 0..50 {
+    // chromedriver starts listening some time after it is spawned; until then, connecting fails.
+    let deadline = Deadline::start();
+    let c = loop {
         match ClientBuilder::rustls()
             .expect("rustls")
             .capabilities(caps.clone())
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
         {
-            Ok(c) => {
-                client = Some(c);
-                break;
+            Ok(c) => break c,
+            Err(e) if deadline.passed() => {
+                panic!("no browser session after {:.1?}: {e}", deadline.elapsed())
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
-    }
-    let c = client.expect("a browser session");
+    };
     let base = format!("https://{}", a.addr);
 
     // Not logged in: the dashboard sends us to the login form.
@@ -178,7 +188,7 @@ origin = "{o}"
         .as_str()
         .ends_with("/login"));
     c.wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(PATIENCE)
         .for_element(Locator::Css("input[name=token]"))
         .await
         .expect("token field")
@@ -195,7 +205,7 @@ origin = "{o}"
     // The overview lists the site with its TLS share.
     let row = c
         .wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(PATIENCE)
         .for_element(Locator::XPath("//tr[td/a[text()='shop.test']]"))
         .await
         .expect("shop.test row")
@@ -221,7 +231,7 @@ origin = "{o}"
 
     // The site page: chart, top cleartext families, the exposed key as a fingerprint.
     c.wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(PATIENCE)
         .for_element(Locator::Css("#chart svg"))
         .await
         .expect("chart");
@@ -253,7 +263,7 @@ origin = "{o}"
         .expect("click");
     let impact = c
         .wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(PATIENCE)
         .for_element(Locator::Id("impact"))
         .await
         .expect("impact")
@@ -276,7 +286,7 @@ origin = "{o}"
         .expect("click");
     // Back on the site page, which shows the new mode and no longer offers a review.
     c.wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(PATIENCE)
         .for_element(Locator::Css("#mode option[value=reject][selected]"))
         .await
         .expect("new mode shown");
