@@ -53,8 +53,9 @@ fn curl(ns: &str, url: &str) -> i32 {
             "/dev/null",
             "-w",
             "%{http_code}",
+            // Generous: a refusal is immediate, so this only bounds a request expected to work.
             "--max-time",
-            "3",
+            "30",
             url,
         ])
         .output()
@@ -132,19 +133,9 @@ fn the_table_resets_cleartext_on_closed_addresses_counts_it_and_goes_away() {
             .spawn()
             .expect("listener"),
     );
-    let mut up = false;
-    for _ in 0..50 {
-        if curl(&name, "http://127.0.0.2:8080/") == 200 {
-            up = true;
-            break;
-        }
-        // A plain test thread, no runtime to block.
-        #[allow(clippy::disallowed_methods)]
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(
-        up,
-        "the foreign listener answers on the closed address before the table exists"
+    support::wait_until_blocking(
+        "the foreign listener answers on the closed address before the table exists",
+        || curl(&name, "http://127.0.0.2:8080/") == 200,
     );
 
     let dir = tempfile::tempdir().expect("tmp");
@@ -246,24 +237,17 @@ origin = "http://127.0.0.1:9"
             .spawn()
             .expect("serve"),
     );
-    let mut applied = false;
-    for _ in 0..50 {
-        if run(&name, &["nft", "list", "table", "inet", "portcullis"]).0 {
-            applied = true;
-            break;
-        }
-        #[allow(clippy::disallowed_methods)]
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(applied, "serve applied the table");
+    support::wait_until_blocking("serve applied the table", || {
+        run(&name, &["nft", "list", "table", "inet", "portcullis"]).0
+    });
     for _ in 0..3 {
         assert_eq!(curl(&name, "http://127.0.0.2:80/"), -7);
     }
     // serve reads the counters every 10 s; the store is written every second.
     let mut refused = 0;
-    for _ in 0..40 {
-        #[allow(clippy::disallowed_methods)]
-        std::thread::sleep(std::time::Duration::from_millis(500));
+    let deadline = support::Deadline::start();
+    while !deadline.passed() {
+        support::pause(std::time::Duration::from_millis(500));
         let out = Command::new(bin)
             .args(["impact", "a.test", "--json", "--state-dir"])
             .arg(&state)
