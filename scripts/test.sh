@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs the Debian packages the tests use (curl, dig,
-# named-checkzone, chromium and chromedriver, nft, ip) when run as root;
-# otherwise names what is missing and stops.
+# Runs the whole test suite, every test binary even when an earlier one fails. Installs the
+# Debian packages the tests use (curl, dig, named-checkzone, chromium and chromedriver, nft, ip)
+# when run as root; otherwise names what is missing and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +26,5 @@ if ((${#need[@]})); then
     fi
 fi
 
-cargo test --all-targets "$@"
+# Every test binary runs even after one fails, so a single failure does not hide the rest.
+cargo test --all-targets --no-fail-fast "$@"
