@@ -252,7 +252,21 @@ pub struct EdgeSettings {
     pub shutdown_grace: Duration,
     /// Largest request head accepted; larger gets 431.
     pub max_header_bytes: usize,
+    /// A connection asked to close because it went idle (HTTP/2: GOAWAY) is dropped if it is
+    /// still open this long after.
+    pub close_timeout: Duration,
+    /// Most client connections open at once over all listeners; `None`: derived from the
+    /// descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// Most client connections open at once from one address.
+    pub max_connections_per_client: usize,
+    /// Headers added to every TLS response of every site (a site's own win by name).
+    pub response_headers: ResponseHeaders,
 }
+
+/// Response headers set on TLS answers (`response_headers`), in file order. Each replaces a
+/// header of the same name from the origin.
+pub type ResponseHeaders = Vec<(http::HeaderName, http::HeaderValue)>;
 
 impl Default for EdgeSettings {
     fn default() -> Self {
@@ -266,6 +280,12 @@ impl Default for EdgeSettings {
             origin_idle_timeout: Duration::from_secs(50),
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
+            close_timeout: Duration::from_secs(5),
+            max_connections: None,
+            // One address can be a NAT or a corporate proxy for many clients; 256 still keeps
+            // one attacker from taking more than a sliver of the descriptors.
+            max_connections_per_client: 256,
+            response_headers: Vec::new(),
         }
     }
 }
@@ -515,6 +535,9 @@ pub struct Site {
     pub exposure: crate::exposure::ExtraPositions,
     /// What happens when a credential is seen in cleartext here.
     pub response: Option<ExposureResponse>,
+    /// Headers set on this site's TLS answers: `[edge] response_headers` with the site's own
+    /// on top.
+    pub response_headers: ResponseHeaders,
 }
 
 /// A site's exposure response (`exposure_response` and `webhook`).
@@ -556,6 +579,9 @@ pub struct ExposureSettings {
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// How much of a cleartext request's form or JSON body is searched for credentials; 0
+    /// searches no body.
+    pub scan_body_bytes: usize,
 }
 
 impl Default for ExposureSettings {
@@ -567,6 +593,8 @@ impl Default for ExposureSettings {
             max_attempts: 10,
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(600),
+            // Login forms and token requests fit easily; a bound keeps the scan cheap.
+            scan_body_bytes: 8192,
         }
     }
 }
@@ -779,6 +807,11 @@ struct RawEdge {
     origin_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
     max_header_bytes: Option<i64>,
+    close_timeout: Option<String>,
+    max_connections: Option<i64>,
+    max_connections_per_client: Option<i64>,
+    #[serde(default)]
+    response_headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -806,6 +839,12 @@ struct RawSite {
     exposure_headers: Vec<String>,
     #[serde(default)]
     exposure_params: Vec<String>,
+    #[serde(default)]
+    exposure_cookies: Vec<String>,
+    #[serde(default)]
+    exposure_paths: Vec<String>,
+    #[serde(default)]
+    response_headers: std::collections::BTreeMap<String, String>,
     exposure_response: Option<String>,
     webhook: Option<RawWebhook>,
 }
@@ -827,6 +866,7 @@ struct RawExposure {
     per_network_per_minute: Option<i64>,
     max_queue: Option<i64>,
     max_attempts: Option<i64>,
+    scan_body_bytes: Option<i64>,
     backoff_base: Option<String>,
     backoff_max: Option<String>,
 }
@@ -901,7 +941,7 @@ impl Validator<'_> {
             .unwrap_or_else(|| PathBuf::from("/var/lib/portcullis"));
         let edge = self.edge(raw.edge);
         let pools = self.pools(raw.pool);
-        let sites = self.sites(raw.site, &pools);
+        let sites = self.sites(raw.site, &pools, &edge.response_headers);
         let analytics = self.analytics(raw.analytics);
         let readiness = self.readiness(raw.readiness);
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
@@ -948,6 +988,18 @@ impl Validator<'_> {
         );
         let max_queue = count("max_queue", raw.max_queue, d.max_queue, 10_000_000);
         let max_attempts = count("max_attempts", raw.max_attempts, d.max_attempts, 1000);
+        let scan_body_bytes = match raw.scan_body_bytes {
+            None => d.scan_body_bytes,
+            Some(n @ 0..=1_048_576) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "exposure.scan_body_bytes",
+                    n,
+                    "must be between 0 (no body scan) and 1048576",
+                );
+                d.scan_body_bytes
+            }
+        };
         ExposureSettings {
             per_site_per_minute,
             per_network_per_minute,
@@ -955,6 +1007,7 @@ impl Validator<'_> {
             max_attempts,
             backoff_base: self.duration("exposure.backoff_base", raw.backoff_base, d.backoff_base),
             backoff_max: self.duration("exposure.backoff_max", raw.backoff_max, d.backoff_max),
+            scan_body_bytes,
         }
     }
 
@@ -1309,6 +1362,32 @@ impl Validator<'_> {
                 d.max_header_bytes
             }
         };
+        let close_timeout = self.duration("edge.close_timeout", raw.close_timeout, d.close_timeout);
+        let max_connections = match raw.max_connections {
+            None => d.max_connections,
+            Some(n @ 1..=10_000_000) => Some(n as usize),
+            Some(n) => {
+                self.problem(
+                    "edge.max_connections",
+                    n,
+                    "must be between 1 and 10000000 (leave it out to derive it from the descriptor limit)",
+                );
+                d.max_connections
+            }
+        };
+        let max_connections_per_client = match raw.max_connections_per_client {
+            None => d.max_connections_per_client,
+            Some(n @ 1..=10_000_000) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "edge.max_connections_per_client",
+                    n,
+                    "must be between 1 and 10000000",
+                );
+                d.max_connections_per_client
+            }
+        };
+        let response_headers = self.response_headers("edge", &raw.response_headers);
         EdgeSettings {
             handshake_timeout,
             header_read_timeout,
@@ -1318,7 +1397,64 @@ impl Validator<'_> {
             origin_idle_timeout,
             shutdown_grace,
             max_header_bytes,
+            close_timeout,
+            max_connections,
+            max_connections_per_client,
+            response_headers,
         }
+    }
+
+    /// Validates a `response_headers` table: names and values HTTP allows, and none that would
+    /// break framing or that another key owns.
+    fn response_headers(
+        &mut self,
+        at: &str,
+        raw: &std::collections::BTreeMap<String, String>,
+    ) -> ResponseHeaders {
+        // Framing and connection management belong to the edge; HSTS has its own key.
+        const REFUSED: [(&str, &str); 10] = [
+            ("connection", "connection management belongs to the edge"),
+            ("keep-alive", "connection management belongs to the edge"),
+            (
+                "proxy-connection",
+                "connection management belongs to the edge",
+            ),
+            ("transfer-encoding", "message framing belongs to the edge"),
+            ("content-length", "message framing belongs to the edge"),
+            ("te", "connection management belongs to the edge"),
+            ("trailer", "message framing belongs to the edge"),
+            ("upgrade", "connection management belongs to the edge"),
+            (
+                "strict-transport-security",
+                "HSTS has its own key: hsts = { ... }",
+            ),
+            ("alt-svc", "the edge advertises its own protocols"),
+        ];
+        let mut out = ResponseHeaders::new();
+        for (name, value) in raw {
+            let key = format!("{at}.response_headers.{name:?}");
+            let Ok(n) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                self.problem(key, format!("{name:?}"), "not a header name");
+                continue;
+            };
+            if let Some((_, why)) = REFUSED.iter().find(|(r, _)| *r == n.as_str()) {
+                self.problem(
+                    key,
+                    format!("{name:?}"),
+                    format!("cannot be set here: {why}"),
+                );
+                continue;
+            }
+            match http::HeaderValue::from_str(value) {
+                Ok(v) => out.push((n, v)),
+                Err(_) => self.problem(
+                    key,
+                    format!("{value:?}"),
+                    "not a header value (visible ASCII and spaces only)",
+                ),
+            }
+        }
+        out
     }
 
     fn ports(&mut self, key: &str, raw: &[i64]) -> Vec<u16> {
@@ -1479,7 +1615,12 @@ impl Validator<'_> {
         }
     }
 
-    fn sites(&mut self, raw: Vec<RawSite>, pools: &[Pool]) -> Vec<Site> {
+    fn sites(
+        &mut self,
+        raw: Vec<RawSite>,
+        pools: &[Pool],
+        edge_headers: &ResponseHeaders,
+    ) -> Vec<Site> {
         let mut sites: Vec<Site> = Vec::new();
         for (i, rs) in raw.into_iter().enumerate() {
             let at = format!("site[{i}] ({:?})", rs.host);
@@ -1545,8 +1686,13 @@ impl Validator<'_> {
                     }
                 }
             };
+            let exposure = self.exposure_positions(&at, &rs);
             let hsts = self.hsts(&at, rs.hsts);
-            let exposure = self.exposure_positions(&at, &rs.exposure_headers, &rs.exposure_params);
+            let mut response_headers = edge_headers.clone();
+            for (name, value) in self.response_headers(&at, &rs.response_headers) {
+                response_headers.retain(|(n, _)| *n != name);
+                response_headers.push((name, value));
+            }
             let response = self.response(&at, rs.exposure_response.as_deref(), rs.webhook.clone());
             if let (Some(host), Some(pool), Some(origin), Some(cleartext)) =
                 (host, pool, origin, cleartext)
@@ -1561,19 +1707,38 @@ impl Validator<'_> {
                     hsts,
                     exposure,
                     response,
+                    response_headers,
                 });
             }
         }
         sites
     }
 
-    fn exposure_positions(
-        &mut self,
-        at: &str,
-        headers: &[String],
-        params: &[String],
-    ) -> crate::exposure::ExtraPositions {
+    fn exposure_positions(&mut self, at: &str, rs: &RawSite) -> crate::exposure::ExtraPositions {
         let mut out = crate::exposure::ExtraPositions::default();
+        for (i, c) in rs.exposure_cookies.iter().enumerate() {
+            if c.is_empty() || c.len() > 64 || c.bytes().any(|b| b <= b' ' || b"=;,\"".contains(&b))
+            {
+                self.problem(
+                    format!("{at}.exposure_cookies[{i}]"),
+                    format!("{c:?}"),
+                    "a cookie name of 1 to 64 characters, without spaces, '=', ';', ',' or quotes",
+                );
+            } else {
+                out.cookies.push(c.to_ascii_lowercase());
+            }
+        }
+        for (i, p) in rs.exposure_paths.iter().enumerate() {
+            match crate::exposure::PathPattern::parse(p) {
+                Ok(pattern) => out.paths.push(pattern),
+                Err(e) => self.problem(
+                    format!("{at}.exposure_paths[{i}]"),
+                    format!("{p:?}"),
+                    e.to_string(),
+                ),
+            }
+        }
+        let (headers, params) = (&rs.exposure_headers, &rs.exposure_params);
         for (i, h) in headers.iter().enumerate() {
             match http::HeaderName::from_bytes(h.as_bytes()) {
                 Ok(name) => out.headers.push(name),

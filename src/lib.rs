@@ -11,6 +11,7 @@
 //!   reloads by diff and graceful drain.
 //! - [`dns`]: the authoritative DNS server, zones built from the snapshot, zone file export.
 //! - [`probe`]: `portcullis probe`, an audit of any endpoint's cleartext behaviour.
+//! - [`net`]: accept loops that back off, connection caps, the descriptor limit.
 //! - [`firewall`]: the nftables table that refuses cleartext on closed addresses in the kernel.
 //! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
 //! - [`stages`]: staged switch-off plans: warn headers, brownout windows, the move.
@@ -28,6 +29,7 @@ pub mod dns;
 pub mod edge;
 pub mod exposure;
 pub mod firewall;
+pub mod net;
 pub mod probe;
 pub mod serve;
 pub mod stages;

@@ -738,4 +738,15 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // The servers start here: connection caps, not the default soft limit of 1024, should
+    // decide how many clients are served.
+    match portcullis::net::raise_nofile_limit() {
+        Ok(l) if l.after > l.before => tracing::info!(
+            before = l.before,
+            after = l.after,
+            "raised the open file limit (RLIMIT_NOFILE) to its hard limit"
+        ),
+        Ok(l) => tracing::info!(limit = l.after, "open file limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
 }

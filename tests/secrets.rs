@@ -103,7 +103,7 @@ cleartext = "redirect"
     let basic = base64(&format!("alice:{}", s[1]));
     let proxy_basic = base64(&format!("bob:{}", s[4]));
     let header_sets = [
-        format!("Authorization: Bearer {}\r\nCookie: session={}; prefs={}\r\nX-API-Key: {}\r\n", s[0], s[5], s[6], s[7]),
+        format!("Authorization: Bearer {}\r\nCookie: session={}; remember_token={}; theme=dark\r\nX-API-Key: {}\r\n", s[0], s[5], s[6], s[7]),
         format!("Authorization: Basic {basic}\r\nApi-Key: {}\r\nX-Auth-Token: {}\r\nX-Auth-Key: {}\r\n", s[8], s[9], s[10]),
         format!(
             "Authorization: Digest username=\"u\", realm=\"r\", response=\"{}\"\r\nX-Access-Token: {}\r\nPrivate-Token: {}\r\n",

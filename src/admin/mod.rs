@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_lc_rs::digest;
-use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +33,11 @@ pub use api::{OPENAPI, ROUTES};
 const MAX_FAILURES: u32 = 5;
 /// The rate limiter's window.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Admin connections open at once: a handful of operators and scripts need far fewer, and
+/// the cap keeps the control plane from taking the descriptors the edge serves with.
+const MAX_CONNECTIONS: usize = 64;
+/// Admin connections from one address at once (a browser opens about six).
+const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 
 /// Why the admin plane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -252,32 +256,13 @@ pub async fn start(
     });
     let router = api::router(ctx);
     tracing::info!(%addr, "admin API listening (HTTPS only)");
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let Ok((stream, peer)) = accepted else {
-                continue;
-            };
-            let (tls, router) = (tls.clone(), router.clone());
-            tokio::spawn(async move {
-                let Some(stream) = crate::edge::tls_only(stream, Duration::from_secs(10)).await
-                else {
-                    return;
-                };
-                let Ok(Ok(stream)) =
-                    tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await
-                else {
-                    return;
-                };
-                let svc = router.layer(axum::Extension(api::Peer(peer.ip())));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-                    .await;
-            });
-        }
-    });
+    let acceptor = crate::net::Acceptor::new(listener, "admin");
+    let limits = crate::net::Limits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
+    let service = move |peer: SocketAddr| {
+        TowerToHyperService::new(router.clone().layer(axum::Extension(api::Peer(peer.ip()))))
+    };
+    tokio::spawn(crate::net::serve_control(
+        acceptor, limits, tls, service, stop,
+    ));
     Ok(Admin { new_token, addr })
 }

@@ -12,9 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -92,6 +90,21 @@ pub fn render(edge: &EdgeView) -> String {
         "active_connections",
         "Client connections open now",
     );
+    let refused = counter(
+        &mut reg,
+        "connections_refused",
+        "Client connections closed at accept by a cap (max_connections, max_connections_per_client)",
+    );
+    let closed = counter(
+        &mut reg,
+        "connections_closed_by_edge",
+        "Connections the edge closed: no complete request head in time, or not closing when asked",
+    );
+    let malformed = counter(
+        &mut reg,
+        "malformed_requests",
+        "Cleartext connections that ended inside a request head (refused by the parser or never finished)",
+    );
     let lag = gauge(
         &mut reg,
         "store_flush_lag_seconds",
@@ -118,6 +131,25 @@ pub fn render(edge: &EdgeView) -> String {
             .inc_by(n);
     }
     active.set(stats.active_connections);
+    for (reason, n) in [
+        ("max_connections", stats.refused_global),
+        ("max_connections_per_client", stats.refused_per_client),
+    ] {
+        refused
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(n);
+    }
+    for (reason, n) in [
+        ("first_request_timeout", stats.first_request_timeouts),
+        ("close_timeout", stats.forced_closes),
+    ] {
+        closed
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(n);
+    }
+    malformed
+        .get_or_create(&vec![])
+        .inc_by(stats.malformed_requests);
     if let Some(a) = edge.analytics() {
         let totals = a.totals();
         for ((site, outcome, scheme, status), n) in &totals.requests {
@@ -180,42 +212,33 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let edge = Arc::new(edge);
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let (tls, edge) = (tls.clone(), edge.clone());
-        tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(stream)).await;
-            let Ok(Ok(stream)) = handshake else { return };
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let edge = edge.clone();
-                async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        let mut r = Response::new(Full::new(Bytes::from(render(&edge))));
-                        r.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        r
-                    } else {
-                        let mut r = Response::new(Full::new(Bytes::from_static(
-                            b"404: only /metrics is served here\n",
-                        )));
-                        *r.status_mut() = StatusCode::NOT_FOUND;
-                        r
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let acceptor = crate::net::Acceptor::new(listener, "metrics");
+    // Prometheus scrapes over one connection; a few more for people and tests.
+    let limits = crate::net::Limits::new(16, 8);
+    let service = move |_peer| {
+        let edge = edge.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let edge = edge.clone();
+            async move {
+                let resp = if req.uri().path() == "/metrics" {
+                    let mut r = Response::new(Full::new(Bytes::from(render(&edge))));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    r
+                } else {
+                    let mut r = Response::new(Full::new(Bytes::from_static(
+                        b"404: only /metrics is served here\n",
+                    )));
+                    *r.status_mut() = StatusCode::NOT_FOUND;
+                    r
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    crate::net::serve_control(acceptor, limits, tls, service, stop).await;
 }

@@ -36,6 +36,8 @@ pub enum Outcome {
     HandshakeTimeout,
     /// A cleartext connection the nftables table reset (counted from its counters).
     RefusedByFirewall,
+    /// A cleartext request head the parser refused (400, 431) or that was never finished.
+    MalformedRequest,
 }
 
 impl Outcome {
@@ -46,6 +48,7 @@ impl Outcome {
             Outcome::HandshakeFailed => "handshake_failed",
             Outcome::HandshakeTimeout => "handshake_timeout",
             Outcome::RefusedByFirewall => "refused_by_firewall",
+            Outcome::MalformedRequest => "malformed_request",
         }
     }
 }

@@ -15,7 +15,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use super::proxy::{forward, ClientAddr};
+use super::proxy::{forward, ClientAddr, ClientBody};
 use super::snapshot::SiteRuntime;
 use super::Shared;
 use crate::analytics::aggregate::{Observation, SiteId};
@@ -41,6 +41,8 @@ pub(crate) struct ConnInfo {
     pub(crate) key: (SocketAddr, ListenerKind),
     /// The client's address as forwarding headers write it.
     pub(crate) client: ClientAddr,
+    /// The client's address.
+    pub(crate) peer: std::net::IpAddr,
     /// The pool the listener belonged to at accept time, used if a reload removes it.
     pub(crate) pool: String,
     /// Lowercase SNI of a TLS connection.
@@ -51,9 +53,47 @@ pub(crate) struct ConnInfo {
     pub(crate) network: Network,
     /// The family of the connection's User-Agent: clients rarely change agent mid-connection.
     pub(crate) agent: FirstSeen<Vec<u8>, ClientFamily>,
+    /// Requests begun and in flight, for the connection's watchdog.
+    pub(crate) watch: Arc<crate::net::Watch>,
+    /// Cleartext connections only: what the client sent since its last complete head.
+    pub(crate) capture: Option<Arc<super::capture::HeadCapture>>,
+}
+
+/// A request in flight on its connection; dropped when its response has been sent (with the
+/// origin's body that carries it) or abandoned.
+pub(crate) struct InFlight {
+    conn: Arc<ConnInfo>,
+    /// Whether the connection reads another request after this one.
+    keep_alive: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.conn.request_done(self.keep_alive);
+    }
 }
 
 impl ConnInfo {
+    /// Keeps what the client sends between requests (cleartext connections).
+    pub(crate) fn with_capture(mut self, c: Arc<super::capture::HeadCapture>) -> ConnInfo {
+        self.capture = Some(c);
+        self
+    }
+
+    fn request_started(&self) {
+        self.watch.request_started();
+        if let Some(c) = &self.capture {
+            c.disarm();
+        }
+    }
+
+    fn request_done(&self, keep_alive: bool) {
+        self.watch.request_done();
+        if let (Some(c), true) = (&self.capture, keep_alive) {
+            c.arm();
+        }
+    }
+
     fn client_family(&self, ua: Option<&[u8]>) -> ClientFamily {
         match ua {
             Some(ua) => self.agent.get(ua, |ua| ClientFamily::classify(Some(ua))),
@@ -93,13 +133,29 @@ pub(crate) async fn handle(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    conn.request_started();
+    let mut resp = answer(&conn, req).await;
+    let keep_alive = resp.headers().get(CONNECTION) != Some(&HeaderValue::from_static("close"));
+    match resp.body_mut() {
+        Either::Left(body) => body.hold(InFlight { conn, keep_alive }),
+        Either::Right(_) => conn.request_done(keep_alive),
+    }
+    Ok(resp)
+}
+
+async fn answer(conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let Some(analytics) = conn.shared.analytics.as_deref() else {
-        return Ok(route(&conn, req, None).await.0);
+        return route(conn, req, None).await.response;
     };
-    let meta = RequestMeta::with_classifier(&req, |ua| conn.client_family(ua));
+    let mut meta = RequestMeta::with_classifier(&req, |ua| conn.client_family(ua));
     let method = req.method().clone();
     let mut found = Vec::new();
-    let (resp, site, respond) = route(&conn, req, Some((analytics, &mut found))).await;
+    let routed = route(conn, req, Some((analytics, &mut found))).await;
+    let resp = routed.response;
+    if routed.token_in_path {
+        // The path carries a credential: analytics keeps no part of it.
+        meta.path = observe::PathTemplate::of("/:id");
+    }
     let scheme = if conn.sni.is_some() {
         Scheme::Tls
     } else {
@@ -107,7 +163,7 @@ pub(crate) async fn handle(
     };
     let obs = Observation {
         at: analytics::now(),
-        site,
+        site: routed.site,
         outcome: Outcome::Response,
         scheme,
         port: conn.key.0.port(),
@@ -122,7 +178,9 @@ pub(crate) async fn handle(
         analytics.record(&obs);
     } else {
         analytics.record_with_exposures(&obs, &found, meta.path);
-        if let (Some((host, policy, secrets)), Some(r)) = (respond, conn.shared.responder.get()) {
+        if let (Some((host, policy, secrets)), Some(r)) =
+            (routed.respond, conn.shared.responder.get())
+        {
             r.offer(
                 &host,
                 &policy,
@@ -144,7 +202,7 @@ pub(crate) async fn handle(
             &found,
         ));
     }
-    Ok(resp)
+    resp
 }
 
 /// One access log line: only what analytics keeps, credentials as fingerprints.
@@ -194,73 +252,101 @@ type Respond = Option<(
     Vec<crate::exposure::SecretValue>,
 )>;
 
+/// A cleartext request's detection state: where fingerprints go, the site's exposure
+/// response, and the secrets it needs.
+type Detect<'a> = (
+    &'a Analytics,
+    &'a mut Vec<Found>,
+    Option<Arc<crate::config::ExposureResponse>>,
+    Vec<crate::exposure::SecretValue>,
+);
+
+/// What [`route`] did with a request.
+struct Routed {
+    response: Response<Body>,
+    site: SiteId,
+    respond: Respond,
+    /// One of the site's `exposure_paths` matched the request's path.
+    token_in_path: bool,
+}
+
 /// Routes a request and answers it. With analytics, credentials in a cleartext request are
-/// fingerprinted into `found` before anything else happens to the request.
+/// fingerprinted into `found` before anything else happens to the request: its head first,
+/// then the start of a form or JSON body.
 async fn route(
     conn: &ConnInfo,
     req: Request<Incoming>,
     analytics: Option<(&Analytics, &mut Vec<Found>)>,
-) -> (Response<Body>, SiteId, Respond) {
+) -> Routed {
     let snap = conn.shared.snapshot.load_full();
     let routes = snap.pool_for(&conn.key, &conn.pool);
     let host = request_host(&req);
     let has_host = host.is_some();
     let site_idx = host.and_then(|host| routes?.find(&host));
     let site = site_idx.and_then(|i| snap.sites.get(i));
-    let mut respond: Respond = None;
-    if let (Some((a, found)), None) = (analytics, &conn.sni) {
-        let extra = site.map(|s| &s.exposure);
-        let default = ExtraPositions::default();
-        let policy = site.and_then(|s| s.response.clone());
-        let mut secrets = Vec::new();
-        let want = policy.as_ref().map(|p| (&mut secrets, p.include_raw));
-        exposure::detect_with_secrets(
-            req.headers(),
-            req.uri(),
-            extra.unwrap_or(&default),
-            a.fingerprinter(),
-            found,
-            want,
-        );
-        if let (Some(p), Some(s)) = (policy, site) {
-            if !found.is_empty() {
-                respond = Some((s.name.clone(), p, secrets));
-            }
+    let default = ExtraPositions::default();
+    let extra = site.map_or(&default, |s| &s.exposure);
+    let token_in_path =
+        !extra.paths.is_empty() && exposure::path_has_token(req.uri().path(), extra);
+    let mut detect = match (analytics, &conn.sni) {
+        (Some((a, found)), None) => {
+            let policy = site.and_then(|s| s.response.clone());
+            let mut secrets = Vec::new();
+            let want = policy.as_ref().map(|p| (&mut secrets, p.include_raw));
+            exposure::detect_with_secrets(
+                req.headers(),
+                req.uri(),
+                extra,
+                a.fingerprinter(),
+                found,
+                want,
+            );
+            Some((a, found, policy, secrets))
         }
-    }
+        _ => None,
+    };
+    let done = |response, site: Option<&SiteRuntime>, detect: Option<Detect<'_>>| Routed {
+        response,
+        site: site.map_or(0, |s| s.id),
+        respond: match (detect, site) {
+            (Some((_, found, Some(p), secrets)), Some(s)) if !found.is_empty() => {
+                Some((s.name.clone(), p, secrets))
+            }
+            _ => None,
+        },
+        token_in_path,
+    };
     if req.method() == Method::CONNECT {
-        return (
-            text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "405 Method Not Allowed: this edge is not a forward proxy.\n",
-            ),
-            0,
-            None,
+        let resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed: this edge is not a forward proxy.\n",
         );
+        return done(resp, None, None);
     }
     if !has_host {
-        return (
-            text(
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: the request names no host.\n",
-            ),
-            0,
-            None,
+        let resp = text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: the request names no host.\n",
         );
+        return done(resp, None, None);
     }
     let Some(site) = site else {
-        return (misdirected(), 0, respond);
+        return done(misdirected(), None, None);
     };
     let edge = &snap.config.edge;
     let resp = match &conn.sni {
         Some(sni) => {
             if !site.host.matches(sni) {
-                return (misdirected(), 0, None);
+                return done(misdirected(), None, None);
             }
+            let req = req.map(ClientBody::new);
             let mut resp = forward(&site.origin, req, &conn.client, "https", edge).await;
+            let headers = resp.headers_mut();
             if let Some(v) = &site.hsts {
-                resp.headers_mut()
-                    .insert(STRICT_TRANSPORT_SECURITY, v.clone());
+                headers.insert(STRICT_TRANSPORT_SECURITY, v.clone());
+            }
+            for (name, value) in &site.response_headers {
+                headers.insert(name.clone(), value.clone());
             }
             resp
         }
@@ -275,12 +361,40 @@ async fn route(
             }) {
                 mode = CleartextMode::Reject;
             }
+            let scan = snap.config.exposure.scan_body_bytes;
+            let (req, body) = match &mut detect {
+                Some((a, found, policy, secrets)) if scan > 0 && body_is_sent(&req) => {
+                    let ct = req
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .map(|v| v.as_bytes().to_vec());
+                    let (parts, incoming) = req.into_parts();
+                    let (prefix, ended, body) =
+                        ClientBody::read_prefix(incoming, scan, edge.header_read_timeout).await;
+                    let want = policy.as_ref().map(|p| (&mut *secrets, p.include_raw));
+                    exposure::detect_body_with_secrets(
+                        ct.as_deref().unwrap_or_default(),
+                        &prefix,
+                        !ended,
+                        extra,
+                        a.fingerprinter(),
+                        found,
+                        want,
+                    );
+                    (Request::from_parts(parts, ()), body)
+                }
+                _ => {
+                    let (parts, incoming) = req.into_parts();
+                    (Request::from_parts(parts, ()), ClientBody::new(incoming))
+                }
+            };
             let mut resp = match mode {
                 CleartextMode::Redirect => {
                     let host = request_host(&req).unwrap_or(Cow::Borrowed(""));
                     redirect(site, &host, &req)
                 }
                 CleartextMode::Allow => {
+                    let req = req.map(|()| body);
                     forward(&site.origin, req, &conn.client, "http", edge).await
                 }
                 // `closed` cannot be reached on a cleartext port (validation forbids it); should
@@ -298,12 +412,27 @@ async fn route(
             resp
         }
     };
-    (resp, site.id, respond)
+    done(resp, Some(site), detect)
+}
+
+/// Whether the client has sent, or is sending, a body worth searching: a form or JSON type,
+/// and no `Expect: 100-continue` (such a client waits for our go-ahead before sending it, and
+/// reading the body would give it; its credentials have not crossed the wire yet).
+fn body_is_sent<B: hyper::body::Body>(req: &Request<B>) -> bool {
+    let expects = req
+        .headers()
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let searched = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| exposure::body_is_searched(v.as_bytes()));
+    searched && !expects && !req.body().is_end_stream()
 }
 
 /// The request's hostname, lowercase, without port: from the URI authority (HTTP/2
 /// `:authority`, absolute-form HTTP/1.1) or else the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<Cow<'_, str>> {
+fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
     let raw = match req.uri().authority() {
         Some(a) => a.host(),
         None => {
@@ -322,7 +451,7 @@ fn request_host(req: &Request<Incoming>) -> Option<Cow<'_, str>> {
     })
 }
 
-fn strip_port(h: &str) -> &str {
+pub(crate) fn strip_port(h: &str) -> &str {
     match h.rsplit_once(':') {
         Some((host, port)) if !host.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
             host
@@ -331,7 +460,7 @@ fn strip_port(h: &str) -> &str {
     }
 }
 
-fn redirect(site: &SiteRuntime, host: &str, req: &Request<Incoming>) -> Response<Body> {
+fn redirect<B>(site: &SiteRuntime, host: &str, req: &Request<B>) -> Response<Body> {
     // The target host comes from the configured site; a wildcard site uses the request's
     // host only because it has just been matched against the wildcard.
     let target_host = match &site.host {

@@ -1,27 +1,24 @@
 //! Accept loops and the life of one connection: protocol sniffing on TLS ports, the TLS
 //! handshake with SNI checked against the pool, then HTTP/1.1 or HTTP/2 until drained or idle.
 
-use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::time::{sleep, timeout_at, Instant};
+use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::capture::{Captured, HeadCapture};
 use super::http::{handle, ConnInfo};
-use super::io::Activity;
 use super::proxy::ClientAddr;
 use super::{bump, Shared, Snapshot};
 use crate::analytics::aggregate::SiteId;
@@ -29,14 +26,27 @@ use crate::analytics::observe::{Network, Outcome, PathTemplate, Scheme, TlsVersi
 use crate::analytics::{connection_event, RequestMeta};
 use crate::config::ListenerKind;
 use crate::exposure;
+use crate::net::{answer_and_close, Activity, Ended, Timeouts, Watch, TLS_ONLY_400};
 
-/// The answer to cleartext HTTP on a TLS port. Fixed bytes: no input is echoed.
-const TLS_ONLY_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
-Content-Type: text/plain; charset=utf-8\r\n\
-Content-Length: 76\r\n\
-Connection: close\r\n\
-\r\n\
-This port speaks HTTPS only: plain HTTP is not served here. Use https:// .\r\n";
+/// What the first byte on a TLS port says the client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniff {
+    /// A TLS handshake record.
+    Tls,
+    /// Cleartext HTTP: every method token starts with an uppercase letter.
+    Http,
+    /// Neither: closed.
+    Garbage,
+}
+
+/// Classifies the first byte a client sent to a TLS port.
+pub fn sniff(first: u8) -> Sniff {
+    match first {
+        0x16 => Sniff::Tls,
+        b'A'..=b'Z' => Sniff::Http,
+        _ => Sniff::Garbage,
+    }
+}
 
 /// A fatal TLS alert record, `unrecognized_name` (112), sent when SNI names no site here.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
@@ -75,45 +85,129 @@ pub(crate) async fn accept_loop(
             return;
         }
     };
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
+    let mut acceptor = crate::net::Acceptor::new(listener, "edge");
+    while let Some((stream, peer)) = acceptor.accept(&stop).await {
+        let permit = match shared.limits.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                // Closed before a byte is read: the cheapest refusal there is.
+                tracing::debug!(%peer, listener = %key.0, ?why, "connection refused by a cap");
+                drop(stream);
+                continue;
+            }
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let shared2 = shared.clone();
-                // One span per connection; free unless debug logging is on.
-                let span = tracing::debug_span!("conn", %peer, listener = %key.0, kind = %key.1);
-                let conn = async move {
-                    let _active = ActiveGuard::new(shared2.clone());
-                    let shutdown = shared2.shutdown.clone();
-                    match key.1 {
-                        ListenerKind::Tls => tls_conn(shared2, key, stream, peer, shutdown).await,
-                        ListenerKind::Cleartext => {
-                            bump(&shared2.stats.cleartext_connections);
-                            let info = conn_info(
-                                &shared2,
-                                &shared2.snapshot.load(),
-                                key,
-                                peer,
-                                None,
-                                TlsVersion::None,
-                            );
-                            serve_http(shared2, info, stream, false, shutdown).await
-                        }
+        let _ = stream.set_nodelay(true);
+        let shared2 = shared.clone();
+        // One span per connection; free unless debug logging is on.
+        let span = tracing::debug_span!("conn", %peer, listener = %key.0, kind = %key.1);
+        let conn = async move {
+            let _permit = permit;
+            let _active = ActiveGuard::new(shared2.clone());
+            let shutdown = shared2.shutdown.clone();
+            match key.1 {
+                ListenerKind::Tls => tls_conn(shared2, key, stream, peer, shutdown).await,
+                ListenerKind::Cleartext => {
+                    bump(&shared2.stats.cleartext_connections);
+                    let snap = shared2.snapshot.load_full();
+                    let limit = snap.config.edge.max_header_bytes;
+                    let capture = HeadCapture::new(limit);
+                    let info = conn_info(&shared2, &snap, key, peer, None, TlsVersion::None)
+                        .with_capture(capture.clone());
+                    drop(snap);
+                    let info = Arc::new(info);
+                    let stream = Captured::new(stream, capture.clone());
+                    serve_http(shared2.clone(), info.clone(), stream, false, shutdown).await;
+                    let raw = capture.take();
+                    if !raw.is_empty() {
+                        malformed_head(&shared2, &info, &raw);
                     }
-                };
-                shared.tracker.spawn(conn.instrument(span));
+                }
             }
-            Err(e) => {
-                // Out of file descriptors or similar: back off instead of spinning.
-                tracing::warn!(addr = %key.0, error = %e, "accept failed");
-                sleep(Duration::from_millis(50)).await;
-            }
+        };
+        shared.tracker.spawn(conn.instrument(span));
+    }
+}
+
+/// A cleartext connection ended inside a request head: the parser refused it (400, 431) or
+/// the client never finished it. Its credentials crossed the wire all the same.
+fn malformed_head(shared: &Shared, info: &ConnInfo, raw: &[u8]) {
+    bump(&shared.stats.malformed_requests);
+    let Some(a) = &shared.analytics else { return };
+    let snap = shared.snapshot.load();
+    let host = lenient_host(raw);
+    let site = host
+        .as_deref()
+        .and_then(|h| snap.pool_for(&info.key, &info.pool)?.find(h))
+        .and_then(|i| snap.sites.get(i));
+    let outcome = Outcome::MalformedRequest;
+    observe_raw_head(
+        shared,
+        a,
+        site,
+        info.key,
+        info.network,
+        info.peer,
+        raw,
+        outcome,
+    );
+}
+
+/// Counts a request head read raw (refused by a parser, or cleartext on a TLS port) and any
+/// credential in it, for `site` if the head named one.
+#[allow(clippy::too_many_arguments)]
+fn observe_raw_head(
+    shared: &Shared,
+    a: &crate::analytics::Analytics,
+    site: Option<&super::snapshot::SiteRuntime>,
+    key: (SocketAddr, ListenerKind),
+    network: Network,
+    peer: std::net::IpAddr,
+    raw: &[u8],
+    outcome: Outcome,
+) {
+    let mut obs = connection_event(0, outcome, Scheme::Cleartext, key.0.port(), peer);
+    obs.network = network;
+    obs.status_class = 4;
+    let path = PathTemplate::of("/");
+    obs.path = Some(path);
+    let default = exposure::ExtraPositions::default();
+    let extra = site.map_or(&default, |s| &s.exposure);
+    let policy = site.and_then(|s| s.response.clone());
+    let mut found = Vec::new();
+    let mut secrets = Vec::new();
+    let want = policy.as_ref().map(|p| (&mut secrets, p.include_raw));
+    exposure::detect_raw_head_with_secrets(raw, extra, a.fingerprinter(), &mut found, want);
+    if let Some(s) = site {
+        obs.site = s.id;
+        if let (Some(p), Some(r), false) = (&policy, shared.responder.get(), found.is_empty()) {
+            r.offer(
+                &s.name,
+                p,
+                &found,
+                secrets,
+                obs.network,
+                obs.family,
+                path,
+                obs.at,
+            );
         }
     }
+    a.record_with_exposures(&obs, &found, path);
+}
+
+/// The host a raw head names in its `Host` line, lowercase and without port, read leniently.
+fn lenient_host(raw: &[u8]) -> Option<String> {
+    let head = &raw[..raw.len().min(64 * 1024)];
+    head.split(|b| *b == b'\n').skip(1).find_map(|line| {
+        let colon = line.iter().position(|b| *b == b':')?;
+        let name = line[..colon].trim_ascii();
+        if !name.eq_ignore_ascii_case(b"host") {
+            return None;
+        }
+        let value = std::str::from_utf8(line[colon + 1..].trim_ascii()).ok()?;
+        let host = crate::edge::http::strip_port(value).trim_end_matches('.');
+        (!host.is_empty()).then(|| host.to_ascii_lowercase())
+    })
 }
 
 /// Counts a connection as active for as long as it lives.
@@ -146,23 +240,26 @@ fn conn_info(
     peer: SocketAddr,
     sni: Option<String>,
     tls: TlsVersion,
-) -> Arc<ConnInfo> {
+) -> ConnInfo {
     let pool = snap
         .listeners
         .get(&key)
         .and_then(|i| snap.pools.get(*i))
         .map(|p| p.name.clone())
         .unwrap_or_default();
-    Arc::new(ConnInfo {
+    ConnInfo {
         shared: shared.clone(),
         key,
         client: ClientAddr::new(peer.ip()),
+        peer: peer.ip(),
         network: Network::of(peer.ip()),
         tls,
         pool,
         sni,
         agent: Default::default(),
-    })
+        watch: Watch::new(),
+        capture: None,
+    }
 }
 
 async fn tls_conn(
@@ -199,17 +296,15 @@ async fn tls_conn(
         Ok(Ok(1)) => {}
         Ok(_) => return,
     }
-    match first[0] {
-        // TLS handshake record.
-        0x16 => {}
-        // Every HTTP method token starts with an uppercase letter.
-        b'A'..=b'Z' => {
+    match sniff(first[0]) {
+        Sniff::Tls => {}
+        Sniff::Http => {
             bump(&shared.stats.cleartext_on_tls_port);
             tracing::debug!(%peer, addr = %key.0, "cleartext HTTP on a TLS port");
             cleartext_on_tls_port(&shared, &snap, key, peer, stream).await;
             return;
         }
-        _ => {
+        Sniff::Garbage => {
             bump(&shared.stats.garbage_on_tls_port);
             event(0, Outcome::HandshakeFailed, Scheme::Tls);
             return;
@@ -278,14 +373,14 @@ async fn tls_conn(
     bump(&shared.stats.handshakes);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let version = TlsVersion::from_rustls(tls.get_ref().1.protocol_version());
-    let info = conn_info(&shared, &snap, key, peer, sni, version);
+    let info = Arc::new(conn_info(&shared, &snap, key, peer, sni, version));
     drop(snap);
     serve_http(shared, info, tls, h2, shutdown).await
 }
 
 /// Answers cleartext HTTP on a TLS port with the fixed 400. The request head is read first,
 /// so the attempt is counted for the right site and any credential it carried is
-/// fingerprinted like on a cleartext port.
+/// fingerprinted like on a cleartext port; a head that does not parse is searched raw.
 async fn cleartext_on_tls_port(
     shared: &Shared,
     snap: &Snapshot,
@@ -293,138 +388,148 @@ async fn cleartext_on_tls_port(
     peer: SocketAddr,
     mut stream: TcpStream,
 ) {
-    let head = tokio::time::timeout(Duration::from_secs(2), read_head(&mut stream)).await;
+    let mut buf = Vec::new();
+    let head = tokio::time::timeout(Duration::from_secs(2), read_head(&mut stream, &mut buf))
+        .await
+        .ok()
+        .flatten();
     if let Some(a) = &shared.analytics {
-        let mut obs = connection_event(
-            0,
-            Outcome::CleartextOnTlsPort,
-            Scheme::Cleartext,
-            key.0.port(),
-            peer.ip(),
-        );
-        obs.status_class = 4;
-        let mut found = Vec::new();
-        let mut path = PathTemplate::of("/");
-        if let Ok(Some(req)) = &head {
-            let meta = RequestMeta::of(req);
-            obs.family = meta.family;
-            obs.http = meta.http;
-            obs.path = Some(meta.path);
-            path = meta.path;
-            let host = req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok());
-            let site = host
-                .map(|h| {
-                    h.rsplit_once(':')
-                        .map_or(h, |(name, _)| name)
-                        .to_ascii_lowercase()
-                })
-                .and_then(|h| snap.site_on(&key, &h));
-            if let Some(site) = site {
-                obs.site = site.id;
-            }
-            let extra = site.map(|s| s.exposure.clone()).unwrap_or_default();
-            let policy = site.and_then(|s| s.response.clone());
-            let mut secrets = Vec::new();
-            let want = policy.as_ref().map(|p| (&mut secrets, p.include_raw));
-            exposure::detect_with_secrets(
-                req.headers(),
-                req.uri(),
-                &extra,
-                a.fingerprinter(),
-                &mut found,
-                want,
-            );
-            if let (Some(p), Some(s), Some(r)) = (policy, site, shared.responder.get()) {
-                if !found.is_empty() {
-                    let family = obs.family;
-                    r.offer(
-                        &s.name,
-                        &p,
-                        &found,
-                        secrets,
-                        obs.network,
-                        family,
-                        path,
-                        obs.at,
-                    );
-                }
+        match &head {
+            Some(req) => parsed_on_tls_port(shared, a, snap, key, peer, req),
+            None => {
+                let site = lenient_host(&buf).and_then(|h| snap.site_on(&key, &h));
+                let network = Network::of(peer.ip());
+                let outcome = Outcome::CleartextOnTlsPort;
+                observe_raw_head(shared, a, site, key, network, peer.ip(), &buf, outcome);
             }
         }
-        a.record_with_exposures(&obs, &found, path);
     }
     answer_and_close(stream, TLS_ONLY_400).await;
 }
 
-/// Reads and parses a cleartext request head (at most 16 KiB); `None` if it is not one.
-async fn read_head(stream: &mut TcpStream) -> Option<http::Request<()>> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut len = 0;
+fn parsed_on_tls_port(
+    shared: &Shared,
+    a: &crate::analytics::Analytics,
+    snap: &Snapshot,
+    key: (SocketAddr, ListenerKind),
+    peer: SocketAddr,
+    req: &http::Request<()>,
+) {
+    let mut obs = connection_event(
+        0,
+        Outcome::CleartextOnTlsPort,
+        Scheme::Cleartext,
+        key.0.port(),
+        peer.ip(),
+    );
+    obs.status_class = 4;
+    let mut found = Vec::new();
+    let meta = RequestMeta::of(req);
+    obs.family = meta.family;
+    obs.http = meta.http;
+    obs.path = Some(meta.path);
+    let mut path = meta.path;
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let site = host
+        .map(|h| crate::edge::http::strip_port(h).to_ascii_lowercase())
+        .and_then(|h| snap.site_on(&key, &h));
+    if let Some(site) = site {
+        obs.site = site.id;
+    }
+    let default = exposure::ExtraPositions::default();
+    let extra = site.map_or(&default, |s| &s.exposure);
+    if exposure::path_has_token(req.uri().path(), extra) {
+        path = PathTemplate::of("/:id");
+        obs.path = Some(path);
+    }
+    let policy = site.and_then(|s| s.response.clone());
+    let mut secrets = Vec::new();
+    let want = policy.as_ref().map(|p| (&mut secrets, p.include_raw));
+    exposure::detect_with_secrets(
+        req.headers(),
+        req.uri(),
+        extra,
+        a.fingerprinter(),
+        &mut found,
+        want,
+    );
+    if let (Some(p), Some(s), Some(r)) = (policy, site, shared.responder.get()) {
+        if !found.is_empty() {
+            r.offer(
+                &s.name,
+                &p,
+                &found,
+                secrets,
+                obs.network,
+                obs.family,
+                path,
+                obs.at,
+            );
+        }
+    }
+    a.record_with_exposures(&obs, &found, path);
+}
+
+/// Reads a cleartext request head into `buf` (at most 16 KiB) and parses it; `None` if it
+/// is not one, with what was read left in `buf`.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<http::Request<()>> {
+    const MAX: usize = 16 * 1024;
+    let mut chunk = [0u8; 4096];
     loop {
-        let n = stream.read(&mut buf[len..]).await.ok()?;
+        let room = (MAX - buf.len()).min(chunk.len());
+        let n = stream.read(&mut chunk[..room]).await.ok()?;
         if n == 0 {
             return None;
         }
-        len += n;
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..len]) {
-            Ok(httparse::Status::Complete(_)) => {
-                let mut b = http::Request::builder()
-                    .method(req.method?)
-                    .uri(req.path?)
-                    .version(if req.version == Some(0) {
-                        http::Version::HTTP_10
-                    } else {
-                        http::Version::HTTP_11
-                    });
-                for h in req.headers.iter() {
-                    b = b.header(h.name, h.value);
-                }
-                return b.body(()).ok();
-            }
-            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+        buf.extend_from_slice(&chunk[..n]);
+        match head_status(buf) {
+            HeadStatus::Complete => return parse_head(buf),
+            HeadStatus::Partial if buf.len() < MAX => continue,
             _ => return None,
         }
     }
 }
 
-/// For other TLS-only listeners (admin, metrics): waits for the first byte (up to `timeout`)
-/// and, if the client speaks cleartext HTTP, answers with the fixed 400 and closes. Returns the
-/// stream when the client starts a TLS handshake.
-pub async fn tls_only(stream: TcpStream, timeout: Duration) -> Option<TcpStream> {
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == 0x16 => Some(stream),
-        Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
-            answer_and_close(stream, TLS_ONLY_400).await;
-            None
-        }
-        _ => None,
+enum HeadStatus {
+    Complete,
+    Partial,
+    Invalid,
+}
+
+fn head_status(buf: &[u8]) -> HeadStatus {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    match httparse::Request::new(&mut headers).parse(buf) {
+        Ok(httparse::Status::Complete(_)) => HeadStatus::Complete,
+        Ok(httparse::Status::Partial) => HeadStatus::Partial,
+        Err(_) => HeadStatus::Invalid,
     }
 }
 
-/// Writes a fixed answer, stops sending, and reads a little of what the client sent so the
-/// close does not turn into a reset that destroys the answer before the client reads it.
-async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
-    if stream.write_all(answer).await.is_err() {
-        return;
-    }
-    let _ = stream.shutdown().await;
-    let mut sink = [0u8; 4096];
-    let drain = async {
-        let mut total = 0;
-        // 64 KiB is more than any request head we would have accepted.
-        while total < 65_536 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
+/// Parses a complete cleartext request head (at most 64 headers); `None` if `buf` does not
+/// start with one.
+pub fn parse_head(buf: &[u8]) -> Option<http::Request<()>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {
+            let mut b = http::Request::builder()
+                .method(req.method?)
+                .uri(req.path?)
+                .version(if req.version == Some(0) {
+                    http::Version::HTTP_10
+                } else {
+                    http::Version::HTTP_11
+                });
+            for h in req.headers.iter() {
+                b = b.header(h.name, h.value);
             }
+            b.body(()).ok()
         }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        _ => None,
+    }
 }
 
 async fn serve_http<T>(
@@ -440,15 +545,21 @@ async fn serve_http<T>(
     // Cleartext answers (the reject page above all) must be byte-for-byte stable, so they
     // carry no Date header.
     let date = info.sni.is_some();
-    let (io, ticks) = Activity::new(io);
-    let io = TokioIo::new(io);
+    let watch = info.watch.clone();
+    let io = TokioIo::new(Activity::new(io, watch.clone()));
+    let timeouts = Timeouts {
+        first_request: edge.header_read_timeout,
+        idle: edge.idle_timeout,
+        close: edge.close_timeout,
+        shutdown_grace: edge.shutdown_grace,
+    };
     let svc = service_fn(move |req| handle(info.clone(), req));
-    if h2 {
+    let ended = if h2 {
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(edge.max_header_bytes as u32)
             .serve_connection(io, svc);
-        drive(conn, shutdown, ticks, edge.idle_timeout).await;
+        crate::net::drive(conn, watch, timeouts, shutdown).await
     } else {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -456,62 +567,11 @@ async fn serve_http<T>(
             .max_buf_size(edge.max_header_bytes)
             .auto_date_header(date)
             .serve_connection(io, svc);
-        drive(conn, shutdown, ticks, edge.idle_timeout).await;
+        crate::net::drive(conn, watch, timeouts, shutdown).await
+    };
+    match ended {
+        Ended::Normally => {}
+        Ended::FirstRequestTimeout => bump(&shared.stats.first_request_timeouts),
+        Ended::Forced => bump(&shared.stats.forced_closes),
     }
-}
-
-/// Runs a connection until it ends; on shutdown, or after `idle` without a byte either way,
-/// asks it to finish in-flight requests and close.
-///
-/// The decision is a watchdog task's, woken only by its timer and by shutdown: polling the
-/// connection then also polls one oneshot receiver, instead of a timer and a cancellation
-/// future on every wake-up.
-async fn drive<C>(conn: C, shutdown: CancellationToken, ticks: Arc<AtomicU64>, idle: Duration)
-where
-    C: GracefulConnection<Error = hyper::Error>,
-{
-    let (close_tx, mut close_rx) = oneshot::channel();
-    let watchdog = tokio::spawn(watch(close_tx, shutdown, ticks, idle));
-    let mut conn = pin!(conn);
-    let mut closing = false;
-    let r = poll_fn(|cx| {
-        if !closing && Pin::new(&mut close_rx).poll(cx).is_ready() {
-            closing = true;
-            conn.as_mut().graceful_shutdown();
-        }
-        conn.as_mut().poll(cx)
-    })
-    .await;
-    watchdog.abort();
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// Waits for shutdown or for `idle` without activity, then tells the connection to close.
-async fn watch(
-    close: oneshot::Sender<()>,
-    shutdown: CancellationToken,
-    ticks: Arc<AtomicU64>,
-    idle: Duration,
-) {
-    let mut seen = ticks.load(Ordering::Relaxed);
-    let mut quiet_since = Instant::now();
-    // Checking four times per period closes an idle connection within 1.25 periods.
-    let step = idle / 4;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = sleep(step) => {
-                let now = ticks.load(Ordering::Relaxed);
-                if now != seen {
-                    seen = now;
-                    quiet_since = Instant::now();
-                } else if quiet_since.elapsed() >= idle {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = close.send(());
 }

@@ -7,9 +7,9 @@
 //! connection before a request byte is sent. This module never touches a store and never waits
 //! on anything but the client and the origin.
 
+mod capture;
 pub mod drain;
 mod http;
-mod io;
 mod listener;
 mod proxy;
 mod snapshot;
@@ -31,7 +31,7 @@ use crate::analytics::{Analytics, AnalyticsError};
 use crate::config::{Config, ListenerKind};
 use crate::tls::{DevCa, Resumption, TlsError};
 
-pub use listener::tls_only;
+pub use listener::{parse_head, sniff, Sniff};
 pub use snapshot::Snapshot;
 pub use workers::Workers;
 
@@ -85,6 +85,13 @@ pub struct Stats {
     pub cleartext_connections: AtomicU64,
     /// Client connections open now.
     pub active_connections: std::sync::atomic::AtomicI64,
+    /// Connections that sent no complete request head within the header-read timeout.
+    pub first_request_timeouts: AtomicU64,
+    /// Connections asked to close (idle, shutdown) that were dropped for not closing in time.
+    pub forced_closes: AtomicU64,
+    /// Cleartext connections that ended inside a request head (refused by the parser, or never
+    /// finished).
+    pub malformed_requests: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -98,6 +105,13 @@ pub struct StatsSnapshot {
     pub handshakes: u64,
     pub cleartext_connections: u64,
     pub active_connections: i64,
+    pub first_request_timeouts: u64,
+    pub forced_closes: u64,
+    pub malformed_requests: u64,
+    /// Connections refused because the edge held `max_connections`.
+    pub refused_global: u64,
+    /// Connections refused because their address held `max_connections_per_client`.
+    pub refused_per_client: u64,
 }
 
 impl Stats {
@@ -112,6 +126,11 @@ impl Stats {
             handshakes: r(&self.handshakes),
             cleartext_connections: r(&self.cleartext_connections),
             active_connections: self.active_connections.load(Ordering::Relaxed),
+            first_request_timeouts: r(&self.first_request_timeouts),
+            forced_closes: r(&self.forced_closes),
+            malformed_requests: r(&self.malformed_requests),
+            refused_global: 0,
+            refused_per_client: 0,
         }
     }
 }
@@ -141,9 +160,36 @@ pub(crate) struct Shared {
     pub(crate) stages: ArcSwap<crate::stages::Plans>,
     /// The exposure response queue; set once at start, with analytics.
     pub(crate) responder: std::sync::OnceLock<Arc<crate::exposure::queue::Responder>>,
+    /// Caps on client connections, over every listener and worker (`max_connections`,
+    /// `max_connections_per_client`), fixed at start.
+    pub(crate) limits: Arc<crate::net::Limits>,
+}
+
+/// The edge's connection caps. Without `max_connections`, the descriptor limit decides: each
+/// client connection may hold an origin connection too, and a reserve is kept for listeners,
+/// the store, DNS and the control plane.
+fn connection_limits(edge: &crate::config::EdgeSettings) -> Arc<crate::net::Limits> {
+    const RESERVE: u64 = 200;
+    let global = edge.max_connections.unwrap_or_else(|| {
+        let nofile = crate::net::nofile_limit().min(1 << 24);
+        (nofile.saturating_sub(RESERVE) / 2).max(32) as usize
+    });
+    tracing::info!(
+        max_connections = global,
+        max_connections_per_client = edge.max_connections_per_client,
+        "edge connection caps"
+    );
+    crate::net::Limits::new(global, edge.max_connections_per_client)
 }
 
 impl Shared {
+    fn stats_snapshot(&self) -> StatsSnapshot {
+        let mut s = self.stats.snapshot();
+        s.refused_global = self.limits.refused_global.load(Ordering::Relaxed);
+        s.refused_per_client = self.limits.refused_per_client.load(Ordering::Relaxed);
+        s
+    }
+
     /// How many accept loops (and origin client pools) each listener gets.
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.len().max(1)
@@ -190,6 +236,7 @@ impl Edge {
             },
             responder: std::sync::OnceLock::new(),
             stages: ArcSwap::from_pointee(crate::stages::load(&config.state_dir)),
+            limits: connection_limits(&config.edge),
         });
         if config.analytics.enabled {
             // The worker finds each site's live policy through the snapshot; a weak reference
@@ -349,7 +396,7 @@ impl Edge {
 
     /// Pre-request event counters.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        self.shared.stats_snapshot()
     }
 
     /// Sockets currently listening.
@@ -399,7 +446,7 @@ pub struct EdgeView(Arc<Shared>);
 
 impl EdgeView {
     pub fn stats(&self) -> StatsSnapshot {
-        self.0.stats.snapshot()
+        self.0.stats_snapshot()
     }
 
     pub fn analytics(&self) -> Option<&Analytics> {

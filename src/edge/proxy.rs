@@ -75,9 +75,9 @@ type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
 /// has no task of its own: whoever waits on it (the request being sent, then its response
 /// body) polls it, so the origin's answer wakes the client connection's task directly.
 struct Conn {
-    tx: SendRequest<Incoming>,
+    tx: SendRequest<ClientBody>,
     /// `None` once the connection has ended.
-    io: Option<Pin<Box<http1::Connection<OriginIo, Incoming>>>>,
+    io: Option<Pin<Box<http1::Connection<OriginIo, ClientBody>>>>,
 }
 
 impl Conn {
@@ -209,7 +209,7 @@ impl OriginClient {
     /// new connection.
     async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
     ) -> Result<Response<OriginBody>, Box<dyn std::error::Error + Send + Sync>> {
         let pool = &self.pools[workers::current() % self.pools.len()];
         loop {
@@ -231,6 +231,7 @@ impl OriginClient {
                         done: false,
                         conn: Some(conn),
                         pool,
+                        in_flight: None,
                     }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -251,6 +252,98 @@ impl OriginClient {
     }
 }
 
+/// A client's request body on its way to the origin: the client's stream, after the part
+/// of it the edge already read (to search a cleartext form or JSON body for credentials).
+pub(crate) struct ClientBody {
+    /// Data read ahead, sent first.
+    prefix: Option<Bytes>,
+    /// Trailers read ahead, when the body ended within the part read.
+    trailers: Option<http::HeaderMap>,
+    rest: Incoming,
+}
+
+impl ClientBody {
+    pub(crate) fn new(rest: Incoming) -> ClientBody {
+        ClientBody {
+            prefix: None,
+            trailers: None,
+            rest,
+        }
+    }
+
+    /// Reads up to `limit` bytes of `rest` (within `deadline`), returning them with a body
+    /// that will send them first. The flag says whether the body ended within them.
+    pub(crate) async fn read_prefix(
+        mut rest: Incoming,
+        limit: usize,
+        deadline: std::time::Duration,
+    ) -> (Bytes, bool, ClientBody) {
+        use http_body_util::BodyExt as _;
+        let mut buf = bytes::BytesMut::new();
+        let mut trailers = None;
+        let mut ended = rest.is_end_stream();
+        let read = async {
+            while !ended && buf.len() < limit {
+                match rest.frame().await {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => buf.extend_from_slice(&data),
+                        Err(frame) => {
+                            trailers = frame.into_trailers().ok();
+                            ended = true;
+                        }
+                    },
+                    // An error or the end: what was read is all there is.
+                    Some(Err(_)) | None => ended = true,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(deadline, read).await;
+        let prefix = buf.freeze();
+        let body = ClientBody {
+            prefix: (!prefix.is_empty()).then(|| prefix.clone()),
+            trailers,
+            rest,
+        };
+        (prefix, ended, body)
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        if let Some(t) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.trailers.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let ahead = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        if ahead == 0 {
+            return self.rest.size_hint();
+        }
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ahead);
+        if let Some(u) = rest.upper() {
+            hint.set_upper(u + ahead);
+        }
+        hint
+    }
+}
+
 /// An origin's response body, streamed; it drives the origin connection while it is read,
 /// and once read to its end the connection returns to its pool.
 pub(crate) struct OriginBody {
@@ -258,6 +351,16 @@ pub(crate) struct OriginBody {
     done: bool,
     conn: Option<Conn>,
     pool: Arc<Pool>,
+    /// The client connection's count of requests in flight, released when the body ends or
+    /// is dropped.
+    in_flight: Option<super::http::InFlight>,
+}
+
+impl OriginBody {
+    /// Keeps `g` until this body is dropped.
+    pub(crate) fn hold(&mut self, g: super::http::InFlight) {
+        self.in_flight = Some(g);
+    }
 }
 
 impl hyper::body::Body for OriginBody {
@@ -332,7 +435,7 @@ fn empty_client_config() -> Result<rustls::ClientConfig, String> {
 /// Sends `req` to the site's origin and returns its response, or 502/504 of our own.
 pub(crate) async fn forward(
     origin: &OriginClient,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     client: &ClientAddr,
     proto: &'static str,
     edge: &EdgeSettings,

@@ -83,6 +83,8 @@ pub(crate) struct SiteRuntime {
     pub(crate) drain: Option<Drain>,
     /// The exposure response (notify or revoke), if any.
     pub(crate) response: Option<Arc<crate::config::ExposureResponse>>,
+    /// Set on every TLS answer of the site (`response_headers`).
+    pub(crate) response_headers: crate::config::ResponseHeaders,
 }
 
 impl SiteRuntime {
@@ -168,6 +170,7 @@ impl Snapshot {
                     .as_ref()
                     .map_or(0, |a| a.site_id(&site.host.to_string())),
                 exposure: site.exposure.clone(),
+                response_headers: site.response_headers.clone(),
                 pool: site.pool,
                 drain: None,
                 response: site.response.clone().map(Arc::new),

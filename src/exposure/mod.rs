@@ -25,8 +25,8 @@ pub const KEY_HEADERS: [&str; 6] = [
     "private-token",
 ];
 
-/// Query parameters that carry credentials.
-pub const KEY_PARAMS: [&str; 14] = [
+/// Query parameters, form fields and JSON keys that carry credentials.
+pub const KEY_PARAMS: [&str; 20] = [
     "api_key",
     "apikey",
     "access_token",
@@ -41,6 +41,36 @@ pub const KEY_PARAMS: [&str; 14] = [
     "api-key",
     "auth_token",
     "passwd",
+    "pwd",
+    "refresh_token",
+    "id_token",
+    "client_assertion",
+    "accesstoken",
+    "refreshtoken",
+];
+
+/// Cookie names that hold a session or a credential. A cookie is one if its lowercase name is
+/// listed here, contains one of [`CREDENTIAL_COOKIE_PARTS`], or is in the site's
+/// `exposure_cookies`; `theme=dark` or `_ga=...` are not.
+pub const CREDENTIAL_COOKIES: [&str; 12] = [
+    "sid",
+    "sess",
+    "ssid",
+    "phpsessid",
+    "jsessionid",
+    "asp.net_sessionid",
+    "connect.sid",
+    "jwt",
+    "auth",
+    "remember_me",
+    "user_credentials",
+    "_identity",
+];
+
+/// Parts of a cookie name that mark it as a credential (`laravel_session`, `XSRF-TOKEN` is
+/// not one: see the list).
+pub const CREDENTIAL_COOKIE_PARTS: [&str; 9] = [
+    "session", "token", "auth", "jwt", "secret", "passw", "apikey", "api_key", "login",
 ];
 
 /// Most credentials one request is searched for: bounds the HMAC work a client can cause.
@@ -63,16 +93,22 @@ pub enum CredentialKind {
     Header,
     Query,
     Userinfo,
+    /// A field of a form or JSON body.
+    Body,
+    /// A segment of the path matched by one of the site's `exposure_paths`.
+    Path,
 }
 
 impl CredentialKind {
-    pub const ALL: [CredentialKind; 6] = [
+    pub const ALL: [CredentialKind; 8] = [
         CredentialKind::Authorization,
         CredentialKind::ProxyAuthorization,
         CredentialKind::Cookie,
         CredentialKind::Header,
         CredentialKind::Query,
         CredentialKind::Userinfo,
+        CredentialKind::Body,
+        CredentialKind::Path,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +119,8 @@ impl CredentialKind {
             CredentialKind::Header => "header",
             CredentialKind::Query => "query",
             CredentialKind::Userinfo => "userinfo",
+            CredentialKind::Body => "body",
+            CredentialKind::Path => "path",
         }
     }
 
@@ -213,8 +251,129 @@ impl Fingerprinter {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExtraPositions {
     pub headers: Vec<HeaderName>,
-    /// Lowercase parameter names.
+    /// Lowercase parameter names (query, form fields, JSON keys).
     pub params: Vec<String>,
+    /// Lowercase cookie names that are credentials, beside [`CREDENTIAL_COOKIES`].
+    pub cookies: Vec<String>,
+    /// Paths that carry a token, like `/bot{token}/`.
+    pub paths: Vec<PathPattern>,
+}
+
+/// Why an `exposure_paths` pattern was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PatternError {
+    #[error("a path pattern starts with '/', like \"/bot{{token}}/\"")]
+    NoLeadingSlash,
+    #[error("a path pattern needs one or more {{name}} placeholders, like \"/bot{{token}}/\"")]
+    NoPlaceholder,
+    #[error("a placeholder is {{name}} with 1 to 32 letters, digits, '-', '_' or '.'")]
+    BadName,
+    #[error("two placeholders need text between them")]
+    Adjacent,
+    #[error("unbalanced '{{' or '}}'")]
+    Unbalanced,
+}
+
+/// A path that carries a credential, like `/bot{token}/`: literal text, and placeholders that
+/// each match one or more characters within a path segment. Matched from the path's start;
+/// anything may follow the pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    parts: Vec<PathPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathPart {
+    Literal(String),
+    Placeholder(PositionName),
+}
+
+impl PathPattern {
+    pub fn parse(s: &str) -> Result<PathPattern, PatternError> {
+        if !s.starts_with('/') {
+            return Err(PatternError::NoLeadingSlash);
+        }
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                Some(i) if rest.as_bytes()[i] == b'}' => return Err(PatternError::Unbalanced),
+                Some(i) => {
+                    if i > 0 {
+                        parts.push(PathPart::Literal(rest[..i].to_owned()));
+                    } else if matches!(parts.last(), Some(PathPart::Placeholder(_))) {
+                        return Err(PatternError::Adjacent);
+                    }
+                    let close = rest[i..].find('}').ok_or(PatternError::Unbalanced)? + i;
+                    let name = &rest[i + 1..close];
+                    let valid = !name.is_empty()
+                        && name.len() <= 32
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                    if !valid {
+                        return Err(PatternError::BadName);
+                    }
+                    parts.push(PathPart::Placeholder(PositionName::new(name.as_bytes())));
+                    rest = &rest[close + 1..];
+                }
+                None => {
+                    parts.push(PathPart::Literal(rest.to_owned()));
+                    rest = "";
+                }
+            }
+        }
+        if !parts.iter().any(|p| matches!(p, PathPart::Placeholder(_))) {
+            return Err(PatternError::NoPlaceholder);
+        }
+        Ok(PathPattern { parts })
+    }
+
+    /// The placeholders' names and values in `path`, if the pattern matches it.
+    fn captures<'p>(&self, path: &'p [u8], mut each: impl FnMut(&PositionName, &'p [u8])) -> bool {
+        let mut pos = 0;
+        let mut found: [Option<(&PositionName, &'p [u8])>; 8] = [None; 8];
+        let mut n = 0;
+        for (i, part) in self.parts.iter().enumerate() {
+            match part {
+                PathPart::Literal(lit) => {
+                    if !path[pos..].starts_with(lit.as_bytes()) {
+                        return false;
+                    }
+                    pos += lit.len();
+                }
+                PathPart::Placeholder(name) => {
+                    let seg_end = path[pos..]
+                        .iter()
+                        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+                        .map_or(path.len(), |e| pos + e);
+                    let seg = &path[pos..seg_end];
+                    let len = match self.parts.get(i + 1) {
+                        Some(PathPart::Literal(l)) if !l.starts_with('/') => {
+                            match seg.windows(l.len()).position(|w| w == l.as_bytes()) {
+                                Some(at) => at,
+                                None => return false,
+                            }
+                        }
+                        _ => seg.len(),
+                    };
+                    if len == 0 {
+                        return false;
+                    }
+                    if n < found.len() {
+                        found[n] = Some((name, &seg[..len]));
+                        n += 1;
+                    }
+                    pos += len;
+                }
+            }
+        }
+        for (name, value) in found.iter().flatten() {
+            each(name, value);
+        }
+        true
+    }
 }
 
 /// What an exposure response needs of a credential beyond its fingerprint: its SHA-256 (for
@@ -250,71 +409,340 @@ pub fn detect_with_secrets(
     extra: &ExtraPositions,
     fp: &Fingerprinter,
     out: &mut Vec<Found>,
-    mut secrets: Option<(&mut Vec<SecretValue>, bool)>,
+    secrets: Option<(&mut Vec<SecretValue>, bool)>,
 ) {
-    let mut push = |kind: CredentialKind, name: &[u8], value: &[u8]| {
-        if out.len() < MAX_PER_REQUEST && !value.is_empty() {
-            out.push(Found {
-                kind,
-                name: PositionName::new(name),
-                fingerprint: fp.fingerprint(value),
-            });
-            if let Some((v, keep_raw)) = secrets.as_mut() {
-                let mut sha256 = [0u8; 32];
-                sha256.copy_from_slice(digest::digest(&digest::SHA256, value).as_ref());
-                v.push(SecretValue {
-                    sha256,
-                    raw: keep_raw.then(|| String::from_utf8_lossy(value).into_owned()),
-                });
+    let mut sink = Sink { fp, out, secrets };
+    let pairs = headers
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    scan_headers(pairs, extra, &mut sink);
+    let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    scan_target(target.as_bytes(), extra, &mut sink);
+    if let Some(a) = uri.authority() {
+        if let Some((userinfo, _)) = a.as_str().rsplit_once('@') {
+            sink.push(CredentialKind::Userinfo, b"userinfo", userinfo.as_bytes());
+        }
+    }
+}
+
+/// Searches a request head that the HTTP parser refused (a bad header line, a head too large,
+/// one never finished): it crossed the wire all the same. Only complete lines are read; a
+/// header line is `name: value` leniently (spaces around the name, bytes HTTP forbids).
+pub fn detect_raw_head(
+    raw: &[u8],
+    extra: &ExtraPositions,
+    fp: &Fingerprinter,
+    out: &mut Vec<Found>,
+) {
+    detect_raw_head_with_secrets(raw, extra, fp, out, None);
+}
+
+/// Like [`detect_raw_head`], with the secrets an exposure response needs (see
+/// [`detect_with_secrets`]).
+pub fn detect_raw_head_with_secrets(
+    raw: &[u8],
+    extra: &ExtraPositions,
+    fp: &Fingerprinter,
+    out: &mut Vec<Found>,
+    secrets: Option<(&mut Vec<SecretValue>, bool)>,
+) {
+    let mut sink = Sink { fp, out, secrets };
+    let head = match raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => &raw[..end + 2],
+        None => raw,
+    };
+    // The last piece has no line end: a line cut short carries no whole value.
+    let complete = match head.iter().rposition(|b| *b == b'\n') {
+        Some(i) => &head[..i],
+        None => return,
+    };
+    let mut lines = complete
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    // Clients may send empty lines before the request line.
+    let request_line = lines.by_ref().find(|l| !trim(l).is_empty());
+    if let Some(line) = request_line {
+        let mut words = line.split(|b| *b == b' ').filter(|w| !w.is_empty());
+        if let Some(target) = words.nth(1) {
+            let target = match target.windows(3).position(|w| w == b"://") {
+                // Absolute form: the authority may hold user:password@.
+                Some(i) => {
+                    let rest = &target[i + 3..];
+                    let end = rest.iter().position(|b| *b == b'/' || *b == b'?');
+                    let authority = &rest[..end.unwrap_or(rest.len())];
+                    if let Some(at) = authority.iter().rposition(|b| *b == b'@') {
+                        sink.push(CredentialKind::Userinfo, b"userinfo", &authority[..at]);
+                    }
+                    end.map_or(&b"/"[..], |e| &rest[e..])
+                }
+                None => target,
+            };
+            scan_target(target, extra, &mut sink);
+        }
+    }
+    let pairs = lines.filter_map(|l| {
+        let colon = l.iter().position(|b| *b == b':')?;
+        Some((trim(&l[..colon]), trim(&l[colon + 1..])))
+    });
+    scan_headers(pairs, extra, &mut sink);
+}
+
+/// Searches the start of a cleartext request body: form fields
+/// (`application/x-www-form-urlencoded`) and JSON string members (`application/json`, any
+/// `+json` type) whose name is a credential parameter. `body` may be cut anywhere.
+pub fn detect_body(
+    content_type: &[u8],
+    body: &[u8],
+    extra: &ExtraPositions,
+    fp: &Fingerprinter,
+    out: &mut Vec<Found>,
+) {
+    detect_body_with_secrets(content_type, body, false, extra, fp, out, None);
+}
+
+/// Like [`detect_body`], with the secrets an exposure response needs; `cut` says that `body`
+/// is only the start of a longer one, so a form's last field may be incomplete.
+pub fn detect_body_with_secrets(
+    content_type: &[u8],
+    body: &[u8],
+    cut: bool,
+    extra: &ExtraPositions,
+    fp: &Fingerprinter,
+    out: &mut Vec<Found>,
+    secrets: Option<(&mut Vec<SecretValue>, bool)>,
+) {
+    let mut sink = Sink { fp, out, secrets };
+    match body_kind(content_type) {
+        Some(BodyKind::Form) => {
+            // A field cut off by the bound has no whole value.
+            let whole = match body.iter().rposition(|b| *b == b'&') {
+                Some(i) if cut => &body[..i],
+                None if cut => &[],
+                _ => body,
+            };
+            for (name, value) in form_urlencoded::parse(whole) {
+                if is_param(name.as_bytes(), extra) {
+                    sink.push(
+                        CredentialKind::Body,
+                        name.to_ascii_lowercase().as_bytes(),
+                        value.as_bytes(),
+                    );
+                }
             }
         }
-    };
-    for (header, kind) in [
-        (AUTHORIZATION, CredentialKind::Authorization),
-        (PROXY_AUTHORIZATION, CredentialKind::ProxyAuthorization),
-    ] {
-        for v in headers.get_all(header) {
-            let v = v.as_bytes();
+        Some(BodyKind::Json) => json_members(body, |name, value| {
+            if is_param(name, extra) {
+                sink.push(CredentialKind::Body, &name.to_ascii_lowercase(), value);
+            }
+        }),
+        None => {}
+    }
+}
+
+/// Whether a body of this content type is searched.
+pub fn body_is_searched(content_type: &[u8]) -> bool {
+    body_kind(content_type).is_some()
+}
+
+enum BodyKind {
+    Form,
+    Json,
+}
+
+fn body_kind(content_type: &[u8]) -> Option<BodyKind> {
+    let essence = content_type
+        .split(|b| *b == b';')
+        .next()
+        .map(trim)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if essence == b"application/x-www-form-urlencoded" {
+        Some(BodyKind::Form)
+    } else if essence == b"application/json" || essence.ends_with(b"+json") {
+        Some(BodyKind::Json)
+    } else {
+        None
+    }
+}
+
+/// Calls `each(name, value)` for every `"name": "value"` member at any depth of a JSON text
+/// that may be cut short. Escapes `\"`, `\\` and `\/` are undone; a value with other escapes
+/// is passed with them as written. Nothing is allocated unless a string holds an escape.
+fn json_members(text: &[u8], mut each: impl FnMut(&[u8], &[u8])) {
+    // The last string read and whether a ':' followed it (then it was a member name).
+    let mut last: Option<std::borrow::Cow<'_, [u8]>> = None;
+    let mut name: Option<std::borrow::Cow<'_, [u8]>> = None;
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                let Some((s, next)) = json_string(text, i + 1) else {
+                    return;
+                };
+                match name.take() {
+                    Some(n) => each(&n, &s),
+                    None => last = Some(s),
+                }
+                i = next;
+                continue;
+            }
+            b':' => name = last.take(),
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => {
+                last = None;
+                name = None;
+            }
+        }
+        i += 1;
+    }
+}
+
+/// The JSON string starting after its opening quote at `from`, and the index after its
+/// closing quote; `None` if the text ends first.
+fn json_string(text: &[u8], from: usize) -> Option<(std::borrow::Cow<'_, [u8]>, usize)> {
+    let mut i = from;
+    let mut escaped = false;
+    while i < text.len() {
+        match text[i] {
+            b'\\' => {
+                escaped = true;
+                i += 2;
+                continue;
+            }
+            b'"' => {
+                let raw = &text[from..i];
+                if !escaped {
+                    return Some((std::borrow::Cow::Borrowed(raw), i + 1));
+                }
+                let mut out = Vec::with_capacity(raw.len());
+                let mut j = 0;
+                while j < raw.len() {
+                    if raw[j] == b'\\' && j + 1 < raw.len() && b"\"\\/".contains(&raw[j + 1]) {
+                        out.push(raw[j + 1]);
+                        j += 2;
+                    } else {
+                        out.push(raw[j]);
+                        j += 1;
+                    }
+                }
+                return Some((std::borrow::Cow::Owned(out), i + 1));
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Where found credentials go: fingerprinted at once, and the secrets kept only if asked.
+struct Sink<'a> {
+    fp: &'a Fingerprinter,
+    out: &'a mut Vec<Found>,
+    secrets: Option<(&'a mut Vec<SecretValue>, bool)>,
+}
+
+impl Sink<'_> {
+    fn push(&mut self, kind: CredentialKind, name: &[u8], value: &[u8]) {
+        if self.out.len() >= MAX_PER_REQUEST || value.is_empty() {
+            return;
+        }
+        self.out.push(Found {
+            kind,
+            name: PositionName::new(name),
+            fingerprint: self.fp.fingerprint(value),
+        });
+        if let Some((v, keep_raw)) = self.secrets.as_mut() {
+            let mut sha256 = [0u8; 32];
+            sha256.copy_from_slice(digest::digest(&digest::SHA256, value).as_ref());
+            v.push(SecretValue {
+                sha256,
+                raw: keep_raw.then(|| String::from_utf8_lossy(value).into_owned()),
+            });
+        }
+    }
+}
+
+fn is_param(name: &[u8], extra: &ExtraPositions) -> bool {
+    KEY_PARAMS
+        .iter()
+        .any(|p| p.as_bytes().eq_ignore_ascii_case(name))
+        || extra
+            .params
+            .iter()
+            .any(|p| p.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Whether a cookie of this name is a credential (see [`CREDENTIAL_COOKIES`]).
+pub fn cookie_is_credential(name: &[u8], extra: &ExtraPositions) -> bool {
+    let lower = name.to_ascii_lowercase();
+    CREDENTIAL_COOKIES.iter().any(|c| c.as_bytes() == lower)
+        || CREDENTIAL_COOKIE_PARTS
+            .iter()
+            .any(|p| lower.windows(p.len()).any(|w| w == p.as_bytes()))
+        || extra.cookies.iter().any(|c| c.as_bytes() == lower)
+}
+
+/// Searches header pairs (names in any case).
+fn scan_headers<'h>(
+    pairs: impl Iterator<Item = (&'h [u8], &'h [u8])>,
+    extra: &ExtraPositions,
+    sink: &mut Sink<'_>,
+) {
+    for (name, v) in pairs {
+        let is = |h: &HeaderName| name.eq_ignore_ascii_case(h.as_str().as_bytes());
+        let kind = if is(&AUTHORIZATION) {
+            Some(CredentialKind::Authorization)
+        } else if is(&PROXY_AUTHORIZATION) {
+            Some(CredentialKind::ProxyAuthorization)
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
             // `Scheme credentials`: the scheme names the position, the rest is the secret.
             match v.iter().position(|b| *b == b' ') {
-                Some(i) => push(kind, &v[..i], trim(&v[i + 1..])),
-                None => push(kind, b"?", v),
+                Some(i) => sink.push(kind, &v[..i], trim(&v[i + 1..])),
+                None => sink.push(kind, b"?", v),
             }
-        }
-    }
-    for v in headers.get_all(COOKIE) {
-        for pair in v.as_bytes().split(|b| *b == b';') {
-            let pair = trim(pair);
-            match pair.iter().position(|b| *b == b'=') {
-                Some(i) => push(
-                    CredentialKind::Cookie,
-                    trim(&pair[..i]),
-                    trim(&pair[i + 1..]),
-                ),
-                None => push(CredentialKind::Cookie, b"?", pair),
+        } else if is(&COOKIE) {
+            for pair in v.split(|b| *b == b';') {
+                let pair = trim(pair);
+                if let Some(i) = pair.iter().position(|b| *b == b'=') {
+                    let cookie = trim(&pair[..i]);
+                    if cookie_is_credential(cookie, extra) {
+                        sink.push(CredentialKind::Cookie, cookie, trim(&pair[i + 1..]));
+                    }
+                }
             }
+        } else if let Some(h) = KEY_HEADERS
+            .iter()
+            .find(|h| h.as_bytes().eq_ignore_ascii_case(name))
+        {
+            sink.push(CredentialKind::Header, h.as_bytes(), v);
+        } else if let Some(h) = extra.headers.iter().find(|h| is(h)) {
+            sink.push(CredentialKind::Header, h.as_str().as_bytes(), v);
         }
     }
-    for name in KEY_HEADERS {
-        for v in headers.get_all(name) {
-            push(CredentialKind::Header, name.as_bytes(), v.as_bytes());
+}
+
+/// Searches a request target in origin form (`/path?query`): the site's path patterns, then
+/// query parameters separated by `&` or `;`.
+fn scan_target(target: &[u8], extra: &ExtraPositions, sink: &mut Sink<'_>) {
+    let (path, query) = match target.iter().position(|b| *b == b'?') {
+        Some(i) => (&target[..i], Some(&target[i + 1..])),
+        None => (target, None),
+    };
+    for pattern in &extra.paths {
+        if pattern.captures(path, |name, value| {
+            sink.push(CredentialKind::Path, name.as_str().as_bytes(), value)
+        }) {
+            break;
         }
     }
-    for name in &extra.headers {
-        for v in headers.get_all(name) {
-            push(
-                CredentialKind::Header,
-                name.as_str().as_bytes(),
-                v.as_bytes(),
-            );
-        }
-    }
-    if let Some(q) = uri.query() {
-        for (name, value) in form_urlencoded::parse(q.as_bytes()) {
-            let known = KEY_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(&name))
-                || extra.params.iter().any(|p| p.eq_ignore_ascii_case(&name));
-            if known {
-                push(
+    let Some(query) = query else { return };
+    let query = query.split(|b| *b == b'#').next().unwrap_or_default();
+    for piece in query.split(|b| *b == b';') {
+        for (name, value) in form_urlencoded::parse(piece) {
+            if is_param(name.as_bytes(), extra) {
+                sink.push(
                     CredentialKind::Query,
                     name.to_ascii_lowercase().as_bytes(),
                     value.as_bytes(),
@@ -322,11 +750,15 @@ pub fn detect_with_secrets(
             }
         }
     }
-    if let Some(a) = uri.authority() {
-        if let Some((userinfo, _)) = a.as_str().rsplit_once('@') {
-            push(CredentialKind::Userinfo, b"userinfo", userinfo.as_bytes());
-        }
-    }
+}
+
+/// Whether any of the site's path patterns matches `path`: its template must then hide the
+/// token (analytics keeps path templates).
+pub fn path_has_token(path: &str, extra: &ExtraPositions) -> bool {
+    extra
+        .paths
+        .iter()
+        .any(|p| p.captures(path.as_bytes(), |_, _| {}))
 }
 
 fn trim(b: &[u8]) -> &[u8] {
@@ -356,6 +788,8 @@ mod tests {
         let extra = ExtraPositions {
             headers: vec![HeaderName::from_static("x-custom-secret")],
             params: vec!["mykey".into()],
+            cookies: vec!["prefs_v2".into()],
+            paths: vec![PathPattern::parse("/bot{token}/").expect("pattern")],
         };
         let mut out = Vec::new();
         detect(
@@ -376,19 +810,23 @@ mod tests {
             &[
                 ("authorization", "Bearer tok"),
                 ("proxy-authorization", "Basic dTpw"),
-                ("cookie", "session=abc; theme=dark"),
+                (
+                    "cookie",
+                    "session=abc; theme=dark; prefs_v2=x; laravel_session=y",
+                ),
                 ("x-api-key", "k1"),
                 ("private-token", "k2"),
                 ("x-custom-secret", "k3"),
                 ("x-unrelated", "nothing"),
             ],
-            "http://user:pw@h.example/p?api_key=1&Token=2&mykey=3&page=4",
+            "http://user:pw@h.example/p?api_key=1&Token=2;mykey=3&page=4",
         );
         let want = [
             (CredentialKind::Authorization, "Bearer"),
             (CredentialKind::ProxyAuthorization, "Basic"),
             (CredentialKind::Cookie, "session"),
-            (CredentialKind::Cookie, "theme"),
+            (CredentialKind::Cookie, "prefs_v2"),
+            (CredentialKind::Cookie, "laravel_session"),
             (CredentialKind::Header, "x-api-key"),
             (CredentialKind::Header, "private-token"),
             (CredentialKind::Header, "x-custom-secret"),
@@ -398,6 +836,114 @@ mod tests {
             (CredentialKind::Userinfo, "userinfo"),
         ];
         assert_eq!(got, want.map(|(k, n)| (k, n.to_owned())));
+    }
+
+    #[test]
+    fn harmless_cookies_are_not_credentials() {
+        let got = found(&[("cookie", "theme=dark; lang=en; _ga=GA1.2.3")], "/");
+        assert!(got.is_empty(), "{got:?}");
+    }
+
+    #[test]
+    fn path_patterns_capture_tokens() {
+        let got = found(&[], "/bot123456:AAE-xyz/sendMessage?chat=1");
+        assert_eq!(got, [(CredentialKind::Path, "token".to_owned())]);
+        assert!(found(&[], "/bot/sendMessage").is_empty(), "empty token");
+        assert!(found(&[], "/api/bot1/").is_empty(), "anchored at the start");
+        let p = PathPattern::parse("/v1/{key}.json").expect("pattern");
+        let mut seen = Vec::new();
+        assert!(p.captures(b"/v1/abc.json", |n, v| seen
+            .push((n.as_str().to_owned(), v.to_vec()))));
+        assert_eq!(seen, [("key".to_owned(), b"abc".to_vec())]);
+        for bad in ["bot{token}", "/bot", "/a{}/", "/{a}{b}/", "/a}b{c}", "/a{b"] {
+            assert!(PathPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn raw(head: &[u8]) -> Vec<(CredentialKind, String)> {
+        let mut out = Vec::new();
+        detect_raw_head(
+            head,
+            &ExtraPositions::default(),
+            &Fingerprinter::ephemeral(),
+            &mut out,
+        );
+        out.iter()
+            .map(|f| (f.kind, f.name.as_str().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn raw_heads_are_searched_leniently() {
+        let head = b"GET /x?token=t HTTP/1.1\r\nHost: a\r\nX-API-Key : k\r\nBad\x01Line\r\nAuthorization: Bearer b\r\nX-Auth-Token: cut-sh";
+        assert_eq!(
+            raw(head),
+            [
+                (CredentialKind::Query, "token".to_owned()),
+                (CredentialKind::Header, "x-api-key".to_owned()),
+                (CredentialKind::Authorization, "Bearer".to_owned()),
+            ],
+            "the unfinished last line is not a whole value"
+        );
+        assert_eq!(
+            raw(b"GET http://u:p@h/ HTTP/1.1\r\n\r\nX-API-Key: after-the-head\r\n"),
+            [(CredentialKind::Userinfo, "userinfo".to_owned())]
+        );
+        assert!(raw(b"").is_empty());
+        assert!(raw(b"\n\n\n").is_empty());
+    }
+
+    /// One key for the whole test binary, so fingerprints compare across calls.
+    fn test_fp() -> &'static Fingerprinter {
+        static FP: std::sync::OnceLock<Fingerprinter> = std::sync::OnceLock::new();
+        FP.get_or_init(Fingerprinter::ephemeral)
+    }
+
+    fn body(ct: &str, b: &str, cut: bool) -> Vec<(CredentialKind, String, Fingerprint)> {
+        let fp = test_fp();
+        let mut out = Vec::new();
+        let extra = ExtraPositions::default();
+        detect_body_with_secrets(ct.as_bytes(), b.as_bytes(), cut, &extra, fp, &mut out, None);
+        out.iter()
+            .map(|f| (f.kind, f.name.as_str().to_owned(), f.fingerprint))
+            .collect()
+    }
+
+    #[test]
+    fn form_and_json_bodies_are_searched() {
+        let names = |v: Vec<(CredentialKind, String, Fingerprint)>| {
+            v.into_iter().map(|(k, n, _)| (k, n)).collect::<Vec<_>>()
+        };
+        let form = "application/x-www-form-urlencoded; charset=utf-8";
+        assert_eq!(
+            names(body(form, "user=a&password=hunter2&remember=1", false)),
+            [(CredentialKind::Body, "password".to_owned())]
+        );
+        assert!(
+            body(form, "user=a&password=hunt", true).is_empty(),
+            "a field cut by the bound is no whole value"
+        );
+        let json = r#"{"user": "a", "auth": {"client_secret" : "s\"x", "n": 1}, "apiKey":"k", "list": ["token", "x"]}"#;
+        let got = body("application/json", json, false);
+        assert_eq!(
+            names(got.clone()),
+            [
+                (CredentialKind::Body, "client_secret".to_owned()),
+                (CredentialKind::Body, "apikey".to_owned()),
+            ],
+            "array strings are not members"
+        );
+        assert_eq!(
+            got[0].2,
+            test_fp().fingerprint(br#"s"x"#),
+            "escapes are undone"
+        );
+        assert_eq!(
+            names(body("application/vnd.api+json", r#"{"token":"t"#, true)),
+            [],
+            "an unterminated string is no whole value"
+        );
+        assert!(body("text/plain", "password=x", false).is_empty());
     }
 
     #[test]
@@ -416,7 +962,7 @@ mod tests {
 
     #[test]
     fn hostile_names_and_floods_are_bounded() {
-        let many: Vec<String> = (0..100).map(|i| format!("c{i}=v")).collect();
+        let many: Vec<String> = (0..100).map(|i| format!("session{i}=v")).collect();
         let cookie = many.join("; ");
         let got = found(
             &[
