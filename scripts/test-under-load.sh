@@ -22,7 +22,7 @@ fi
 # Built (and the test dependencies installed) before the hog starts, so the durations below
 # are the tests' own.
 echo "building the tests"
-bash scripts/test.sh --no-run >/dev/null
+bash scripts/test.sh --no-run --quiet >/dev/null
 
 hogs=()
 stop_hogs() {
