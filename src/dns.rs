@@ -3,26 +3,41 @@
 //! config snapshot, and the SOA serial increases whenever they change.
 //!
 //! Zone data is built once per snapshot ([`Zones::build`]); a query is a few map lookups.
-//! Malformed packets are rejected by hickory's parser before they reach this module, and
-//! nothing here can panic on a query. This module never touches the data plane's sockets.
+//! Every query, over UDP or TCP, goes through one pure function, [`respond`] (wire bytes in,
+//! wire bytes out, hickory's parser and encoder), which nothing can make panic. The UDP and
+//! TCP loops are our own: TCP accepts through [`crate::net::Acceptor`] (backing off when out
+//! of descriptors) under [`crate::net::Limits`] caps, and every connection has a deadline per
+//! message, so silent or flooding clients cannot take the descriptors the edge shares. Every
+//! loop and connection ends on the shutdown token. This module never touches the data plane's
+//! sockets.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::BytesMut;
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SvcParamKey, SvcParamValue, SVCB};
 use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
-use hickory_server::net::runtime::Time;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
-use tokio::net::{TcpListener, UdpSocket};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::Request;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::{Config, DnsSettings, HostPattern};
 use crate::edge::EdgeView;
+use crate::net::{Acceptor, Limits};
 
 /// Why the DNS server could not start or a zone could not be exported.
 #[derive(Debug, thiserror::Error)]
@@ -438,79 +453,124 @@ impl DnsHandler {
     pub fn for_edge(edge: EdgeView) -> DnsHandler {
         DnsHandler::new(Arc::new(move || edge.snapshot().dns.clone()))
     }
+
+    /// The answer to one wire query over `transport`, from the zones of the moment.
+    pub fn respond(&self, transport: Transport, query: &[u8]) -> Option<Vec<u8>> {
+        respond_over(transport, (self.zones)().as_deref(), query)
+    }
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for DnsHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let resp_edns = request.edns.as_ref().map(|e| {
-            let mut r = Edns::new();
-            r.set_max_payload(e.max_payload().max(512));
-            r.set_version(0);
-            r
-        });
-        let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        let refusal = match (request.metadata.message_type, request.metadata.op_code) {
-            (MessageType::Query, OpCode::Query) => None,
-            (MessageType::Query, _) => Some(ResponseCode::NotImp),
-            (MessageType::Response, _) => Some(ResponseCode::FormErr),
-        };
-        let query = match (refusal, request.request_info()) {
-            (None, Ok(info)) => info.query,
-            (Some(code), _) => {
-                return send(response_handle, builder.error_msg(&request.metadata, code)).await
-            }
-            (None, Err(_)) => {
-                return send(
-                    response_handle,
-                    builder.error_msg(&request.metadata, ResponseCode::FormErr),
-                )
-                .await
-            }
-        };
-        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            return send(
-                response_handle,
-                builder.error_msg(&request.metadata, ResponseCode::BADVERS),
-            )
-            .await;
+/// How an answer travels, which decides its size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// At most the client's EDNS payload size (512 bytes without EDNS, RFC 1035 4.2.1);
+    /// larger answers are truncated with TC set, so the client retries over TCP.
+    Udp,
+    /// Up to 65535 bytes, the most a 2-byte length prefix can frame (RFC 1035 4.2.2).
+    Tcp,
+}
+
+/// The wire answer to the wire query `query` over TCP (no size limit but the framing's), or
+/// `None` when it gets none. See [`respond_over`].
+pub fn respond(zones: Option<&Zones>, query: &[u8]) -> Option<Vec<u8>> {
+    respond_over(Transport::Tcp, zones, query)
+}
+
+/// The wire answer to the wire query `query` from `zones` (`None`: no zones, everything is
+/// refused), the one answering path of both transports. `None` when nothing is to be sent:
+/// fewer than 12 bytes (no header to answer), or a message that is itself a response (answering
+/// those would make the server a reflector). Otherwise, in this order:
+/// - a message that does not parse past its header: FORMERR, without EDNS;
+/// - an opcode other than QUERY: NOTIMP;
+/// - not exactly one question: FORMERR;
+/// - EDNS version above 0: BADVERS;
+/// - a name in no zone served here: REFUSED;
+/// - no such name: authoritative NXDOMAIN with the zone's SOA in the authority section;
+/// - else an authoritative answer (NODATA with the SOA when there is no record of the type).
+///
+/// A query with EDNS gets EDNS back, version 0, echoing its payload size (at least 512).
+/// Never panics, whatever the bytes.
+pub fn respond_over(transport: Transport, zones: Option<&Zones>, query: &[u8]) -> Option<Vec<u8>> {
+    let header = Header::read(&mut BinDecoder::new(query)).ok()?;
+    // The source address and protocol of a `Request` are not read here.
+    let request = match Request::from_bytes(
+        query.to_vec(),
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+        Protocol::Udp,
+    ) {
+        Ok(request) => request,
+        Err(e) => {
+            tracing::debug!(id = header.metadata.id, error = %e, "malformed DNS query");
+            // No question could be read: the answer echoes none.
+            let queries = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
+            let builder = MessageResponseBuilder::new(&queries, None);
+            return encode(
+                builder.error_msg(&header.metadata, ResponseCode::FormErr),
+                transport,
+            );
         }
-        let answer = match (self.zones)() {
-            Some(z) => z.answer(query.name(), query.query_type()),
-            None => Answer::Refused,
-        };
-        match answer {
-            Answer::Refused => {
-                send(
-                    response_handle,
-                    builder.error_msg(&request.metadata, ResponseCode::Refused),
-                )
-                .await
-            }
-            Answer::NxDomain(soa) => {
-                metadata.authoritative = true;
-                metadata.response_code = ResponseCode::NXDomain;
-                let resp = builder.build(metadata, &[], &[], std::iter::once(&soa), &[]);
-                let _ = &mut response_handle;
-                send(response_handle, resp).await
-            }
-            Answer::Records { answers, soa, ns } => {
-                metadata.authoritative = true;
-                let resp = builder.build(metadata, &answers, &ns, soa.iter(), &[]);
-                send(response_handle, resp).await
-            }
+    };
+    if request.metadata.message_type == MessageType::Response {
+        return None;
+    }
+    let resp_edns = request.edns.as_ref().map(|e| {
+        let mut r = Edns::new();
+        r.set_max_payload(e.max_payload().max(512));
+        r.set_version(0);
+        r
+    });
+    let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
+    if request.metadata.op_code != OpCode::Query {
+        return encode(
+            builder.error_msg(&request.metadata, ResponseCode::NotImp),
+            transport,
+        );
+    }
+    let Ok(info) = request.request_info() else {
+        return encode(
+            builder.error_msg(&request.metadata, ResponseCode::FormErr),
+            transport,
+        );
+    };
+    let query = info.query;
+    if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return encode(
+            builder.error_msg(&request.metadata, ResponseCode::BADVERS),
+            transport,
+        );
+    }
+    let answer = match zones {
+        Some(z) => z.answer(query.name(), query.query_type()),
+        None => Answer::Refused,
+    };
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    match answer {
+        Answer::Refused => encode(
+            builder.error_msg(&request.metadata, ResponseCode::Refused),
+            transport,
+        ),
+        Answer::NxDomain(soa) => {
+            metadata.authoritative = true;
+            metadata.response_code = ResponseCode::NXDomain;
+            encode(
+                builder.build(metadata, &[], &[], std::iter::once(&soa), &[]),
+                transport,
+            )
+        }
+        Answer::Records { answers, soa, ns } => {
+            metadata.authoritative = true;
+            encode(
+                builder.build(metadata, &answers, &ns, soa.iter(), &[]),
+                transport,
+            )
         }
     }
 }
 
-async fn send<'a, R: ResponseHandler>(
-    mut handle: R,
-    response: hickory_server::zone_handler::MessageResponse<
+/// Encodes `response` within the size limit of `transport` (hickory truncates and sets TC); an
+/// answer that cannot be encoded becomes a bare SERVFAIL header, as hickory's server does.
+fn encode<'a>(
+    response: MessageResponse<
         '_,
         'a,
         impl Iterator<Item = &'a Record> + Send + 'a,
@@ -518,41 +578,309 @@ async fn send<'a, R: ResponseHandler>(
         impl Iterator<Item = &'a Record> + Send + 'a,
         impl Iterator<Item = &'a Record> + Send + 'a,
     >,
-) -> ResponseInfo {
+    transport: Transport,
+) -> Option<Vec<u8>> {
     let id = response.metadata().id;
-    match handle.send_response(response).await {
-        Ok(info) => info,
-        Err(e) => {
-            tracing::debug!(error = %e, "DNS response not sent");
-            let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
-            metadata.response_code = ResponseCode::ServFail;
-            ResponseInfo::from(Header {
-                metadata,
-                counts: HeaderCounts::default(),
-            })
+    let max_size = match transport {
+        Transport::Udp => response.edns().map_or(512, Edns::max_payload),
+        Transport::Tcp => u16::MAX,
+    };
+    let mut bytes = Vec::with_capacity(512);
+    let emitted = {
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(max_size);
+        response.destructive_emit(&mut encoder)
+    };
+    if let Err(e) = emitted {
+        tracing::warn!(id, error = %e, "DNS answer not encodable; SERVFAIL instead");
+        bytes.clear();
+        let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
+        metadata.response_code = ResponseCode::ServFail;
+        let header = Header {
+            metadata,
+            counts: HeaderCounts::default(),
+        };
+        header.emit(&mut BinEncoder::new(&mut bytes)).ok()?;
+    }
+    Some(bytes)
+}
+
+/// Bounds on DNS over TCP. [`TcpPolicy::default`] holds the values [`start`] uses; tests set
+/// others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpPolicy {
+    /// Connections open at once, from all clients ([`TCP_MAX_CONNECTIONS`]).
+    pub max_connections: usize,
+    /// Connections open at once from one client address ([`TCP_MAX_PER_CLIENT`]).
+    pub max_per_client: usize,
+    /// Time for a complete message, and for writing answers ([`TCP_MESSAGE_TIMEOUT`]).
+    pub message_timeout: Duration,
+    /// Answers held before they are written out ([`TCP_MAX_IN_FLIGHT`]).
+    pub max_in_flight: usize,
+}
+
+/// The edge shares the process's descriptors with DNS, so silent connections must run into
+/// this cap long before they run out of descriptors; 512 is far more than an authoritative
+/// server's TCP traffic (truncated answers and a few zone checks) ever holds at once.
+pub const TCP_MAX_CONNECTIONS: usize = 512;
+/// Resolvers reuse one connection or a few (RFC 7766 6.2.1), so 16 is generous for one
+/// address, and a single client can take at most 1/32 of [`TCP_MAX_CONNECTIONS`].
+pub const TCP_MAX_PER_CLIENT: usize = 16;
+/// A connection is closed when it has sent no complete message within this time of its accept
+/// or of its last answer, however many bytes it trickles, and when an answer cannot be written
+/// within it (a client that does not read). 5 s, as under hickory's listener before: RFC 7766
+/// 6.2.3 asks for seconds, and a resolver retrying after TC asks at once.
+pub const TCP_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pipelined queries are answered up to this many at a time before the answers are written,
+/// so a connection holds at most 16 answers (each at most 64 KiB, in practice a few hundred
+/// bytes); the next ones wait unread in the socket, so a client that does not read its
+/// answers stops the server reading its queries.
+pub const TCP_MAX_IN_FLIGHT: usize = 16;
+/// Largest UDP query read; longer datagrams are cut to it, as hickory's server did. A query is
+/// one question (and perhaps an OPT record), well under this.
+const UDP_RECEIVE_BUFFER: usize = 4096;
+/// First pause after a failed UDP receive, doubled on each failure in a row up to
+/// [`UDP_BACKOFF_MAX`], so a broken socket costs no CPU (as `net::Acceptor` does for TCP).
+const UDP_BACKOFF_START: Duration = Duration::from_millis(10);
+/// Longest pause: a failing socket is retried at least once a second.
+const UDP_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Default for TcpPolicy {
+    fn default() -> TcpPolicy {
+        TcpPolicy {
+            max_connections: TCP_MAX_CONNECTIONS,
+            max_per_client: TCP_MAX_PER_CLIENT,
+            message_timeout: TCP_MESSAGE_TIMEOUT,
+            max_in_flight: TCP_MAX_IN_FLIGHT,
         }
     }
 }
 
-/// Serves DNS on UDP and TCP at `addr` until the edge shuts down.
+/// Serves DNS on UDP and TCP at `addr` until `stop` is cancelled.
 pub async fn start(
     addr: SocketAddr,
     handler: DnsHandler,
-    stop: tokio_util::sync::CancellationToken,
+    stop: CancellationToken,
 ) -> Result<(), DnsError> {
     let bind_err = |source| DnsError::Bind { addr, source };
     let udp = UdpSocket::bind(addr).await.map_err(bind_err)?;
     let tcp = TcpListener::bind(addr).await.map_err(bind_err)?;
-    let mut server = hickory_server::Server::new(handler);
-    server.register_socket(udp);
-    // A TCP client has 5 s per message; responses queue up to 64 deep per connection.
-    server.register_listener(tcp, std::time::Duration::from_secs(5), 64);
+    // Refusals are counted, and logged at debug level; nothing exports them yet.
+    let _limits = serve_sockets(udp, tcp, handler, TcpPolicy::default(), stop);
     tracing::info!(%addr, "serving DNS on UDP and TCP");
-    tokio::spawn(async move {
-        stop.cancelled().await;
-        let _ = server.shutdown_gracefully().await;
-    });
     Ok(())
+}
+
+/// Serves DNS on the bound `udp` and `tcp` sockets until `stop` is cancelled: one receive
+/// loop per runtime worker on UDP, and an accept loop on TCP bounded by `policy`. Every task
+/// ends on `stop`; the TCP loop closes its listener, then waits for its connections. Returns
+/// the TCP caps, whose counters say how many connections each cap refused. Call it within a
+/// tokio runtime.
+pub fn serve_sockets(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    handler: DnsHandler,
+    policy: TcpPolicy,
+    stop: CancellationToken,
+) -> Arc<Limits> {
+    let handler = Arc::new(handler);
+    let udp = Arc::new(udp);
+    // A loop per worker spreads UDP over the runtime as hickory's task per packet did, with
+    // no task, and no unbounded queue, per packet.
+    let workers = tokio::runtime::Handle::current()
+        .metrics()
+        .num_workers()
+        .max(1);
+    for _ in 0..workers {
+        tokio::spawn(serve_udp(udp.clone(), handler.clone(), stop.clone()));
+    }
+    let limits = Limits::new(policy.max_connections, policy.max_per_client);
+    tokio::spawn(serve_tcp(tcp, handler, policy, limits.clone(), stop));
+    limits
+}
+
+/// Answers datagrams on `socket` until `stop`; answering is a few map lookups, done in place.
+async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<DnsHandler>, stop: CancellationToken) {
+    let mut buf = vec![0u8; UDP_RECEIVE_BUFFER];
+    let mut backoff = UDP_BACKOFF_START;
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        let (n, src) = match received {
+            Ok(r) => {
+                backoff = UDP_BACKOFF_START;
+                r
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS UDP receive failed; backing off");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(UDP_BACKOFF_MAX);
+                continue;
+            }
+        };
+        if !answerable(src) {
+            continue;
+        }
+        let Some(answer) = handler.respond(Transport::Udp, &buf[..n]) else {
+            continue;
+        };
+        if let Err(e) = socket.send_to(&answer, src).await {
+            tracing::debug!(%src, error = %e, "DNS UDP answer not sent");
+        }
+    }
+}
+
+/// Whether an answer to `src` can go anywhere: not port 0, nor an unspecified or broadcast
+/// address (spoofed sources, which hickory's server skipped too).
+fn answerable(src: SocketAddr) -> bool {
+    let ip = src.ip().to_canonical();
+    src.port() != 0 && !ip.is_unspecified() && !matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// Accepts DNS-over-TCP connections until `stop`, then waits for them to end. A connection
+/// over a cap of `limits` is accepted and closed at once (and counted there), so the client
+/// learns at once instead of waiting in the backlog.
+async fn serve_tcp(
+    listener: TcpListener,
+    handler: Arc<DnsHandler>,
+    policy: TcpPolicy,
+    limits: Arc<Limits>,
+    stop: CancellationToken,
+) {
+    let mut acceptor = Acceptor::new(listener, "dns");
+    let tracker = TaskTracker::new();
+    while let Some((stream, peer)) = acceptor.accept(&stop).await {
+        let permit = match limits.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(cap) => {
+                tracing::debug!(
+                    client = %peer,
+                    ?cap,
+                    refused_global = limits.refused_global.load(Ordering::Relaxed),
+                    refused_per_client = limits.refused_per_client.load(Ordering::Relaxed),
+                    "DNS TCP connection refused"
+                );
+                drop(stream);
+                continue;
+            }
+        };
+        let (handler, stop) = (handler.clone(), stop.clone());
+        let span = tracing::debug_span!("dns_tcp", client = %peer);
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                if let Err(end) = serve_tcp_connection(stream, &handler, policy, &stop).await {
+                    tracing::debug!(%end, "DNS TCP connection closed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    // No new connections from here on: the listener closes before the connections drain.
+    drop(acceptor);
+    tracker.close();
+    tracker.wait().await;
+    tracing::debug!("DNS over TCP stopped");
+}
+
+/// Why the server closed a DNS-over-TCP connection (other than the client closing it).
+#[derive(Debug, thiserror::Error)]
+enum TcpEnd {
+    #[error("no complete message in time")]
+    Idle,
+    #[error("answers not written in time")]
+    WriteStalled,
+    #[error("a message of length 0")]
+    EmptyMessage,
+    #[error("a message without an answer (shorter than a header, or a response)")]
+    Unanswerable,
+    #[error("shutting down")]
+    Shutdown,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads length-prefixed messages (RFC 1035 4.2.2, RFC 7766 8) from `stream` and writes their
+/// answers in order, until the client closes (`Ok`) or the server does (`Err`, the reason).
+async fn serve_tcp_connection(
+    mut stream: TcpStream,
+    handler: &DnsHandler,
+    policy: TcpPolicy,
+    stop: &CancellationToken,
+) -> Result<(), TcpEnd> {
+    let mut input = BytesMut::with_capacity(512);
+    let mut output: Vec<u8> = Vec::new();
+    let mut deadline = Instant::now() + policy.message_timeout;
+    loop {
+        let mut closing = None;
+        let mut answered = 0;
+        while answered < policy.max_in_flight.max(1) {
+            let Some(len) = input
+                .get(..2)
+                .map(|p| usize::from(u16::from_be_bytes([p[0], p[1]])))
+            else {
+                break;
+            };
+            if len == 0 {
+                closing = Some(TcpEnd::EmptyMessage);
+                break;
+            }
+            if input.len() < 2 + len {
+                break;
+            }
+            let message = input.split_to(2 + len);
+            let Some(answer) = handler.respond(Transport::Tcp, &message[2..]) else {
+                closing = Some(TcpEnd::Unanswerable);
+                break;
+            };
+            // Encoded for TCP, an answer fits the 2-byte prefix; one that did not would be
+            // an encoder bug, and gets no answer rather than a wrong frame.
+            let Ok(prefix) = u16::try_from(answer.len()) else {
+                closing = Some(TcpEnd::Unanswerable);
+                break;
+            };
+            output.extend_from_slice(&prefix.to_be_bytes());
+            output.extend_from_slice(&answer);
+            answered += 1;
+        }
+        if !output.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return Err(TcpEnd::Shutdown),
+                written = tokio::time::timeout(policy.message_timeout, stream.write_all(&output)) => {
+                    written.map_err(|_| TcpEnd::WriteStalled)??;
+                }
+            }
+            output.clear();
+            deadline = Instant::now() + policy.message_timeout;
+        }
+        if let Some(end) = closing {
+            return Err(end);
+        }
+        if answered > 0 {
+            // More complete messages may be waiting in `input`.
+            continue;
+        }
+        // Room for the rest of the message being read, or for a typical next one.
+        let wanted = match input.get(..2) {
+            Some(p) => {
+                (2 + usize::from(u16::from_be_bytes([p[0], p[1]]))).saturating_sub(input.len())
+            }
+            None => 512,
+        };
+        input.reserve(wanted);
+        let read = tokio::select! {
+            _ = stop.cancelled() => return Err(TcpEnd::Shutdown),
+            r = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)) => r,
+        };
+        if read.map_err(|_| TcpEnd::Idle)?? == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// The zone file of `zone` for `config`, as `portcullis dns export` prints it.
@@ -575,7 +903,7 @@ pub async fn serve_only(path: std::path::PathBuf) -> Result<(), DnsServeError> {
     let live = Arc::new(arc_swap::ArcSwapOption::new(zones));
     let source = live.clone();
     let handler = DnsHandler::new(Arc::new(move || source.load_full()));
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = CancellationToken::new();
     let mut hup = signal(SignalKind::hangup()).map_err(DnsServeError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DnsServeError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DnsServeError::Signals)?;

@@ -1,18 +1,26 @@
 //! The authoritative DNS server over real UDP and TCP queries (hickory's message codec and,
 //! for one test, Debian's `dig`), the zone export through `named-checkzone`, and a few
-//! thousand malformed packets.
+//! thousand malformed packets; DNS over TCP's message timeout, per-client cap, framing and
+//! shutdown.
 
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::rdata::svcb::{SvcParamKey, SvcParamValue};
 use hickory_proto::rr::{Name, RData, RecordType};
+use portcullis::config::Config;
+use portcullis::dns::{serve_sockets, DnsHandler, TcpPolicy, Zones, TCP_MAX_PER_CLIENT};
+use portcullis::net::Limits;
 use support::{loopback, Harness, TestOrigin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// `closed_extra`: more addresses for the closed pool (loopback ones, so the edge can bind them).
 fn config(
@@ -678,4 +686,282 @@ async fn dns_serve_answers_without_the_edge_and_reloads_on_sighup() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(reloaded, "SIGHUP changed the answer");
+}
+
+/// How long a test waits for what must happen: far more than an idle machine needs, so a loaded
+/// one makes the test slower rather than failing it. Every wait returns once its condition holds.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A DNS server alone (no edge), on a loopback address of its own, serving the zones of
+/// [`config`] under `policy`.
+struct DnsOnly {
+    addr: SocketAddr,
+    closed: Ipv4Addr,
+    stop: CancellationToken,
+    limits: Arc<Limits>,
+}
+
+async fn dns_only(policy: TcpPolicy) -> DnsOnly {
+    let (closed, open, ip) = (loopback(), loopback(), loopback());
+    let tcp = tokio::net::TcpListener::bind((ip, 0))
+        .await
+        .expect("bind TCP");
+    let addr = tcp.local_addr().expect("TCP address");
+    let udp = UdpSocket::bind(addr).await.expect("bind UDP");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config(
+        closed,
+        &[],
+        9443,
+        open,
+        addr,
+        "http://127.0.0.1:9",
+        "closed",
+    )
+    .replace("STATE", &dir.path().join("state").display().to_string());
+    let config = Config::from_toml(&text, "dns.toml", dir.path()).expect("config");
+    let zones = Zones::build(&config, None, 1).expect("zones").map(Arc::new);
+    let handler = DnsHandler::new(Arc::new(move || zones.clone()));
+    let stop = CancellationToken::new();
+    let limits = serve_sockets(udp, tcp, handler, policy, stop.clone());
+    DnsOnly {
+        addr,
+        closed,
+        stop,
+        limits,
+    }
+}
+
+/// A policy whose message timeout never fires within a test, so only the caps close anything.
+fn patient_policy() -> TcpPolicy {
+    TcpPolicy {
+        message_timeout: PATIENCE * 4,
+        ..TcpPolicy::default()
+    }
+}
+
+/// Connects to `server` from the loopback address `from`, so a per-client cap counts only this
+/// test's connections.
+async fn connect_from(from: Ipv4Addr, server: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind client");
+    socket.connect(server).await.expect("connect")
+}
+
+/// Writes `packet` behind its 2-byte length and reads one framed answer; `None` when the server
+/// closed the connection (end of stream or reset) instead.
+async fn exchange(s: &mut TcpStream, packet: &[u8]) -> Option<Message> {
+    let mut framed = (packet.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(packet);
+    if s.write_all(&framed).await.is_err() {
+        return None;
+    }
+    read_answer(s).await
+}
+
+/// One framed answer from `s`, or `None` when the server closed it; panics if neither comes
+/// within [`PATIENCE`].
+async fn read_answer(s: &mut TcpStream) -> Option<Message> {
+    let read = async {
+        let len = s.read_u16().await.ok()? as usize;
+        let mut buf = vec![0u8; len];
+        s.read_exact(&mut buf).await.ok()?;
+        Some(Message::from_vec(&buf).expect("the answer parses"))
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("an answer or a close in time")
+}
+
+#[tokio::test]
+async fn a_silent_or_trickling_tcp_client_is_closed_after_the_message_timeout() {
+    let s = setup(vec![], 9443).await;
+    let mut silent = TcpStream::connect(s.dns).await.expect("connect");
+    let mut trickler = TcpStream::connect(s.dns).await.expect("connect");
+    let silent_end = async {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(PATIENCE, silent.read(&mut byte)).await
+    };
+    // A length of 100, then a byte every 250 ms: bytes keep coming, a message never completes.
+    // Once the server has closed, a write fails (the first one after the close draws a reset).
+    let trickle_end = async {
+        trickler.write_all(&100u16.to_be_bytes()).await?;
+        for _ in 0..98 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            trickler.write_all(&[0]).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let (silent_end, trickle_end) = tokio::join!(silent_end, trickle_end);
+    match silent_end {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("the server sent {n} bytes to a client that asked nothing"),
+        Err(_) => panic!("a silent client stayed connected for {PATIENCE:?}"),
+    }
+    assert!(
+        trickle_end.is_err(),
+        "a client that never completes a message stayed connected for 24 s"
+    );
+    // The server goes on.
+    let t = tcp(s.dns, &query("api.example.test.", RecordType::A, false)).await;
+    assert_eq!(addresses(&t), vec![IpAddr::V4(s.closed)]);
+}
+
+#[tokio::test]
+async fn tcp_connections_over_the_per_client_cap_are_closed_at_once() {
+    let d = dns_only(patient_policy()).await;
+    let q = query("api.example.test.", RecordType::A, false);
+    let client = loopback();
+    let mut admitted = Vec::new();
+    for i in 0..TCP_MAX_PER_CLIENT {
+        let mut c = connect_from(client, d.addr).await;
+        let a = exchange(&mut c, &q).await;
+        let a = a.unwrap_or_else(|| panic!("connection {i} under the cap was closed"));
+        assert_eq!(addresses(&a), vec![IpAddr::V4(d.closed)]);
+        admitted.push(c);
+    }
+    for i in 0..4 {
+        let mut extra = connect_from(client, d.addr).await;
+        assert!(
+            exchange(&mut extra, &q).await.is_none(),
+            "connection {i} over the cap got an answer"
+        );
+    }
+    assert_eq!(d.limits.refused_per_client.load(Ordering::Relaxed), 4);
+    assert_eq!(d.limits.refused_global.load(Ordering::Relaxed), 0);
+    // The admitted connections still answer, and so does another client.
+    for c in admitted.iter_mut().step_by(TCP_MAX_PER_CLIENT - 1) {
+        let a = exchange(c, &q)
+            .await
+            .expect("an admitted connection answers");
+        assert_eq!(addresses(&a), vec![IpAddr::V4(d.closed)]);
+    }
+    let mut other = connect_from(loopback(), d.addr).await;
+    assert!(exchange(&mut other, &q).await.is_some(), "another client");
+    // A connection that ends gives its place back.
+    drop(admitted.pop());
+    let started = Instant::now();
+    loop {
+        let mut c = connect_from(client, d.addr).await;
+        if exchange(&mut c, &q).await.is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "a closed connection's place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn tcp_connections_over_the_global_cap_are_closed_at_once() {
+    let d = dns_only(TcpPolicy {
+        max_connections: 3,
+        ..patient_policy()
+    })
+    .await;
+    let q = query("api.example.test.", RecordType::A, false);
+    let mut admitted = Vec::new();
+    for i in 0..3 {
+        let mut c = connect_from(loopback(), d.addr).await;
+        let a = exchange(&mut c, &q).await;
+        assert!(a.is_some(), "connection {i} under the cap was closed");
+        admitted.push(c);
+    }
+    let mut extra = connect_from(loopback(), d.addr).await;
+    assert!(
+        exchange(&mut extra, &q).await.is_none(),
+        "a fourth client got an answer"
+    );
+    assert_eq!(d.limits.refused_global.load(Ordering::Relaxed), 1);
+    for c in &mut admitted {
+        assert!(exchange(c, &q).await.is_some(), "an admitted connection");
+    }
+}
+
+#[tokio::test]
+async fn malformed_tcp_messages_get_formerr_or_a_close_and_the_server_goes_on() {
+    let s = setup(vec![], 9443).await;
+    let q = query("api.example.test.", RecordType::A, false);
+    // A header announcing a question, then a label cut short: FORMERR with the query's id,
+    // and the connection carries on.
+    let mut bad = q[..12].to_vec();
+    bad.extend_from_slice(&[5, b'a', b'b']);
+    let mut c = TcpStream::connect(s.dns).await.expect("connect");
+    let a = exchange(&mut c, &bad)
+        .await
+        .expect("an answer to a malformed query");
+    assert_eq!(a.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(a.metadata.id, 4242);
+    let a = exchange(&mut c, &q)
+        .await
+        .expect("the connection carries on");
+    assert_eq!(addresses(&a), vec![IpAddr::V4(s.closed)]);
+    // Shorter than a header: nothing to answer, the connection is closed.
+    let mut c = TcpStream::connect(s.dns).await.expect("connect");
+    assert!(exchange(&mut c, &[1, 2, 3, 4, 5]).await.is_none());
+    // A length of 0 closes the connection: the query behind it is not answered.
+    let mut c = TcpStream::connect(s.dns).await.expect("connect");
+    c.write_all(&[0, 0]).await.expect("write");
+    assert!(
+        exchange(&mut c, &q).await.is_none(),
+        "answered after a length of 0"
+    );
+    // Random bytes behind a length: an answer that parses (read_answer checks) or a close.
+    let mut seed: u64 = 0x2545_F491_4F6C_DD1D ^ u64::from(std::process::id());
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..50 {
+        let len = 1 + (next() % 300) as usize;
+        let garbage: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let mut c = TcpStream::connect(s.dns).await.expect("connect");
+        let _ = exchange(&mut c, &garbage).await;
+    }
+    let t = tcp(s.dns, &q).await;
+    assert_eq!(addresses(&t), vec![IpAddr::V4(s.closed)]);
+}
+
+#[tokio::test]
+async fn dns_stops_on_its_token_open_connections_included() {
+    let d = dns_only(patient_policy()).await;
+    let q = query("api.example.test.", RecordType::A, false);
+    let mut c = TcpStream::connect(d.addr).await.expect("connect");
+    assert!(exchange(&mut c, &q).await.is_some());
+    assert_eq!(
+        addresses(&udp(d.addr, &query("api.example.test.", RecordType::A, true)).await),
+        vec![IpAddr::V4(d.closed)]
+    );
+    d.stop.cancel();
+    let started = Instant::now();
+    // The open connection is closed rather than answering on.
+    while exchange(&mut c, &q).await.is_some() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "a TCP connection still answers after the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The listener and the UDP socket are closed: new connections are refused, and the UDP
+    // address can be bound again.
+    while !support::refused(d.addr).await {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the TCP listener still accepts after the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    while UdpSocket::bind(d.addr).await.is_err() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the UDP socket is still open after the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
