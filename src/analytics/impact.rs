@@ -12,6 +12,8 @@ use crate::config::Readiness;
 
 /// Rows shown per breakdown.
 const TOP: usize = 10;
+/// Most exposed credentials the text report lists one by one.
+const MAX_LISTED: usize = 1000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImpactReport {
@@ -223,11 +225,20 @@ impl ImpactReport {
             "\ncredentials exposed in cleartext: {}",
             self.exposed_credentials
         );
-        for e in self.exposures.iter().take(TOP) {
+        // Every exposed credential must be rotated, so the list is whole: unlike the top
+        // lists above it is not cut at TOP (only a flood past MAX_LISTED is).
+        for e in self.exposures.iter().take(MAX_LISTED) {
             let _ = writeln!(
                 o,
                 "  {}  {:<20} {:<20} seen {} time(s), last from {} ({})",
                 e.fingerprint, e.kind, e.name, e.count, e.network, e.family
+            );
+        }
+        if self.exposures.len() > MAX_LISTED {
+            let _ = writeln!(
+                o,
+                "  ... and {} more: `--json` lists them all",
+                self.exposures.len() - MAX_LISTED
             );
         }
         if let Some(d) = &self.drain {

@@ -118,18 +118,29 @@ where
     C: GracefulConnection<Error = E>,
     E: std::fmt::Display,
 {
-    let (close_tx, mut close_rx) = oneshot::channel();
-    let (drop_tx, mut drop_rx) = oneshot::channel();
+    let (close_tx, close_rx) = oneshot::channel();
+    let (drop_tx, drop_rx) = oneshot::channel();
     let watchdog = tokio::spawn(watchdog(close_tx, drop_tx, shutdown, watch, timeouts));
     let mut conn = pin!(conn);
-    let mut closing = false;
+    // Each receiver is polled until it completes, never after: a sender dropped unsent (the
+    // watchdog ended) completes it too.
+    let (mut close_rx, mut drop_rx) = (Some(close_rx), Some(drop_rx));
     let r = poll_fn(|cx| {
-        if let Poll::Ready(Ok(why)) = Pin::new(&mut drop_rx).poll(cx) {
-            return Poll::Ready(Err(why));
+        if let Some(rx) = &mut drop_rx {
+            if let Poll::Ready(order) = Pin::new(rx).poll(cx) {
+                drop_rx = None;
+                if let Ok(why) = order {
+                    return Poll::Ready(Err(why));
+                }
+            }
         }
-        if !closing && Pin::new(&mut close_rx).poll(cx).is_ready() {
-            closing = true;
-            conn.as_mut().graceful_shutdown();
+        if let Some(rx) = &mut close_rx {
+            if let Poll::Ready(order) = Pin::new(rx).poll(cx) {
+                close_rx = None;
+                if order.is_ok() {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
         }
         conn.as_mut().poll(cx).map(Ok)
     })
