@@ -564,6 +564,8 @@ async fn serve_http<T>(
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(edge.header_read_timeout)
+            // The buffer bound alone lets a head that arrives in one read past it through.
+            .max_header_size(edge.max_header_bytes)
             .max_buf_size(edge.max_header_bytes)
             .auto_date_header(date)
             .serve_connection(io, svc);
