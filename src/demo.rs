@@ -153,6 +153,10 @@ pub fn demo_toml(o: &DemoOptions, origin: SocketAddr, hook: SocketAddr) -> Strin
         r#"[state]
 dir = {state}
 
+[edge.response_headers]
+"X-Content-Type-Options" = "nosniff"
+"Referrer-Policy" = "no-referrer"
+
 [analytics]
 flush_interval = "1s"
 
@@ -244,7 +248,8 @@ Try these; each works pasted as is:
 curl -sS http://api.demo.test:{p}/v1/items --resolve api.demo.test:{p}:{c}
 #    -> curl: (7) Failed to connect ...: the connection was refused (RST)
 
-# 2. The same API over TLS, HTTP/2: 200 with HSTS, and the origin's echo
+# 2. The same API over TLS, HTTP/2: 200 with HSTS and the configured security headers, and the
+#    origin's echo
 curl -sS -i --http2 --cacert {ca} --resolve api.demo.test:{t}:{c} https://api.demo.test:{t}/v1/items
 
 # 3. Website on the open pool, cleartext: redirected to https
@@ -254,6 +259,9 @@ curl -sS -i --resolve www.demo.test:{p}:{op} 'http://www.demo.test:{p}/login?nex
 # 4. Legacy API in reject mode: 403, and the key it just sent in the clear must be rotated
 curl -sS -i -H 'X-API-Key: demo-key-123' --resolve legacy.demo.test:{p}:{op} http://legacy.demo.test:{p}/v1/items
 
+# 4b. A login form sent in cleartext: 403 too, and its password counts as exposed as well
+curl -sS -i -d 'user=demo&password=demo-pass-456' --resolve legacy.demo.test:{p}:{op} http://legacy.demo.test:{p}/login
+
 # 5. Cleartext HTTP sent to a TLS port: 400 saying the port speaks HTTPS only
 curl -sS -i --resolve www.demo.test:{t}:{op} http://www.demo.test:{t}/
 
@@ -262,7 +270,8 @@ curl -sS --cacert {ca} --resolve www.demo.test:{t}:{c} https://www.demo.test:{t}
 #    -> curl: (35) ... unrecognized name
 
 # 7. What closing cleartext for the legacy API would break, from the traffic above (counts are
-#    written every second); its X-API-Key appears as a fingerprint, never in the clear
+#    written every second); its X-API-Key and the password appear as fingerprints, never in
+#    the clear
 {exe} impact legacy.demo.test --state-dir {state} --since 1h
 
 # 7b. The legacy API tells its issuer about exposed keys: the event went to its webhook, signed

@@ -49,7 +49,7 @@ fn every_printed_curl_line_works_when_pasted() {
         .iter()
         .filter(|l| l.starts_with("curl ") || l.starts_with("dig ") || l.starts_with(exe))
         .collect();
-    assert_eq!(curls.len(), 16, "{printed:#?}");
+    assert_eq!(curls.len(), 17, "{printed:#?}");
     let run = |line: &str| {
         let out = Command::new("sh")
             .args(["-c", line])
@@ -66,13 +66,15 @@ fn every_printed_curl_line_works_when_pasted() {
         );
         (out.status.code(), text.to_ascii_lowercase())
     };
-    let expectations: [(Option<i32>, &[&str]); 16] = [
+    let expectations: [(Option<i32>, &[&str]); 17] = [
         (Some(7), &["failed to connect"]),
         (
             Some(0),
             &[
                 "http/2 200",
                 "strict-transport-security: max-age=31536000",
+                "x-content-type-options: nosniff",
+                "referrer-policy: no-referrer",
                 "over tls: yes",
                 "path: /v1/items",
             ],
@@ -85,14 +87,16 @@ fn every_printed_curl_line_works_when_pasted() {
             ],
         ),
         (Some(0), &["403 forbidden", "https-only", "rotate"]),
+        (Some(0), &["403 forbidden", "https-only"]),
         (Some(0), &["400 bad request", "https only"]),
         (Some(35), &["unrecognized name"]),
         (
             Some(0),
             &[
                 "impact of closing cleartext for legacy.demo.test",
-                "credentials exposed in cleartext: 1",
+                "credentials exposed in cleartext: 2",
                 "x-api-key",
+                "password",
                 "verdict: not ready",
             ],
         ),
@@ -100,8 +104,9 @@ fn every_printed_curl_line_works_when_pasted() {
         (
             Some(0),
             &[
-                "portcullis_requests_total{site=\"legacy.demo.test\",scheme=\"cleartext\",status=\"4xx\"} 1",
+                "portcullis_requests_total{site=\"legacy.demo.test\",scheme=\"cleartext\",status=\"4xx\"} 2",
                 "portcullis_exposures_total{site=\"legacy.demo.test\",kind=\"header\"} 1",
+                "portcullis_exposures_total{site=\"legacy.demo.test\",kind=\"body\"} 1",
             ],
         ),
         (
@@ -124,12 +129,12 @@ fn every_printed_curl_line_works_when_pasted() {
         // Lines 7, 7b and 8 show what background work wrote: the counts (stored every second),
         // the webhook's delivery, the metrics. They only read, so each runs again until it
         // shows what it promises or PATIENCE has passed; every other line runs once.
-        let eventual = (6..=8).contains(&i);
+        let eventual = (7..=9).contains(&i);
         let deadline = support::Deadline::start();
         let (got_code, text) = loop {
             let (got_code, text) = run(line);
             assert!(
-                !text.contains("demo-key-123"),
+                !text.contains("demo-key-123") && !text.contains("demo-pass-456"),
                 "the demo's key is never shown in the clear: {line}\n{text}"
             );
             let shows = got_code == code && fragments.iter().all(|f| text.contains(f));

@@ -179,20 +179,35 @@ fn observe_raw_head(
     exposure::detect_raw_head_with_secrets(raw, extra, a.fingerprinter(), &mut found, want);
     if let Some(s) = site {
         obs.site = s.id;
-        if let (Some(p), Some(r), false) = (&policy, shared.responder.get(), found.is_empty()) {
-            r.offer(
-                &s.name,
-                p,
-                &found,
-                secrets,
-                obs.network,
-                obs.family,
-                path,
-                obs.at,
-            );
-        }
     }
-    a.record_with_exposures(&obs, &found, path);
+    record_found(shared, a, site, &obs, &found, secrets, path);
+}
+
+/// Counts `obs` with the credentials found in its request, and offers them to the site's
+/// exposure response.
+fn record_found(
+    shared: &Shared,
+    a: &crate::analytics::Analytics,
+    site: Option<&super::snapshot::SiteRuntime>,
+    obs: &crate::analytics::aggregate::Observation,
+    found: &[exposure::Found],
+    secrets: Vec<exposure::SecretValue>,
+    path: PathTemplate,
+) {
+    let respond = site.and_then(|s| Some((s, s.response.as_ref()?)));
+    if let (Some((s, p)), Some(r), false) = (respond, shared.responder.get(), found.is_empty()) {
+        r.offer(
+            &s.name,
+            p,
+            found,
+            secrets,
+            obs.network,
+            obs.family,
+            path,
+            obs.at,
+        );
+    }
+    a.record_with_exposures(obs, found, path);
 }
 
 /// The host a raw head names in its `Host` line, lowercase and without port, read leniently.
@@ -456,21 +471,7 @@ fn parsed_on_tls_port(
         &mut found,
         want,
     );
-    if let (Some(p), Some(s), Some(r)) = (policy, site, shared.responder.get()) {
-        if !found.is_empty() {
-            r.offer(
-                &s.name,
-                &p,
-                &found,
-                secrets,
-                obs.network,
-                obs.family,
-                path,
-                obs.at,
-            );
-        }
-    }
-    a.record_with_exposures(&obs, &found, path);
+    record_found(shared, a, site, &obs, &found, secrets, path);
 }
 
 /// Reads a cleartext request head into `buf` (at most 16 KiB) and parses it; `None` if it
