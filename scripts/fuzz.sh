@@ -97,7 +97,7 @@ for t in "${targets[@]}"; do
     elif ((new > 0)); then
         status="crashed (exit $rc)"
         crashed=1
-        grep -m1 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer" "$log" | sed 's/^/   /' || true
+        grep -m1 -A1 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer" "$log" | sed 's/^/   /' || true
         find "$artifacts" -type f -newer "$log.start" 2>/dev/null | sed 's/^/   artifact: /' || true
     else
         status="failed (exit $rc)"
