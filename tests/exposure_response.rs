@@ -264,7 +264,15 @@ async fn events_queued_while_the_receiver_is_down_are_delivered_after_a_restart(
     let ca = TestCa::new();
     let files = tempfile::tempdir().expect("tmp");
     let ca_file = ca.write_ca(files.path());
-    let port = free_port();
+    // The receiver is down: its port is held by a listener that closes every connection, so
+    // no other test's listener can take the port meanwhile and every delivery fails.
+    let down = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = down.local_addr().expect("addr").port();
+    let refuser = tokio::spawn(async move {
+        while let Ok((s, _)) = down.accept().await {
+            drop(s);
+        }
+    });
     let open = loopback();
     let mut serve = Serve::start(&config(files.path(), open, port, &ca_file, ""));
     let clear = SocketAddr::from((open, 6080));
@@ -283,15 +291,22 @@ async fn events_queued_while_the_receiver_is_down_are_delivered_after_a_restart(
     );
     let state = serve.state();
     // The receiver is down: the event waits, with failed attempts recorded.
-    wait_until("a failed attempt is recorded", || {
-        let state = state.clone();
-        async move {
-            portcullis::exposure::queue::read(&state, None)
-                .map(|(e, _)| e.len() == 1 && e[0].attempts >= 1 && e[0].state == "pending")
-                .unwrap_or(false)
+    let deadline = support::Deadline::start();
+    loop {
+        let queue = portcullis::exposure::queue::read(&state, None);
+        let recorded = queue
+            .as_ref()
+            .is_ok_and(|(e, _)| e.len() == 1 && e[0].attempts >= 1 && e[0].state == "pending");
+        if recorded {
+            break;
         }
-    })
-    .await;
+        assert!(
+            !deadline.passed(),
+            "no failed attempt recorded after {:?}; the queue holds {queue:?}",
+            deadline.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         in_state_files(&state, "key-while-down-789"),
         Vec::<String>::new(),
@@ -312,6 +327,8 @@ async fn events_queued_while_the_receiver_is_down_are_delivered_after_a_restart(
     );
     // The receiver comes up, then portcullis again: the event is delivered, without the
     // in-memory extras, and says why.
+    refuser.abort();
+    let _ = refuser.await;
     let (got, _rx) = receiver(&ca, port).await;
     serve.respawn();
     wait_until("the event is delivered after the restart", || {

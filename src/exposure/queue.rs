@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NU
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_millis(500))?;
+    // Only background work and the CLI wait on this lock, never a request: waiting long is
+    // better than failing when a loaded machine deschedules the holder (a checkpoint, say).
+    conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
@@ -519,7 +521,7 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
         }
         let db = r.db.clone();
         let id = ev.id.clone();
-        let _ = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
+        let recorded = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
             let conn = open(&db)?;
             conn.execute(
                 "UPDATE events SET state = ?2, attempts = ?3, next_attempt = ?4, last_error = ?5,
@@ -529,6 +531,10 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
             Ok(())
         })
         .await;
+        if let Ok(Err(e)) = recorded {
+            // The event stays due with its old attempt count and is tried again.
+            tracing::warn!(site = %ev.site, event = %ev.id, error = %e, "exposure event attempt not recorded");
+        }
         match result {
             Ok(()) => tracing::info!(site = %ev.site, event = %ev.id, "exposure event delivered"),
             Err(e) => {
