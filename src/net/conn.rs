@@ -106,7 +106,7 @@ enum Order {
 }
 
 /// Runs a connection until it ends. The decisions are a watchdog task's, woken only by its
-/// timer and by shutdown: polling the connection then also polls one oneshot receiver,
+/// timer and by shutdown: polling the connection then also polls two oneshot receivers,
 /// instead of a timer and a cancellation future on every wake-up.
 pub async fn drive<C, E>(
     conn: C,
