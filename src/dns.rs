@@ -656,19 +656,19 @@ impl Default for TcpPolicy {
     }
 }
 
-/// Serves DNS on UDP and TCP at `addr` until `stop` is cancelled.
+/// Serves DNS on UDP and TCP at `addr` until `stop` is cancelled. Returns the TCP caps, whose
+/// counters `/metrics` reports.
 pub async fn start(
     addr: SocketAddr,
     handler: DnsHandler,
     stop: CancellationToken,
-) -> Result<(), DnsError> {
+) -> Result<Arc<Limits>, DnsError> {
     let bind_err = |source| DnsError::Bind { addr, source };
     let udp = UdpSocket::bind(addr).await.map_err(bind_err)?;
     let tcp = TcpListener::bind(addr).await.map_err(bind_err)?;
-    // Refusals are counted, and logged at debug level; nothing exports them yet.
-    let _limits = serve_sockets(udp, tcp, handler, TcpPolicy::default(), stop);
+    let limits = serve_sockets(udp, tcp, handler, TcpPolicy::default(), stop);
     tracing::info!(%addr, "serving DNS on UDP and TCP");
-    Ok(())
+    Ok(limits)
 }
 
 /// Serves DNS on the bound `udp` and `tcp` sockets until `stop` is cancelled: one receive

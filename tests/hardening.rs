@@ -238,9 +238,16 @@ async fn connection_caps_refuse_a_greedy_client_and_keep_serving_others() {
     .await;
     assert!(
         metrics.body.contains(
-            "portcullis_connections_refused_total{reason=\"max_connections_per_client\"} 1"
+            "portcullis_connections_refused_total{listener=\"edge\",reason=\"max_connections_per_client\"} 1"
         ),
         "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains(
+            "portcullis_connections_refused_total{listener=\"metrics\",reason=\"max_connections\"} 0"
+        ),
+        "the metrics listener's own caps are reported: {}",
         metrics.body
     );
     drop(held);

@@ -93,7 +93,7 @@ pub fn render(edge: &EdgeView) -> String {
     let refused = counter(
         &mut reg,
         "connections_refused",
-        "Client connections closed at accept by a cap (max_connections, max_connections_per_client)",
+        "Connections closed at accept by a cap, by listener (edge, dns, metrics) and cap",
     );
     let closed = counter(
         &mut reg,
@@ -131,12 +131,9 @@ pub fn render(edge: &EdgeView) -> String {
             .inc_by(n);
     }
     active.set(stats.active_connections);
-    for (reason, n) in [
-        ("max_connections", stats.refused_global),
-        ("max_connections_per_client", stats.refused_per_client),
-    ] {
+    for (listener, reason, n) in edge.refusals() {
         refused
-            .get_or_create(&labels(&[("reason", reason)]))
+            .get_or_create(&labels(&[("listener", listener), ("reason", reason)]))
             .inc_by(n);
     }
     for (reason, n) in [
@@ -208,13 +205,12 @@ pub fn render(edge: &EdgeView) -> String {
 pub async fn serve(
     listener: TcpListener,
     tls: TlsAcceptor,
+    limits: Arc<crate::net::Limits>,
     edge: EdgeView,
     stop: CancellationToken,
 ) {
     let edge = Arc::new(edge);
     let acceptor = crate::net::Acceptor::new(listener, "metrics");
-    // Prometheus scrapes over one connection; a few more for people and tests.
-    let limits = crate::net::Limits::new(16, 8);
     let service = move |_peer| {
         let edge = edge.clone();
         service_fn(move |req: Request<Incoming>| {

@@ -163,6 +163,9 @@ pub(crate) struct Shared {
     /// Caps on client connections, over every listener and worker (`max_connections`,
     /// `max_connections_per_client`), fixed at start.
     pub(crate) limits: Arc<crate::net::Limits>,
+    /// The caps of the listeners the edge starts beside its own (DNS over TCP, metrics), by
+    /// listener name, for `/metrics`.
+    pub(crate) side_limits: std::sync::Mutex<Vec<(&'static str, Arc<crate::net::Limits>)>>,
 }
 
 /// The edge's connection caps. Without `max_connections`, the descriptor limit decides: each
@@ -237,6 +240,7 @@ impl Edge {
             responder: std::sync::OnceLock::new(),
             stages: ArcSwap::from_pointee(crate::stages::load(&config.state_dir)),
             limits: connection_limits(&config.edge),
+            side_limits: std::sync::Mutex::new(Vec::new()),
         });
         if config.analytics.enabled {
             // The worker finds each site's live policy through the snapshot; a weak reference
@@ -267,7 +271,9 @@ impl Edge {
         }
         if let Some(d) = dns {
             let handler = crate::dns::DnsHandler::for_edge(edge.view());
-            crate::dns::start(d.listen, handler, edge.shared.shutdown.child_token()).await?;
+            let limits =
+                crate::dns::start(d.listen, handler, edge.shared.shutdown.child_token()).await?;
+            crate::lock(&edge.shared.side_limits).push(("dns", limits));
         }
         Ok(edge)
     }
@@ -292,9 +298,13 @@ impl Edge {
         let std_listener = listener::bind(m.listen, false).map_err(metrics_err)?;
         let l = tokio::net::TcpListener::from_std(std_listener).map_err(metrics_err)?;
         tracing::info!(addr = %m.listen, "serving /metrics over TLS");
+        // Prometheus scrapes over one connection; a few more for people and tests.
+        let limits = crate::net::Limits::new(16, 8);
+        crate::lock(&self.shared.side_limits).push(("metrics", limits.clone()));
         tokio::spawn(crate::analytics::metrics::serve(
             l,
             tls,
+            limits,
             self.view(),
             self.shared.shutdown.child_token(),
         ));
@@ -447,6 +457,29 @@ pub struct EdgeView(Arc<Shared>);
 impl EdgeView {
     pub fn stats(&self) -> StatsSnapshot {
         self.0.stats_snapshot()
+    }
+
+    /// Connections refused by a cap, as (listener, reason, count): the edge's, then those of
+    /// the listeners it started (DNS over TCP, metrics).
+    pub fn refusals(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        let mut add = |listener, l: &crate::net::Limits| {
+            out.push((
+                listener,
+                "max_connections",
+                l.refused_global.load(Ordering::Relaxed),
+            ));
+            out.push((
+                listener,
+                "max_connections_per_client",
+                l.refused_per_client.load(Ordering::Relaxed),
+            ));
+        };
+        add("edge", &self.0.limits);
+        for (name, l) in crate::lock(&self.0.side_limits).iter() {
+            add(name, l);
+        }
+        out
     }
 
     pub fn analytics(&self) -> Option<&Analytics> {
