@@ -6,6 +6,8 @@
 //! the offending value. This module must never bind a socket or start a task: a config that
 //! passes here is only a description, the edge turns it into listeners.
 
+pub mod positions;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -532,7 +534,7 @@ pub struct Site {
     /// `None` when disabled.
     pub hsts: Option<Hsts>,
     /// Headers and query parameters searched for credentials beyond the defaults.
-    pub exposure: crate::exposure::ExtraPositions,
+    pub exposure: positions::ExtraPositions,
     /// What happens when a credential is seen in cleartext here.
     pub response: Option<ExposureResponse>,
     /// Headers set on this site's TLS answers: `[edge] response_headers` with the site's own
@@ -1714,8 +1716,8 @@ impl Validator<'_> {
         sites
     }
 
-    fn exposure_positions(&mut self, at: &str, rs: &RawSite) -> crate::exposure::ExtraPositions {
-        let mut out = crate::exposure::ExtraPositions::default();
+    fn exposure_positions(&mut self, at: &str, rs: &RawSite) -> positions::ExtraPositions {
+        let mut out = positions::ExtraPositions::default();
         for (i, c) in rs.exposure_cookies.iter().enumerate() {
             if c.is_empty() || c.len() > 64 || c.bytes().any(|b| b <= b' ' || b"=;,\"".contains(&b))
             {
@@ -1729,7 +1731,7 @@ impl Validator<'_> {
             }
         }
         for (i, p) in rs.exposure_paths.iter().enumerate() {
-            match crate::exposure::PathPattern::parse(p) {
+            match positions::PathPattern::parse(p) {
                 Ok(pattern) => out.paths.push(pattern),
                 Err(e) => self.problem(
                     format!("{at}.exposure_paths[{i}]"),
