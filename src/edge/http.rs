@@ -135,7 +135,9 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     conn.request_started();
     let mut resp = answer(&conn, req).await;
-    let keep_alive = resp.headers().get(CONNECTION) != Some(&HeaderValue::from_static("close"));
+    // Only a cleartext connection's capture cares whether another request follows.
+    let keep_alive = conn.capture.is_some()
+        && resp.headers().get(CONNECTION) != Some(&HeaderValue::from_static("close"));
     match resp.body_mut() {
         Either::Left(body) => body.hold(InFlight { conn, keep_alive }),
         Either::Right(_) => conn.request_done(keep_alive),
