@@ -22,6 +22,37 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one HTTP/1.1 response with a Content-Length from `s`, leaving the connection open.
+async fn read_one_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before a whole response");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().expect("length"))
+                })
+                .expect("content-length");
+            if buf.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("a whole response")
+}
+
 /// The installation's fingerprint of `secret`, computed as the edge does: HMAC-SHA-256 under
 /// the key in the state dir, first 16 bytes, hex.
 fn fingerprint(state: &Path, secret: &str) -> String {
@@ -150,6 +181,30 @@ cleartext = "allow"
     let got = support::http(clear, req).await;
     assert_eq!(got.status, 200);
     assert!(got.body == json, "the origin received the whole body");
+    // A malformed head after a good one on the same keep-alive connection: what the client
+    // sent after the first answer is searched too.
+    let mut conn = TcpStream::connect(clear).await.expect("connect");
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: old.test\r\n\r\n")
+        .await
+        .expect("write");
+    let first = read_one_response(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    conn.write_all(
+        format!(
+            "GET / HTTP/1.1\r\nHost: old.test\r\nX-API-Key: {}\r\nno header here\r\n\r\n",
+            s[10]
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut second = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, conn.read_to_end(&mut second)).await;
+    assert!(
+        second.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&second)
+    );
     // `;` between query parameters, and a token in the path.
     let out = raw(
         clear,
@@ -230,11 +285,15 @@ cleartext = "allow"
     for row in rows {
         assert!(!row["path"].as_str().unwrap_or("").contains(&s[6]), "{row}");
     }
-    // The allow-mode site's body credential is its own.
-    wait_until("the JSON body's credential is recorded", || {
+    // The allow-mode site's credentials are its own: the JSON body's, and the malformed head's
+    // sent after a good request on one connection.
+    wait_until("the allow-mode site's credentials are recorded", || {
         let state = state.clone();
-        let fp = fingerprint(&state, &s[4]);
-        async move { impact(&state, "old.test", true).contains(&fp) }
+        let fps = [fingerprint(&state, &s[4]), fingerprint(&state, &s[10])];
+        async move {
+            let report = impact(&state, "old.test", true);
+            fps.iter().all(|fp| report.contains(fp.as_str()))
+        }
     })
     .await;
 
