@@ -113,7 +113,10 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
     }
     let hook = demo_webhook(&options.state_dir).await?;
     let text = demo_toml(&options, origin, hook);
-    let config = Config::from_toml(&text, "(demo config)", Path::new("."))?;
+    let config = crate::tls::checked(
+        "(demo config)",
+        Config::from_toml(&text, "(demo config)", Path::new(".")),
+    )?;
     let admin = config.admin.clone();
     let edge = Arc::new(Edge::start_on(config, workers).await?);
     let _ = std::fs::remove_file(crate::admin::token_path(&options.state_dir));
@@ -324,9 +327,7 @@ async fn demo_webhook(state_dir: &Path) -> Result<SocketAddr, DemoError> {
         crate::tls::single_cert_config(ck)
             .map_err(|e| DemoError::Origin(std::io::Error::other(e.to_string())))?,
     );
-    let mut secret = [0u8; 24];
-    let _ = aws_lc_rs::rand::fill(&mut secret);
-    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = crate::hex::random(24);
     crate::tls::write_private(&state_dir.join("demo-webhook.secret"), secret.as_bytes())
         .map_err(DemoError::Origin)?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

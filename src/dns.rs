@@ -885,8 +885,8 @@ async fn serve_tcp_connection(
 
 /// The zone file of `zone` for `config`, as `portcullis dns export` prints it.
 pub fn export(config: &Config, zone: &str) -> Result<String, DnsError> {
-    let zones = Zones::build(config, None, crate::analytics::now() as u32)?
-        .ok_or(DnsError::NotConfigured)?;
+    let zones =
+        Zones::build(config, None, crate::clock::now() as u32)?.ok_or(DnsError::NotConfigured)?;
     zones.export(zone)
 }
 
@@ -899,7 +899,7 @@ pub async fn serve_only(path: std::path::PathBuf) -> Result<(), DnsServeError> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = Config::from_file(&path)?;
     let settings = config.dns.clone().ok_or(DnsError::NotConfigured)?;
-    let zones = Zones::build(&config, None, crate::analytics::now() as u32)?.map(Arc::new);
+    let zones = Zones::build(&config, None, crate::clock::now() as u32)?.map(Arc::new);
     let live = Arc::new(arc_swap::ArcSwapOption::new(zones));
     let source = live.clone();
     let handler = DnsHandler::new(Arc::new(move || source.load_full()));
@@ -912,7 +912,7 @@ pub async fn serve_only(path: std::path::PathBuf) -> Result<(), DnsServeError> {
         tokio::select! {
             _ = hup.recv() => match Config::from_file(&path) {
                 Err(e) => tracing::error!("reload rejected, previous zones kept: {e}"),
-                Ok(c) => match Zones::build(&c, live.load().as_deref(), crate::analytics::now() as u32) {
+                Ok(c) => match Zones::build(&c, live.load().as_deref(), crate::clock::now() as u32) {
                     Ok(z) => {
                         live.store(z.map(Arc::new));
                         tracing::info!("zones reloaded");

@@ -15,7 +15,7 @@ use nftables::stmt::{Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use crate::config::Config;
-use crate::serve::WELL_KNOWN_CLEARTEXT_PORTS;
+use crate::config::WELL_KNOWN_CLEARTEXT_PORTS;
 
 /// The table portcullis owns; nothing else is touched.
 pub const TABLE: &str = "portcullis";

@@ -23,12 +23,14 @@
 
 pub mod admin;
 pub mod analytics;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod edge;
 pub mod exposure;
 pub mod firewall;
+pub mod hex;
 pub mod net;
 pub mod probe;
 pub mod serve;

@@ -654,7 +654,7 @@ fn impact(
             .with_context(|| format!("--since {s:?}: write it like 30m, 24h or 7d"))?,
     };
     let store = Store::open_read_only(&Store::path(&dir))?;
-    let now = portcullis::analytics::now();
+    let now = portcullis::clock::now();
     let mut report = impact::report(
         &store,
         &host.to_ascii_lowercase(),
@@ -674,7 +674,7 @@ fn impact(
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::from_file(path) {
+    match portcullis::serve::load(path) {
         Ok(c) => {
             let listeners = c.listeners().len();
             emit(&format!(

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::serve::WELL_KNOWN_CLEARTEXT_PORTS;
+use crate::config::WELL_KNOWN_CLEARTEXT_PORTS;
 
 /// Why a probe could not run at all.
 #[derive(Debug, thiserror::Error)]
@@ -447,10 +447,10 @@ async fn probe_address(
 
 /// A random canary credential, clearly marked as a probe's.
 fn canary() -> String {
-    let mut b = [0u8; 12];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("portcullis-probe-canary-not-a-secret-{hex}")
+    format!(
+        "portcullis-probe-canary-not-a-secret-{}",
+        crate::hex::random(12)
+    )
 }
 
 async fn probe_cleartext(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &str) -> PortReport {
@@ -682,7 +682,7 @@ async fn probe_tls(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &str) -
     let days_to_expiry = leaf.as_ref().and_then(|l| {
         let (_, cert) = x509_parser::parse_x509_certificate(l).ok()?;
         let not_after = cert.validity().not_after.timestamp();
-        Some((not_after - crate::analytics::now() as i64).div_euclid(86_400))
+        Some((not_after - crate::clock::now() as i64).div_euclid(86_400))
     });
     let mut info = TlsInfo {
         version: conn

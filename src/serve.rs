@@ -13,12 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, WELL_KNOWN_CLEARTEXT_PORTS};
 use crate::edge::{Edge, EdgeError, Workers};
-
-/// Ports that one large CDN treats as cleartext HTTP; another program listening on one of
-/// them, on a wildcard address, defeats a closed pool.
-pub const WELL_KNOWN_CLEARTEXT_PORTS: [u16; 7] = [80, 8080, 8880, 2052, 2082, 2086, 2095];
 
 /// Why `serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -37,10 +33,16 @@ pub enum ServeError {
     Signals(std::io::Error),
 }
 
+/// Reads and validates a config file the way every apply does: the validator's problems and
+/// those of the certificate files it names, in one report.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    crate::tls::checked(&path.display().to_string(), Config::from_file(path))
+}
+
 /// Runs the edge from `path` until SIGTERM or SIGINT, reloading on SIGHUP.
 pub async fn serve(path: PathBuf, workers: &Workers) -> Result<(), ServeError> {
     let signals = Signals::install()?;
-    let config = Config::from_file(&path)?;
+    let config = load(&path)?;
     for warning in foreign_listeners(&config) {
         tracing::warn!("{warning}");
     }
@@ -133,7 +135,7 @@ pub async fn run_until_signal(
 }
 
 async fn reload(edge: &Edge, path: &Path) {
-    match Config::from_file(path) {
+    match load(path) {
         Err(e) => {
             for line in e.lines() {
                 tracing::error!("reload rejected, previous config kept: {line}");

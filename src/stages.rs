@@ -2,15 +2,15 @@
 //! and closed, each step guarded by readiness checks, each reversible.
 //!
 //! Plans are kept in `STATE/stages.json` and read by the request path (warn headers, brownout
-//! windows) through the edge's snapshot of them. Time comes from [`now`], which follows
-//! tokio's clock, so schedules can be tested with a paused clock.
+//! windows) through the edge's snapshot of them. Time comes from [`crate::clock::now`],
+//! which tests move forward.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::aggregate::Timestamp;
+use crate::clock::{http_date, Timestamp};
 
 /// The stages, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
@@ -117,25 +117,6 @@ pub fn save(state_dir: &Path, plans: &Plans) -> std::io::Result<()> {
         serde_json::to_string_pretty(plans).unwrap_or_default(),
     )?;
     std::fs::rename(tmp, path(state_dir))
-}
-
-/// Seconds since the epoch for schedules: the wall clock plus an offset that tests move
-/// forward with [`advance`]. (tokio's paused clock does not mix with the real sockets the
-/// tests use: it jumps to the next timer whenever tasks wait on I/O, firing every timeout.)
-pub fn now() -> Timestamp {
-    crate::analytics::now().saturating_add(OFFSET.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-static OFFSET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Moves schedule time forward, for tests.
-pub fn advance(secs: u64) {
-    OFFSET.fetch_add(secs, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// An HTTP-date (RFC 9110) for `Sunset`.
-pub fn http_date(t: Timestamp) -> String {
-    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
 }
 
 /// Headers a cleartext answer carries from the warn stage on.

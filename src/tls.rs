@@ -20,7 +20,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
-use crate::config::HostPattern;
+use crate::config::{CertFiles, Config, ConfigError, FileRef, HostPattern, Problem};
 
 /// ALPN protocols offered to clients, preferred first.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -113,6 +113,79 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
         key: key.display().to_string(),
     })?;
     Ok(Arc::new(ck))
+}
+
+/// The certificate and key of `files`, checked to belong together.
+pub fn load_cert_files(files: &CertFiles) -> Result<Arc<CertifiedKey>, TlsError> {
+    load_certified_key(&files.cert, &files.key)
+}
+
+/// Opens every certificate, key and CA bundle a config names, as `check` and every apply do.
+/// Problems come back in the validator's form (key, value as written, what is wrong).
+pub fn check_files(files: &[FileRef]) -> Vec<Problem> {
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut out = Vec::new();
+    for f in files {
+        match f {
+            FileRef::CertKey { at, files, covers } => {
+                let problem = |message: String| Problem {
+                    key: format!("{at}.cert"),
+                    value: quoted(&files.cert),
+                    message,
+                };
+                match load_cert_files(files) {
+                    Err(e) => out.push(problem(format!("{e} (key {})", quoted(&files.key)))),
+                    Ok(ck) => {
+                        if let Some(Err(e)) = covers.as_ref().map(|h| check_covers(&ck, h)) {
+                            out.push(problem(e.to_string()));
+                        }
+                    }
+                }
+            }
+            FileRef::Roots { key, path } => {
+                if let Err(e) = load_certs(path) {
+                    out.push(Problem {
+                        key: key.clone(),
+                        value: quoted(path),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A config as it may run: the validator's verdict on the text of `label`, with the problems
+/// of the certificate and CA files it names added, all in one report.
+pub fn checked(label: &str, loaded: Result<Config, ConfigError>) -> Result<Config, ConfigError> {
+    match loaded {
+        Ok(config) => {
+            let problems = check_files(&config.files);
+            if problems.is_empty() {
+                Ok(config)
+            } else {
+                Err(ConfigError::Invalid {
+                    path: label.to_owned(),
+                    problems,
+                    files: config.files,
+                })
+            }
+        }
+        Err(ConfigError::Invalid {
+            path,
+            mut problems,
+            files,
+        }) => {
+            problems.extend(check_files(&files));
+            Err(ConfigError::Invalid {
+                path,
+                problems,
+                files,
+            })
+        }
+        Err(other) => Err(other),
+    }
 }
 
 /// Checks that the leaf certificate is valid for the host (or, for a wildcard site, for a

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use portcullis::serve::WELL_KNOWN_CLEARTEXT_PORTS;
+use portcullis::config::WELL_KNOWN_CLEARTEXT_PORTS;
 use support::{echoed, get, http, loopback, refused, Harness, TestOrigin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -545,7 +545,7 @@ async fn a_site_moved_to_a_closed_pool_drains_from_its_old_addresses() {
     // The store needs a flush for the impact report; the drain deadline is moved past with the
     // schedule clock rather than waited for.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    portcullis::stages::advance(3);
+    portcullis::clock::advance(3);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["impact", "shop.example.test", "--state-dir"])
         .arg(&state)

@@ -1,7 +1,7 @@
 //! The staged switch-off over real sockets and the admin API: a full walk from observe to
 //! closed with requests at each stage, a blocked step, a forced step recorded in the audit log,
 //! a rollback, and a restart in the middle of a brownout window. Schedule time is moved with
-//! `stages::advance` (see `stages::now` for why not tokio's paused clock).
+//! `clock::advance` (see `clock::advance` for why not tokio's paused clock).
 
 mod support;
 
@@ -198,7 +198,7 @@ async fn a_full_walk_with_a_blocked_step_a_forced_one_a_rollback_and_a_restart_m
         .contains("rel=\"sunset\""));
 
     // brownout: a window from now, 10 minutes every day.
-    let now = portcullis::stages::now();
+    let now = portcullis::clock::now();
     let (status, plan) = s
         .stage(serde_json::json!({ "stage": "brownout", "brownout": { "start": now, "duration": 600, "every": 86400 } }))
         .await;
@@ -220,7 +220,7 @@ async fn a_full_walk_with_a_blocked_step_a_forced_one_a_rollback_and_a_restart_m
         "still inside the window after a restart"
     );
     // After the window, the previous mode again.
-    portcullis::stages::advance(601);
+    portcullis::clock::advance(601);
     assert_eq!(s.clear().await.status, 301);
     restarted.shutdown(std::time::Duration::from_secs(1)).await;
 }

@@ -196,7 +196,7 @@ pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
     let c = &snap.config;
     let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
     let pool = &c.pools[s.pool];
-    let now = crate::analytics::now();
+    let now = crate::clock::now();
     let store = Store::open_read_only(&Store::path(&c.state_dir)).ok();
     let report = store.as_ref().and_then(|st| {
         impact::report(st, host, now.saturating_sub(86_400), now, &c.readiness).ok()
@@ -349,7 +349,7 @@ pub(crate) async fn apply_change(
     }
     let after = site_view(ctx, host);
     let entry = json!({
-        "at": crate::analytics::now(),
+        "at": crate::clock::now(),
         "who": role.as_str(),
         "site": host,
         "change": change,
@@ -393,7 +393,7 @@ struct Window {
 }
 
 fn since(w: &Window, default: u64) -> Result<u64, ApiError> {
-    let now = crate::analytics::now();
+    let now = crate::clock::now();
     match &w.since {
         None => Ok(now.saturating_sub(default)),
         Some(s) => humantime::parse_duration(s)
@@ -463,7 +463,7 @@ async fn site_impact(
     known(&ctx, &host)?;
     let readiness = ctx.edge.snapshot().config.readiness.clone();
     let since = since(&w, readiness.window.as_secs())?;
-    let now = crate::analytics::now();
+    let now = crate::clock::now();
     let mut report =
         impact::report(&store(&ctx)?, &host, since, now, &readiness).map_err(unavailable)?;
     report.drain = ctx

@@ -77,11 +77,15 @@ impl ConfigSource {
                     source,
                 })?;
                 let base = p.parent().unwrap_or(Path::new("."));
-                Config::from_toml_with(&text, &label, base, Some(overrides))
+                crate::tls::checked(
+                    &label,
+                    Config::from_toml_with(&text, &label, base, Some(overrides)),
+                )
             }
-            ConfigSource::Text { text, label, base } => {
-                Config::from_toml_with(text, label, base, Some(overrides))
-            }
+            ConfigSource::Text { text, label, base } => crate::tls::checked(
+                label,
+                Config::from_toml_with(text, label, base, Some(overrides)),
+            ),
         }
     }
 }
@@ -172,12 +176,9 @@ fn token(state_dir: &Path) -> Result<([u8; 32], Option<String>), AdminError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut raw = [0u8; 24];
             aws_lc_rs::rand::fill(&mut raw).map_err(|_| fail("no system randomness".into()))?;
-            let token: String = format!(
-                "pct_{}",
-                raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            );
+            let token = format!("pct_{}", crate::hex::encode(&raw));
             let d = digest::digest(&digest::SHA256, token.as_bytes());
-            let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let hex = crate::hex::encode(d.as_ref());
             std::fs::create_dir_all(state_dir).map_err(|e| fail(e.to_string()))?;
             crate::tls::write_private(&path, format!("{hex}\n").as_bytes())
                 .map_err(|e| fail(e.to_string()))?;
@@ -191,22 +192,11 @@ fn token(state_dir: &Path) -> Result<([u8; 32], Option<String>), AdminError> {
 
 /// The SHA-256 of a token, in hex, for `read_only_token_sha256`.
 pub fn hash_token(token: &str) -> String {
-    digest::digest(&digest::SHA256, token.trim().as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::encode(digest::digest(&digest::SHA256, token.trim().as_bytes()).as_ref())
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    crate::hex::decode::<32>(s)
 }
 
 /// A running admin plane.
@@ -226,7 +216,7 @@ pub async fn start(
 ) -> Result<Admin, AdminError> {
     let (token, new_token) = token(state_dir)?;
     let ck = match &settings.cert {
-        Some(ck) => ck.clone(),
+        Some(files) => crate::tls::load_cert_files(files)?,
         None => crate::tls::DevCa::open(state_dir)?
             .certificate_for(&settings.listen.ip().to_string())?,
     };

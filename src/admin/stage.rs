@@ -67,7 +67,7 @@ async fn gates(ctx: &Ctx, host: &str, plan: &Plan, to: Stage) -> Vec<String> {
             }
         }
     }
-    let now = crate::analytics::now();
+    let now = crate::clock::now();
     let store = Store::open_read_only(&Store::path(&config.state_dir)).ok();
     // 2. The cleartext share, for the steps that take cleartext away for good.
     if to >= Stage::Move {
@@ -171,7 +171,7 @@ pub(crate) async fn change_stage(
     };
     let plans = (*ctx.edge.stages()).clone();
     let before = plans.get(host).cloned().unwrap_or_else(|| Plan {
-        since: stages::now(),
+        since: crate::clock::now(),
         ..Plan::default()
     });
     let mut plan = before.clone();
@@ -188,7 +188,7 @@ pub(crate) async fn change_stage(
         plan.brownout = req.brownout;
     }
     if req.acknowledge_exposures {
-        plan.exposures_acknowledged_at = Some(crate::analytics::now());
+        plan.exposures_acknowledged_at = Some(crate::clock::now());
     }
     let mut reasons = Vec::new();
     let mut plans = plans;
@@ -266,10 +266,10 @@ async fn finish(
 ) -> Result<Plan, StageRefused> {
     if to != plan.stage {
         plan.stage = to;
-        plan.since = stages::now();
+        plan.since = crate::clock::now();
     }
     if plan.stage >= Stage::Warn && plan.deprecated_at.is_none() {
-        plan.deprecated_at = Some(stages::now());
+        plan.deprecated_at = Some(crate::clock::now());
     }
     if plan.stage < Stage::Warn {
         plan.deprecated_at = None;
@@ -288,7 +288,7 @@ async fn finish(
     append_audit(
         ctx,
         &json!({
-            "at": crate::analytics::now(),
+            "at": crate::clock::now(),
             "who": role.as_str(),
             "site": host,
             "stage": { "from": before.stage.as_str(), "to": plan.stage.as_str() },

@@ -29,9 +29,7 @@ pub(crate) struct Session {
 }
 
 fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::hex::random(n)
 }
 
 /// Escapes text for HTML bodies and attribute values.
@@ -292,7 +290,7 @@ pub(crate) async fn site(
     };
     let session = req.extensions().get::<Session>().cloned();
     let config = ctx.edge.snapshot().config.clone();
-    let now = crate::analytics::now();
+    let now = crate::clock::now();
     let store = Store::open_read_only(&Store::path(&config.state_dir)).ok();
     let series = store
         .as_ref()
@@ -337,7 +335,7 @@ pub(crate) async fn site(
             plan.stage.as_str(),
             plan.since,
             plan.target_pool.as_ref().map(|t| format!(", moving to pool <strong>{}</strong>", esc(t))).unwrap_or_default(),
-            plan.sunset.map(|t| format!(", sunset {}", esc(&crate::stages::http_date(t)))).unwrap_or_default(),
+            plan.sunset.map(|t| format!(", sunset {}", esc(&crate::clock::http_date(t)))).unwrap_or_default(),
             plan.brownout.map(|b| format!(", brownouts of {} s every {} s from {}", b.duration, b.every, b.start)).unwrap_or_default(),
         ));
     }
@@ -438,7 +436,7 @@ pub(crate) async fn confirm(
             .into_response();
     };
     let config = ctx.edge.snapshot().config.clone();
-    let now = crate::analytics::now();
+    let now = crate::clock::now();
     let report = Store::open_read_only(&Store::path(&config.state_dir))
         .ok()
         .and_then(|s| {

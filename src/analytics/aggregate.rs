@@ -12,8 +12,7 @@ use crate::exposure::{CredentialKind, Fingerprint, PositionName};
 /// A stable number for a site name, kept across reloads; 0 is the `unknown` bucket.
 pub type SiteId = u32;
 
-/// Seconds since the Unix epoch.
-pub type Timestamp = u64;
+use crate::clock::Timestamp;
 
 /// One request, or one connection that never produced a request.
 #[derive(Debug, Clone, Copy)]

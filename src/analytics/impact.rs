@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::aggregate::Timestamp;
 use super::observe::ClientFamily;
 use super::store::{ExposureRow, Store, StoreError};
+use crate::clock::Timestamp;
 use crate::config::Readiness;
 
 /// Rows shown per breakdown.

@@ -18,13 +18,14 @@ pub mod store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now;
 pub use accesslog::AccessLog;
-use aggregate::{Aggregate, ExposureAgg, Observation, SiteId, Timestamp};
+use aggregate::{Aggregate, ExposureAgg, Observation, SiteId};
 use observe::{ClientFamily, Network, Outcome, PathTemplate, Scheme, TlsVersion};
 use store::{Store, StoreError};
 
@@ -49,13 +50,6 @@ pub enum AnalyticsError {
         path: String,
         source: std::io::Error,
     },
-}
-
-/// Seconds since the Unix epoch, now.
-pub fn now() -> Timestamp {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Cumulative counts since start, for `/metrics`.

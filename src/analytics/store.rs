@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags};
 
-use super::aggregate::{Aggregate, SiteId, Timestamp};
+use super::aggregate::{Aggregate, SiteId};
+use crate::clock::Timestamp;
 
 /// Why the store failed. Messages name the database file.
 #[derive(Debug, thiserror::Error)]

@@ -12,15 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
-
-use crate::tls;
 
 /// HSTS max-age used when a site does not set one: one year, as the preload list asks.
 pub const DEFAULT_HSTS_MAX_AGE: u64 = 31_536_000;
@@ -43,6 +38,9 @@ pub enum ConfigError {
     Invalid {
         path: String,
         problems: Vec<Problem>,
+        /// The certificate and CA files the text names, so the TLS layer can add its own
+        /// problems to these in the same report.
+        files: Vec<FileRef>,
     },
 }
 
@@ -50,7 +48,7 @@ impl ConfigError {
     /// Every problem as its own line, for `portcullis check`.
     pub fn lines(&self) -> Vec<String> {
         match self {
-            ConfigError::Invalid { path, problems } => {
+            ConfigError::Invalid { path, problems, .. } => {
                 problems.iter().map(|p| format!("{path}: {p}")).collect()
             }
             other => vec![other.to_string()],
@@ -61,6 +59,27 @@ impl ConfigError {
 fn format_problems(path: &str, problems: &[Problem]) -> String {
     let lines: Vec<String> = problems.iter().map(|p| format!("{path}: {p}")).collect();
     format!("{} problem(s):\n{}", problems.len(), lines.join("\n"))
+}
+
+/// A certificate chain and its private key, as PEM files. Only the TLS layer opens them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A file the config names whose content only the TLS layer can judge, with the key it was
+/// given under, so its problems are reported like the validator's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileRef {
+    /// A certificate and its key, at `{at}.cert`; `covers`: the site host it must be valid for.
+    CertKey {
+        at: String,
+        files: CertFiles,
+        covers: Option<HostPattern>,
+    },
+    /// A PEM bundle of extra trust anchors, at key `key`.
+    Roots { key: String, path: PathBuf },
 }
 
 /// One broken rule: where (`key`), what was there (`value`) and why it is wrong.
@@ -148,6 +167,8 @@ pub struct Config {
     pub exposure: ExposureSettings,
     /// `[firewall] manage = true`: `serve` keeps the nftables table in sync and counts refusals.
     pub manage_firewall: bool,
+    /// Every certificate and CA file named above, for the TLS layer to open and check.
+    pub files: Vec<FileRef>,
 }
 
 /// `[admin]`: the HTTPS-only admin API.
@@ -155,7 +176,7 @@ pub struct Config {
 pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Certificate and key; absent: issued by the development CA for the listen address.
-    pub cert: Option<Arc<CertifiedKey>>,
+    pub cert: Option<CertFiles>,
     /// SHA-256 (hex) of a second token that may only read.
     pub read_only_token_sha256: Option<String>,
 }
@@ -232,7 +253,7 @@ impl Default for Readiness {
 pub struct MetricsSettings {
     pub listen: SocketAddr,
     /// Certificate and key; absent: issued by the development CA for the listen address.
-    pub cert: Option<Arc<CertifiedKey>>,
+    pub cert: Option<CertFiles>,
 }
 
 /// Data-plane timeouts and limits (`[edge]`).
@@ -291,6 +312,10 @@ impl Default for EdgeSettings {
         }
     }
 }
+
+/// Ports that one large CDN treats as cleartext HTTP; another program listening on one of
+/// them, on a wildcard address, defeats a closed pool.
+pub const WELL_KNOWN_CLEARTEXT_PORTS: [u16; 7] = [80, 8080, 8880, 2052, 2082, 2086, 2095];
 
 /// A named group of addresses sharing ports. No cleartext ports means closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -526,11 +551,11 @@ pub struct Site {
     pub pool: usize,
     pub origin: Origin,
     pub cleartext: CleartextMode,
-    /// Certificate chain and key from the configured files; `None` means a development
-    /// certificate is issued at start.
-    pub cert: Option<Arc<CertifiedKey>>,
-    /// Extra trust anchors for an `https://` origin, beside the system roots.
-    pub origin_ca: Vec<CertificateDer<'static>>,
+    /// Certificate chain and key files; `None` means a development certificate is issued at
+    /// start.
+    pub cert: Option<CertFiles>,
+    /// Extra trust anchors (a PEM file) for an `https://` origin, beside the system roots.
+    pub origin_ca: Option<PathBuf>,
     /// `None` when disabled.
     pub hsts: Option<Hsts>,
     /// Headers and query parameters searched for credentials beyond the defaults.
@@ -551,8 +576,8 @@ pub struct ExposureResponse {
     pub url: http::Uri,
     /// Signs every event body (HMAC-SHA-256); read from `secret_file`.
     pub secret: Vec<u8>,
-    /// Extra trust anchors for the webhook's certificate.
-    pub ca: Vec<CertificateDer<'static>>,
+    /// Extra trust anchors (a PEM file) for the webhook's certificate.
+    pub ca: Option<PathBuf>,
     /// `revoke` only: include the raw credential (held in memory only, never stored).
     pub include_raw: bool,
 }
@@ -609,7 +634,7 @@ impl fmt::Debug for Site {
             .field("origin", &self.origin)
             .field("cleartext", &self.cleartext)
             .field("cert", &self.cert.as_ref().map(|_| "<configured>"))
-            .field("origin_ca", &self.origin_ca.len())
+            .field("origin_ca", &self.origin_ca)
             .field("hsts", &self.hsts)
             .field("exposure", &self.exposure)
             .field("response", &self.response)
@@ -632,6 +657,7 @@ impl Default for Config {
             admin: None,
             exposure: ExposureSettings::default(),
             manage_firewall: false,
+            files: Vec::new(),
         }
     }
 }
@@ -666,6 +692,7 @@ impl Config {
         })?;
         let mut v = Validator {
             problems: Vec::new(),
+            files: Vec::new(),
             base,
         };
         let loaded;
@@ -690,13 +717,15 @@ impl Config {
                 site.apply(o);
             }
         }
-        let config = v.config(raw);
+        let mut config = v.config(raw);
         if v.problems.is_empty() {
+            config.files = v.files;
             Ok(config)
         } else {
             Err(ConfigError::Invalid {
                 path: label.to_owned(),
                 problems: v.problems,
+                files: v.files,
             })
         }
     }
@@ -910,6 +939,8 @@ struct RawHsts {
 
 struct Validator<'a> {
     problems: Vec<Problem>,
+    /// Certificate and CA files named so far, for the TLS layer to open.
+    files: Vec<FileRef>,
     base: &'a Path,
 }
 
@@ -963,6 +994,7 @@ impl Validator<'_> {
             admin,
             exposure,
             manage_firewall,
+            files: Vec::new(),
         }
     }
 
@@ -1080,20 +1112,14 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let ca = match &hook.ca {
-            None => Vec::new(),
-            Some(p) => match tls::load_certs(&self.path(p)) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.problem(
-                        format!("{at}.webhook.ca"),
-                        format!("{:?}", p.display().to_string()),
-                        e.to_string(),
-                    );
-                    return None;
-                }
-            },
-        };
+        let ca = hook.ca.as_deref().map(|p| {
+            let path = self.path(p);
+            self.files.push(FileRef::Roots {
+                key: format!("{at}.webhook.ca"),
+                path: path.clone(),
+            });
+            path
+        });
         if hook.include_raw && !revoke {
             self.problem(
                 format!("{at}.webhook.include_raw"),
@@ -1671,23 +1697,14 @@ impl Validator<'_> {
                 self.mode_fits_pool(&at, &rs.host, mode, &pools[p]);
             }
             let cert = self.site_cert(&at, rs.cert.as_deref(), rs.key.as_deref(), host.as_ref());
-            let origin_ca = match &rs.origin_ca {
-                None => Vec::new(),
-                Some(p) => {
-                    let path = self.path(p);
-                    match tls::load_certs(&path) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            self.problem(
-                                format!("{at}.origin_ca"),
-                                format!("{:?}", p.display().to_string()),
-                                e.to_string(),
-                            );
-                            Vec::new()
-                        }
-                    }
-                }
-            };
+            let origin_ca = rs.origin_ca.as_deref().map(|p| {
+                let path = self.path(p);
+                self.files.push(FileRef::Roots {
+                    key: format!("{at}.origin_ca"),
+                    path: path.clone(),
+                });
+                path
+            });
             let exposure = self.exposure_positions(&at, &rs);
             let hsts = self.hsts(&at, rs.hsts);
             let mut response_headers = edge_headers.clone();
@@ -1795,7 +1812,7 @@ impl Validator<'_> {
         cert: Option<&Path>,
         key: Option<&Path>,
         host: Option<&HostPattern>,
-    ) -> Option<Arc<CertifiedKey>> {
+    ) -> Option<CertFiles> {
         let (cert, key) = match (cert, key) {
             (None, None) => return None,
             (Some(c), Some(k)) => (self.path(c), self.path(k)),
@@ -1822,28 +1839,13 @@ impl Validator<'_> {
                 return None;
             }
         };
-        match tls::load_certified_key(&cert, &key) {
-            Err(e) => {
-                self.problem(
-                    format!("{at}.cert"),
-                    format!("{:?}", cert.display().to_string()),
-                    format!("{e} (key {:?})", key.display().to_string()),
-                );
-                None
-            }
-            Ok(ck) => {
-                if let Some(h) = host {
-                    if let Err(e) = tls::check_covers(&ck, h) {
-                        self.problem(
-                            format!("{at}.cert"),
-                            format!("{:?}", cert.display().to_string()),
-                            e.to_string(),
-                        );
-                    }
-                }
-                Some(ck)
-            }
-        }
+        let files = CertFiles { cert, key };
+        self.files.push(FileRef::CertKey {
+            at: at.to_owned(),
+            files: files.clone(),
+            covers: host.cloned(),
+        });
+        Some(files)
     }
 
     fn hsts(&mut self, at: &str, raw: Option<RawHsts>) -> Option<Hsts> {

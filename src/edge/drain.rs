@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::aggregate::Timestamp;
+use crate::clock::Timestamp;
 use crate::config::{CleartextMode, Config};
 
 /// One site still reachable on the pool it moved away from.

@@ -20,7 +20,7 @@ use super::snapshot::SiteRuntime;
 use super::Shared;
 use crate::analytics::aggregate::{Observation, SiteId};
 use crate::analytics::observe::{self, ClientFamily, Network, Outcome, Scheme, TlsVersion};
-use crate::analytics::{self, Analytics, RequestMeta};
+use crate::analytics::{Analytics, RequestMeta};
 use crate::config::{CleartextMode, HostPattern, ListenerKind};
 use crate::exposure::{self, ExtraPositions, Found};
 use crate::stages::Stage;
@@ -164,7 +164,7 @@ async fn answer(conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
         Scheme::Cleartext
     };
     let obs = Observation {
-        at: analytics::now(),
+        at: crate::clock::now(),
         site: routed.site,
         outcome: Outcome::Response,
         scheme,
@@ -355,9 +355,8 @@ async fn route(
         None => {
             let plans = conn.shared.stages.load();
             let plan = plans.get(&site.name);
-            let mut mode =
-                site.mode_on(routes.map_or(site.pool, |r| r.index), crate::stages::now());
-            let now = crate::stages::now();
+            let mut mode = site.mode_on(routes.map_or(site.pool, |r| r.index), crate::clock::now());
+            let now = crate::clock::now();
             if plan.is_some_and(|p| {
                 p.stage >= Stage::Brownout && p.brownout.is_some_and(|b| b.active(now))
             }) {

@@ -284,7 +284,7 @@ impl Edge {
         state_dir: &std::path::Path,
     ) -> Result<(), EdgeError> {
         let ck = match &m.cert {
-            Some(ck) => ck.clone(),
+            Some(files) => crate::tls::load_cert_files(files)?,
             None => self
                 .shared
                 .dev_ca(state_dir)?

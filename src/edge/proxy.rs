@@ -175,7 +175,11 @@ impl OriginClient {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(edge.origin_connect_timeout));
         let connector = if site.origin.is_https() {
-            let cfg = tls::client_config(&site.origin_ca).map_err(|e| e.to_string())?;
+            let extra = match &site.origin_ca {
+                Some(path) => tls::load_certs(path).map_err(|e| e.to_string())?,
+                None => Vec::new(),
+            };
+            let cfg = tls::client_config(&extra).map_err(|e| e.to_string())?;
             hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(cfg)
                 .https_only()

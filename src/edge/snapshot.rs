@@ -90,11 +90,7 @@ pub(crate) struct SiteRuntime {
 impl SiteRuntime {
     /// The cleartext mode on pool `pool` at `now`: the site's own on its pool; on the pool it
     /// left, the previous mode until the drain deadline, then reject.
-    pub(crate) fn mode_on(
-        &self,
-        pool: usize,
-        now: crate::analytics::aggregate::Timestamp,
-    ) -> CleartextMode {
+    pub(crate) fn mode_on(&self, pool: usize, now: crate::clock::Timestamp) -> CleartextMode {
         if pool == self.pool {
             return self.mode;
         }
@@ -138,7 +134,7 @@ impl Snapshot {
         let mut sites = Vec::with_capacity(config.sites.len());
         for (i, site) in config.sites.iter().enumerate() {
             let ck = match &site.cert {
-                Some(ck) => ck.clone(),
+                Some(files) => tls::load_cert_files(files)?,
                 None => {
                     let ca = shared.dev_ca(&config.state_dir)?;
                     tracing::warn!(
@@ -227,12 +223,9 @@ impl Snapshot {
                 };
             }
         }
-        let dns = crate::dns::Zones::build(
-            &config,
-            previous.dns.as_deref(),
-            crate::analytics::now() as u32,
-        )?
-        .map(Arc::new);
+        let dns =
+            crate::dns::Zones::build(&config, previous.dns.as_deref(), crate::clock::now() as u32)?
+                .map(Arc::new);
         Ok(Snapshot {
             config: Arc::new(config),
             generation,
@@ -256,7 +249,7 @@ impl Snapshot {
         };
         let ttl = config.dns.as_ref().map_or(DEFAULT_DRAIN_TTL, |d| d.ttl);
         let old = (!first).then_some(&*previous.config);
-        let drains = drain::reconcile(old, config, &kept, crate::stages::now(), ttl);
+        let drains = drain::reconcile(old, config, &kept, crate::clock::now(), ttl);
         if drains != kept {
             for d in drains.iter().filter(|d| !kept.contains(d)) {
                 tracing::info!(site = %d.site, from = %d.from_pool, to = %d.to_pool, until = d.until, "site moved to a closed pool: its old addresses keep its cleartext mode until the old DNS answers expire");

@@ -28,9 +28,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Found, SecretValue};
-use crate::analytics::aggregate::Timestamp;
-use crate::analytics::now;
 use crate::analytics::observe::{ClientFamily, Network, PathTemplate};
+use crate::clock::now;
+use crate::clock::Timestamp;
 use crate::config::{ExposureResponse, ExposureSettings};
 
 /// Finds the live policy of a site by name.
@@ -203,9 +203,7 @@ pub fn read(state_dir: &Path, site: Option<&str>) -> Result<(Vec<EventRow>, Coun
 }
 
 fn random_id() -> String {
-    let mut b = [0u8; 16];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::hex::random(16)
 }
 
 /// A factor in [0.5, 1.5) so retries from many events do not line up.
@@ -477,7 +475,7 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
             let st = r.state.lock().unwrap_or_else(|p| p.into_inner());
             match st.secrets.get(&ev.id) {
                 Some(s) => (
-                    Some(s.sha256.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                    Some(crate::hex::encode(&s.sha256)),
                     s.raw.clone().filter(|_| policy.include_raw),
                     None,
                 ),
@@ -546,7 +544,11 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
 
 /// POSTs one signed event. Only 2xx counts as delivered.
 async fn post(policy: &ExposureResponse, id: &str, body: Vec<u8>) -> Result<(), String> {
-    let cfg = crate::tls::client_config(&policy.ca).map_err(|e| e.to_string())?;
+    let extra = match &policy.ca {
+        Some(path) => crate::tls::load_certs(path).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let cfg = crate::tls::client_config(&extra).map_err(|e| e.to_string())?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(cfg)
         .https_only()
@@ -557,11 +559,7 @@ async fn post(policy: &ExposureResponse, id: &str, body: Vec<u8>) -> Result<(), 
     let key = hmac::Key::new(hmac::HMAC_SHA256, &policy.secret);
     let mut signed = format!("{ts}.").into_bytes();
     signed.extend_from_slice(&body);
-    let sig: String = hmac::sign(&key, &signed)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sig = crate::hex::encode(hmac::sign(&key, &signed).as_ref());
     let req = http::Request::post(policy.url.clone())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::USER_AGENT, "portcullis-exposure-webhook")
