@@ -20,7 +20,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError};
-use crate::edge::{Edge, EdgeError, Workers};
+use crate::edge::{Edge, EdgeError};
+use crate::net::Workers;
 use crate::tls::DevCa;
 
 /// Where the demo listens; every address must be loopback.

@@ -32,6 +32,7 @@ pub mod exposure;
 pub mod firewall;
 pub mod hex;
 pub mod net;
+pub mod observe;
 pub mod probe;
 pub mod serve;
 pub mod stages;

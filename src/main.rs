@@ -12,7 +12,7 @@ use portcullis::analytics::impact;
 use portcullis::analytics::store::Store;
 use portcullis::config::{Config, Readiness};
 use portcullis::demo::{self, DemoOptions};
-use portcullis::edge::Workers;
+use portcullis::net::Workers;
 use portcullis::probe::{self, Grade, ProbeOptions};
 
 /// An HTTPS-only edge: closed pools refuse cleartext at the transport layer.
@@ -662,7 +662,7 @@ fn impact(
         now,
         &readiness,
     )?;
-    report.drain = portcullis::edge::drain::load(&dir)
+    report.drain = portcullis::stages::drain::load(&dir)
         .into_iter()
         .find(|d| d.site == host.to_ascii_lowercase());
     if json {

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{Config, ConfigError, WELL_KNOWN_CLEARTEXT_PORTS};
-use crate::edge::{Edge, EdgeError, Workers};
+use crate::edge::{Edge, EdgeError};
+use crate::net::Workers;
 
 /// Why `serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +193,8 @@ async fn count_refusals(edge: Arc<Edge>) {
             };
             let obs = crate::analytics::connection_event(
                 site,
-                crate::analytics::observe::Outcome::RefusedByFirewall,
-                crate::analytics::observe::Scheme::Cleartext,
+                crate::observe::Outcome::RefusedByFirewall,
+                crate::observe::Scheme::Cleartext,
                 0,
                 // The counters carry no client address: refusals land in 0.0.0.0/24.
                 std::net::IpAddr::from([0u8, 0, 0, 0]),

@@ -184,7 +184,7 @@ pub(crate) struct SiteView {
     pub(crate) tls_percent_24h: Option<f64>,
     pub(crate) verdict_ready: Option<bool>,
     /// A drain in progress after a move to a closed pool.
-    pub(crate) drain: Option<crate::edge::drain::Drain>,
+    pub(crate) drain: Option<crate::stages::drain::Drain>,
     /// Set by the API (kept in overrides.json), on top of the file.
     pub(crate) overridden: bool,
     /// The staged switch-off plan, if the site has one.

@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 
-use super::observe::{
+use crate::exposure::{CredentialKind, Fingerprint, PositionName};
+use crate::observe::{
     ClientFamily, HttpVersion, Network, Outcome, PathTemplate, Scheme, TlsVersion,
 };
-use crate::exposure::{CredentialKind, Fingerprint, PositionName};
 
 /// A stable number for a site name, kept across reloads; 0 is the `unknown` bucket.
 pub type SiteId = u32;

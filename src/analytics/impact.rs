@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::observe::ClientFamily;
 use super::store::{ExposureRow, Store, StoreError};
 use crate::clock::Timestamp;
 use crate::config::Readiness;
+use crate::observe::ClientFamily;
 
 /// Rows shown per breakdown.
 const TOP: usize = 10;
@@ -43,7 +43,7 @@ pub struct ImpactReport {
     pub exposures: Vec<ExposureRow>,
     /// Set when the site moved from an open pool to a closed one and its old addresses still
     /// serve it: the deadline after which cleartext there gets the reject answer.
-    pub drain: Option<crate::edge::drain::Drain>,
+    pub drain: Option<crate::stages::drain::Drain>,
     pub verdict: Verdict,
 }
 

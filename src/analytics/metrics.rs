@@ -151,7 +151,7 @@ pub fn render(edge: &EdgeView) -> String {
         let totals = a.totals();
         for ((site, outcome, scheme, status), n) in &totals.requests {
             let site = a.site_name(*site);
-            if *outcome == super::observe::Outcome::Response {
+            if *outcome == crate::observe::Outcome::Response {
                 let class = format!("{status}xx");
                 requests
                     .get_or_create(&labels(&[

@@ -12,7 +12,6 @@ mod accesslog;
 pub mod aggregate;
 pub mod impact;
 pub mod metrics;
-pub mod observe;
 pub mod store;
 
 use std::collections::HashMap;
@@ -24,9 +23,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now;
+use crate::observe::{self, ClientFamily, Network, Outcome, PathTemplate, Scheme, TlsVersion};
 pub use accesslog::AccessLog;
 use aggregate::{Aggregate, ExposureAgg, Observation, SiteId};
-use observe::{ClientFamily, Network, Outcome, PathTemplate, Scheme, TlsVersion};
 use store::{Store, StoreError};
 
 use crate::config::{AnalyticsSettings, Config};
@@ -176,7 +175,7 @@ impl Analytics {
     }
 
     fn slot(&self) -> &Mutex<Aggregate> {
-        &self.slots[crate::edge::worker_index() % self.slots.len()]
+        &self.slots[crate::net::worker_index() % self.slots.len()]
     }
 
     /// Counts one observation. Cheap: one uncontended lock and a few map updates.

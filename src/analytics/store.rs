@@ -430,7 +430,7 @@ pub struct ExposureRow {
 mod tests {
     use super::*;
     use crate::analytics::aggregate::Observation;
-    use crate::analytics::observe::{
+    use crate::observe::{
         ClientFamily, HttpVersion, Network, Outcome, PathTemplate, Scheme, TlsVersion,
     };
 

@@ -19,10 +19,10 @@ use super::proxy::{forward, ClientAddr, ClientBody};
 use super::snapshot::SiteRuntime;
 use super::Shared;
 use crate::analytics::aggregate::{Observation, SiteId};
-use crate::analytics::observe::{self, ClientFamily, Network, Outcome, Scheme, TlsVersion};
 use crate::analytics::{Analytics, RequestMeta};
 use crate::config::{CleartextMode, HostPattern, ListenerKind};
 use crate::exposure::{self, ExtraPositions, Found};
+use crate::observe::{self, ClientFamily, Network, Outcome, Scheme, TlsVersion};
 use crate::stages::Stage;
 
 /// Bodies the edge sends: the origin's, streamed, or a short one of its own.

@@ -22,11 +22,11 @@ use super::http::{handle, ConnInfo};
 use super::proxy::ClientAddr;
 use super::{bump, Shared, Snapshot};
 use crate::analytics::aggregate::SiteId;
-use crate::analytics::observe::{Network, Outcome, PathTemplate, Scheme, TlsVersion};
 use crate::analytics::{connection_event, RequestMeta};
 use crate::config::ListenerKind;
 use crate::exposure;
 use crate::net::{answer_and_close, Activity, Ended, Timeouts, Watch, TLS_ONLY_400};
+use crate::observe::{Network, Outcome, PathTemplate, Scheme, TlsVersion};
 
 /// What the first byte on a TLS port says the client speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

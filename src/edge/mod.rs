@@ -8,12 +8,10 @@
 //! on anything but the client and the origin.
 
 mod capture;
-pub mod drain;
 mod http;
 mod listener;
 mod proxy;
 mod snapshot;
-mod workers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,11 +27,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::analytics::{Analytics, AnalyticsError};
 use crate::config::{Config, ListenerKind};
+use crate::net::Workers;
 use crate::tls::{DevCa, Resumption, TlsError};
 
 pub use listener::{parse_head, sniff, Sniff};
 pub use snapshot::Snapshot;
-pub use workers::Workers;
 
 /// Why the edge could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
@@ -489,11 +487,6 @@ impl EdgeView {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.0.snapshot.load_full()
     }
-}
-
-/// The worker running the current thread (0 outside workers).
-pub(crate) fn worker_index() -> usize {
-    workers::current()
 }
 
 fn bind_err(key: (SocketAddr, ListenerKind), source: std::io::Error) -> EdgeError {

@@ -24,7 +24,6 @@ use tokio::net::TcpStream;
 use tower_service::Service as _;
 
 use super::http::{text, Body, FirstSeen};
-use super::workers;
 use crate::config::{EdgeSettings, Origin, Site};
 use crate::{lock, tls};
 
@@ -215,7 +214,7 @@ impl OriginClient {
         &self,
         mut req: Request<ClientBody>,
     ) -> Result<Response<OriginBody>, Box<dyn std::error::Error + Send + Sync>> {
-        let pool = &self.pools[workers::current() % self.pools.len()];
+        let pool = &self.pools[crate::net::worker_index() % self.pools.len()];
         loop {
             let (mut conn, pooled) = match pool.checkout() {
                 Some(c) => (c, true),

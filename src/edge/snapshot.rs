@@ -8,12 +8,12 @@ use std::sync::Arc;
 use http::HeaderValue;
 use rustls::ServerConfig;
 
-use super::drain::{self, Drain};
 use super::proxy::OriginClient;
 use super::{EdgeError, Shared};
 use crate::analytics::aggregate::SiteId;
 use crate::config::{CleartextMode, Config, HostPattern, ListenerKind};
 use crate::exposure::ExtraPositions;
+use crate::stages::drain::{self, Drain};
 use crate::tls::{self, SniCerts};
 
 /// One config made ready to serve.

@@ -28,10 +28,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Found, SecretValue};
-use crate::analytics::observe::{ClientFamily, Network, PathTemplate};
 use crate::clock::now;
 use crate::clock::Timestamp;
 use crate::config::{ExposureResponse, ExposureSettings};
+use crate::observe::{ClientFamily, Network, PathTemplate};
 
 /// Finds the live policy of a site by name.
 pub type PolicySource = Arc<dyn Fn(&str) -> Option<Arc<ExposureResponse>> + Send + Sync>;

@@ -7,11 +7,13 @@
 //! block, and never hold a lock across an await.
 
 mod conn;
+mod workers;
 
 pub use conn::{
     answer_and_close, drive, serve_control, tls_only, Activity, Ended, Timeouts, Watch,
     CONTROL_TIMEOUTS, TLS_ONLY_400,
 };
+pub use workers::{worker_index, Workers};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

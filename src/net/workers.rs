@@ -15,8 +15,9 @@ thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The index of the current worker, used to pick per-worker origin client pools.
-pub(crate) fn current() -> usize {
+/// The index of the worker running the current thread (0 outside workers), used to pick
+/// per-worker origin client pools and analytics slots.
+pub fn worker_index() -> usize {
     WORKER.with(|w| w.get())
 }
 

@@ -5,6 +5,8 @@
 //! windows) through the edge's snapshot of them. Time comes from [`crate::clock::now`],
 //! which tests move forward.
 
+pub mod drain;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
