@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -19,9 +18,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError};
-use crate::edge::{Edge, EdgeError};
 use crate::net::Workers;
+use crate::runtime::{ConfigSource, Runtime, RuntimeError};
 use crate::tls::DevCa;
 
 /// Where the demo listens; every address must be loopback.
@@ -68,17 +66,13 @@ pub enum DemoError {
     SameAddress,
     #[error("cannot start the demo origin: {0}")]
     Origin(std::io::Error),
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     #[error("{0} (another demo running? pick other addresses with --closed-addr/--open-addr or ports with --tls-port/--cleartext-port)")]
-    Edge(#[from] EdgeError),
-    #[error(transparent)]
-    Admin(#[from] crate::admin::AdminError),
+    Runtime(#[from] RuntimeError),
 }
 
-/// A running demo: the edge, the address of its echo origin, and the admin token.
+/// A running demo: the program, the address of its echo origin, and the admin token.
 pub struct Demo {
-    pub edge: Arc<Edge>,
+    pub runtime: Runtime,
     /// A fresh admin token: the demo makes a new one at every start, so it can print it.
     pub admin_token: String,
     pub origin: SocketAddr,
@@ -114,29 +108,20 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
     }
     let hook = demo_webhook(&options.state_dir).await?;
     let text = demo_toml(&options, origin, hook);
-    let config = crate::tls::checked(
-        "(demo config)",
-        Config::from_toml(&text, "(demo config)", Path::new(".")),
-    )?;
-    let admin = config.admin.clone();
-    let edge = Arc::new(Edge::start_on(config, workers).await?);
     let _ = std::fs::remove_file(crate::admin::token_path(&options.state_dir));
-    let mut admin_token = String::new();
-    if let Some(settings) = admin {
-        let source = crate::admin::ConfigSource::Text {
-            text,
-            label: "(demo config)".into(),
-            base: PathBuf::from("."),
-        };
-        // The demo runs until the process ends, and its admin listener with it.
-        let stop = tokio_util::sync::CancellationToken::new();
-        let a =
-            crate::admin::start(&settings, &options.state_dir, edge.clone(), source, stop).await?;
-        admin_token = a.new_token.unwrap_or_default();
-    }
+    let source = ConfigSource::Text {
+        text,
+        label: "(demo config)".into(),
+        base: PathBuf::from("."),
+    };
+    let runtime = Runtime::start(source, workers).await?;
+    let admin_token = runtime
+        .admin()
+        .and_then(|a| a.new_token.clone())
+        .unwrap_or_default();
     Ok(Demo {
         admin_token,
-        edge,
+        runtime,
         origin,
         options,
     })

@@ -36,7 +36,6 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Config, DnsSettings, HostPattern};
-use crate::edge::EdgeView;
 use crate::net::{Acceptor, Limits};
 
 /// Why the DNS server could not start or a zone could not be exported.
@@ -447,11 +446,6 @@ pub struct DnsHandler {
 impl DnsHandler {
     pub fn new(zones: ZoneSource) -> DnsHandler {
         DnsHandler { zones }
-    }
-
-    /// Zones from the edge's live snapshot.
-    pub fn for_edge(edge: EdgeView) -> DnsHandler {
-        DnsHandler::new(Arc::new(move || edge.snapshot().dns.clone()))
     }
 
     /// The answer to one wire query over `transport`, from the zones of the moment.
@@ -889,9 +883,6 @@ pub fn export(config: &Config, zone: &str) -> Result<String, DnsError> {
         Zones::build(config, None, crate::clock::now() as u32)?.ok_or(DnsError::NotConfigured)?;
     zones.export(zone)
 }
-
-/// Shared by snapshots: the zones of the live config.
-pub type LiveZones = Option<Arc<Zones>>;
 
 /// `portcullis dns serve`: DNS only, without the edge (for a separate DNS host, or
 /// benchmarks). SIGHUP reloads the file; SIGTERM or SIGINT stops.

@@ -13,7 +13,7 @@
 //! - [`probe`]: `portcullis probe`, an audit of any endpoint's cleartext behaviour.
 //! - [`net`]: accept loops that back off, connection caps, the descriptor limit.
 //! - [`firewall`]: the nftables table that refuses cleartext on closed addresses in the kernel.
-//! - [`serve`]: the `serve` command's life cycle: signals, reloads, shutdown.
+//! - [`runtime`]: the composition root: starts every part, the one `apply`, signals, shutdown.
 //! - [`stages`]: staged switch-off plans: warn headers, brownout windows, the move.
 //! - [`demo`]: the built-in demo: a loopback config and an echo origin.
 //!
@@ -34,7 +34,7 @@ pub mod hex;
 pub mod net;
 pub mod observe;
 pub mod probe;
-pub mod serve;
+pub mod runtime;
 pub mod stages;
 pub mod tls;
 

@@ -575,7 +575,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Serve { config, workers } => {
             init_logging();
             let workers = Workers::spawn(worker_count(workers))?;
-            control_runtime()?.block_on(portcullis::serve::serve(config, &workers))?;
+            control_runtime()?.block_on(portcullis::runtime::serve(config, &workers))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
@@ -605,14 +605,14 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             let workers = Workers::spawn(worker_count(workers))?;
             control_runtime()?.block_on(async {
-                let signals = portcullis::serve::Signals::install()?;
+                let signals = portcullis::runtime::Signals::install()?;
                 let d = demo::start(options, Some(&workers)).await?;
                 // A reader that went away (`portcullis demo | head`) must not stop the demo.
                 let mut out = std::io::stdout().lock();
                 let _ = out.write_all(demo::instructions(&d.options, &d.admin_token).as_bytes());
                 let _ = out.flush();
                 drop(out);
-                portcullis::serve::run_until_signal(d.edge, None, signals).await?;
+                portcullis::runtime::run_until_signal(&d.runtime, false, signals).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -674,7 +674,7 @@ fn impact(
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match portcullis::serve::load(path) {
+    match portcullis::runtime::load(path) {
         Ok(c) => {
             let listeners = c.listeners().len();
             emit(&format!(
@@ -691,7 +691,7 @@ fn check(path: &std::path::Path) -> ExitCode {
                     s.host
                 ));
             }
-            for w in portcullis::serve::foreign_listeners(&c) {
+            for w in portcullis::runtime::foreign_listeners(&c) {
                 emit(&format!("{}: warning: {w}\n", path.display()));
             }
             ExitCode::SUCCESS

@@ -6,21 +6,18 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use portcullis::admin::{self, ConfigSource, ROUTES};
-use portcullis::config::Config;
-use portcullis::edge::Edge;
+use portcullis::admin::{self, ROUTES};
+use portcullis::runtime::{ConfigSource, Runtime};
 use support::{client_config, get, http, loopback, roots_from, tls_connect, TestOrigin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 struct Setup {
-    edge: Arc<Edge>,
+    runtime: Runtime,
     admin: SocketAddr,
     token: String,
     dir: tempfile::TempDir,
@@ -73,20 +70,12 @@ async fn setup() -> Setup {
         .replace("STATE", &dir.path().join("state").display().to_string());
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, &text).expect("write");
-    let config = Config::from_file(&path).expect("config");
-    let settings = config.admin.clone().expect("admin settings");
-    let edge = Arc::new(Edge::start(config).await.expect("edge"));
-    let a = admin::start(
-        &settings,
-        &dir.path().join("state"),
-        edge.clone(),
-        ConfigSource::File(path),
-        CancellationToken::new(),
-    )
-    .await
-    .expect("admin");
+    let runtime = Runtime::start(ConfigSource::File(path), None)
+        .await
+        .expect("portcullis starts");
+    let a = runtime.admin().expect("admin plane").clone();
     Setup {
-        edge,
+        runtime,
         admin: a.addr,
         token: a.new_token.expect("a new token at first start"),
         dir,
@@ -259,8 +248,8 @@ async fn a_change_applies_live_persists_is_audited_and_survives_a_restart() {
     // The file is unchanged; the change lives in overrides.json and survives a restart.
     let path = s.dir.path().join("portcullis.toml");
     assert_eq!(std::fs::read_to_string(&path).expect("file"), s.toml);
-    s.edge.shutdown(std::time::Duration::from_secs(1)).await;
-    let restarted = Edge::start(Config::from_file(&path).expect("config"))
+    s.runtime.shutdown(std::time::Duration::from_secs(1)).await;
+    let restarted = Runtime::start(ConfigSource::File(path.clone()), None)
         .await
         .expect("restart");
     assert_eq!(http(clear, get("http://www.test/")).await.status, 403);

@@ -325,13 +325,7 @@ async fn a_locked_store_never_fails_or_slows_a_request_and_loses_no_count() {
         conn.execute_batch("COMMIT").expect("unlock");
     });
     locked_rx.recv().expect("locked");
-    let analytics_lag = || {
-        h.edge
-            .view()
-            .analytics()
-            .map(|a| a.flush_lag())
-            .unwrap_or(0)
-    };
+    let analytics_lag = || h.runtime.analytics().map(|a| a.flush_lag()).unwrap_or(0);
     let mut slowest = Duration::ZERO;
     let started = tokio::time::Instant::now();
     let mut sent = 1u64;
@@ -378,7 +372,7 @@ async fn analytics_can_be_turned_off() {
             .status,
         403
     );
-    assert!(h.edge.view().analytics().is_none());
+    assert!(h.runtime.analytics().is_none());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!Store::path(&h.dir.path().join("state")).exists());
 }

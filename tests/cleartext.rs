@@ -105,7 +105,7 @@ async fn closed_address_refuses_every_cleartext_port_while_open_pool_answers() {
     .await;
     assert_eq!(got.status, 200);
     // And the edge never bound a cleartext socket there.
-    let listening = s.h.edge.listening().await;
+    let listening = s.h.runtime.listening().await;
     assert!(listening
         .iter()
         .all(|(a, k)| a.ip() != std::net::IpAddr::V4(s.closed)

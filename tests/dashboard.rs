@@ -7,16 +7,12 @@ mod support;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
-use portcullis::admin::{self, ConfigSource};
 use portcullis::analytics::store::Store;
-use portcullis::config::Config;
-use portcullis::edge::Edge;
+use portcullis::runtime::{ConfigSource, Runtime};
 use support::{get, http, https, loopback, wait_until, Deadline, TestOrigin, PATIENCE};
-use tokio_util::sync::CancellationToken;
 
 struct Driver(Child);
 
@@ -83,18 +79,10 @@ origin = "{o}"
     );
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, &text).expect("write");
-    let config = Config::from_file(&path).expect("config");
-    let settings = config.admin.clone().expect("admin");
-    let edge = Arc::new(Edge::start(config).await.expect("edge"));
-    let a = admin::start(
-        &settings,
-        &state,
-        edge.clone(),
-        ConfigSource::File(path),
-        CancellationToken::new(),
-    )
-    .await
-    .expect("admin");
+    let runtime = Runtime::start(ConfigSource::File(path), None)
+        .await
+        .expect("portcullis starts");
+    let a = runtime.admin().expect("admin plane").clone();
     let token = a.new_token.expect("token");
 
     // Traffic: cleartext from a script, and TLS.

@@ -537,7 +537,7 @@ async fn a_site_moved_to_a_closed_pool_drains_from_its_old_addresses() {
     )
     .await;
     assert_eq!(got.status, 200);
-    let drains = h.edge.snapshot().drains().to_vec();
+    let drains = h.runtime.snapshot().drains().to_vec();
     assert_eq!(drains.len(), 1);
     assert_eq!(drains[0].until, drains[0].moved_at + 2);
     // The deadline is shown by the impact report.
@@ -580,11 +580,14 @@ async fn a_site_moved_to_a_closed_pool_drains_from_its_old_addresses() {
     // A restart on the same state directory keeps the drain.
     let toml = move_config(closed, open, dns, &origin.url(), "closed")
         .replace("STATE", &state.display().to_string());
-    let config =
-        portcullis::config::Config::from_toml(&toml, "restart", h.dir.path()).expect("config");
+    let source = portcullis::runtime::ConfigSource::Text {
+        text: toml,
+        label: "restart".into(),
+        base: h.dir.path().to_owned(),
+    };
     let grace = Duration::from_secs(1);
-    h.edge.shutdown(grace).await;
-    let edge = portcullis::edge::Edge::start(config)
+    h.runtime.shutdown(grace).await;
+    let edge = portcullis::runtime::Runtime::start(source, None)
         .await
         .expect("restart");
     assert_eq!(edge.snapshot().drains(), &drains[..]);
@@ -606,11 +609,9 @@ async fn a_site_moved_to_a_closed_pool_drains_from_its_old_addresses() {
     // Moving it back ends the drain.
     let back = move_config(closed, open, dns, &origin.url(), "open")
         .replace("STATE", &state.display().to_string());
-    edge.reload(
-        portcullis::config::Config::from_toml(&back, "back", h.dir.path()).expect("config"),
-    )
-    .await
-    .expect("reload");
+    edge.apply(portcullis::config::Config::from_toml(&back, "back", h.dir.path()).expect("config"))
+        .await
+        .expect("reload");
     assert!(edge.snapshot().drains().is_empty());
     assert_eq!(
         support::http(old_clear, support::get("http://shop.example.test/"))

@@ -78,9 +78,9 @@ async fn connections_that_send_no_request_are_closed_within_the_header_read_time
         );
     }
     assert!(
-        h.edge.stats().first_request_timeouts >= 1,
+        h.runtime.stats().first_request_timeouts >= 1,
         "{:?}",
-        h.edge.stats()
+        h.runtime.stats()
     );
 }
 
@@ -140,7 +140,11 @@ async fn an_http2_peer_that_pings_but_ignores_goaway_is_dropped() {
     assert!(types.contains(&0x1), "the GET was answered: {types:?}");
     assert!(types.contains(&0x7), "GOAWAY before the drop: {types:?}");
     assert!(took >= Duration::from_secs(1), "closed after {took:?}");
-    assert!(h.edge.stats().forced_closes >= 1, "{:?}", h.edge.stats());
+    assert!(
+        h.runtime.stats().forced_closes >= 1,
+        "{:?}",
+        h.runtime.stats()
+    );
 }
 
 /// A TCP connection from `from` (a loopback address of the test's own) to `to`.
@@ -190,7 +194,7 @@ async fn connection_caps_refuse_a_greedy_client_and_keep_serving_others() {
     let (a, b, c) = (loopback(), loopback(), loopback());
     // Connections hold their place only once the edge has accepted them.
     let accepted = |n: i64| {
-        let edge = &h.edge;
+        let edge = &h.runtime;
         move || async move { edge.stats().active_connections >= n }
     };
 
@@ -202,7 +206,7 @@ async fn connection_caps_refuse_a_greedy_client_and_keep_serving_others() {
         closed_at_once(&mut third).await,
         "a third connection from one address"
     );
-    assert_eq!(h.edge.stats().refused_per_client, 1);
+    assert_eq!(h.runtime.stats().refused_per_client, 1);
     assert_eq!(
         get_from(b, addr, h.roots()).await,
         200,
@@ -210,7 +214,7 @@ async fn connection_caps_refuse_a_greedy_client_and_keep_serving_others() {
     );
 
     wait_until("the served connection is gone", || async {
-        h.edge.stats().active_connections == 2
+        h.runtime.stats().active_connections == 2
     })
     .await;
     // In all: four, the fifth is closed whoever sends it.
@@ -219,11 +223,11 @@ async fn connection_caps_refuse_a_greedy_client_and_keep_serving_others() {
     wait_until("four connections are accepted", accepted(4)).await;
     let mut fifth = connect_from(loopback(), addr).await;
     assert!(closed_at_once(&mut fifth).await, "a fifth connection");
-    assert!(h.edge.stats().refused_global >= 1);
+    assert!(h.runtime.stats().refused_global >= 1);
     // A place freed is a place to serve.
     held.pop();
     wait_until("a place is free again", || async {
-        h.edge.stats().active_connections < 4
+        h.runtime.stats().active_connections < 4
     })
     .await;
     assert_eq!(get_from(loopback(), addr, h.roots()).await, 200);

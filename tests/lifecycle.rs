@@ -352,5 +352,5 @@ key = "{key}"
     // The connection made before the reload still works.
     let got = support::send(TokioIo::new(first), false, get("https://cert.test/")).await;
     assert_eq!(got.status, 200);
-    assert_eq!(h.edge.snapshot().generation, 2);
+    assert_eq!(h.runtime.snapshot().generation, 2);
 }

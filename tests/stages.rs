@@ -6,22 +6,18 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use portcullis::admin::{self, ConfigSource};
-use portcullis::config::Config;
-use portcullis::edge::Edge;
+use portcullis::runtime::{ConfigSource, Runtime};
 use support::{
     client_config, get, http, https, loopback, roots_from, tls_connect, wait_until, TestOrigin,
 };
-use tokio_util::sync::CancellationToken;
 
 struct Setup {
-    edge: Arc<Edge>,
+    runtime: Runtime,
     admin: SocketAddr,
     token: String,
     dir: tempfile::TempDir,
@@ -66,20 +62,12 @@ cleartext = "redirect"
     );
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, text).expect("write");
-    let config = Config::from_file(&path).expect("config");
-    let settings = config.admin.clone().expect("admin");
-    let edge = Arc::new(Edge::start(config).await.expect("edge"));
-    let a = admin::start(
-        &settings,
-        &dir.path().join("state"),
-        edge.clone(),
-        ConfigSource::File(path.clone()),
-        CancellationToken::new(),
-    )
-    .await
-    .expect("admin");
+    let runtime = Runtime::start(ConfigSource::File(path.clone()), None)
+        .await
+        .expect("portcullis starts");
+    let a = runtime.admin().expect("admin plane").clone();
     Setup {
-        edge,
+        runtime,
         admin: a.addr,
         token: a.new_token.expect("token"),
         dir,
@@ -210,8 +198,8 @@ async fn a_full_walk_with_a_blocked_step_a_forced_one_a_rollback_and_a_restart_m
     );
 
     // A restart in the middle of the window keeps the plan and the window.
-    s.edge.shutdown(std::time::Duration::from_secs(1)).await;
-    let restarted = Edge::start(Config::from_file(&s.path).expect("config"))
+    s.runtime.shutdown(std::time::Duration::from_secs(1)).await;
+    let restarted = Runtime::start(ConfigSource::File(s.path.clone()), None)
         .await
         .expect("restart");
     assert_eq!(
@@ -280,7 +268,7 @@ async fn move_is_blocked_by_the_cleartext_share_forced_with_an_audit_trail_and_r
     );
     // DNS-wise the site is on the closed pool now; the old address drains (its previous mode
     // until the TTL of the old answers has passed).
-    assert_eq!(s.edge.snapshot().drains().len(), 1);
+    assert_eq!(s.runtime.snapshot().drains().len(), 1);
     assert_eq!(s.clear().await.status, 301);
     // closed, then a rollback to observe in one call: back on the open pool, redirecting.
     let (status, _) = s
@@ -318,7 +306,7 @@ async fn move_is_blocked_by_the_cleartext_share_forced_with_an_audit_trail_and_r
     );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(plan["stage"], "observe");
-    assert!(s.edge.snapshot().drains().is_empty());
+    assert!(s.runtime.snapshot().drains().is_empty());
     let got = s.clear().await;
     assert_eq!(got.status, 301);
     assert!(

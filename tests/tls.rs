@@ -117,7 +117,7 @@ async fn certificate_is_chosen_by_exact_and_wildcard_sni_and_from_files() {
 #[tokio::test]
 async fn unknown_missing_or_foreign_sni_gets_unrecognized_name_and_no_certificate() {
     let s = setup().await;
-    let before = s.h.edge.stats().unknown_sni;
+    let before = s.h.runtime.stats().unknown_sni;
     for name in ["nope.test", "wild.test", "a.b.wild.test", "elsewhere.test"] {
         let e = tls_connect(s.a, name, client_config(s.h.roots(), &[]))
             .await
@@ -133,7 +133,7 @@ async fn unknown_missing_or_foreign_sni_gets_unrecognized_name_and_no_certificat
         .await
         .expect_err("no SNI");
     assert_eq!(alert(&e), Some(AlertDescription::UnrecognisedName), "{e}");
-    assert_eq!(s.h.edge.stats().unknown_sni, before + 5);
+    assert_eq!(s.h.runtime.stats().unknown_sni, before + 5);
     // The site of the other pool is served on its own address.
     let got = https(
         s.other,
@@ -258,7 +258,7 @@ async fn host_or_authority_of_another_site_gets_421() {
 #[tokio::test]
 async fn cleartext_http_on_tls_port_gets_400_and_is_counted() {
     let s = setup().await;
-    let before = s.h.edge.stats().cleartext_on_tls_port;
+    let before = s.h.runtime.stats().cleartext_on_tls_port;
     let mut c = TcpStream::connect(s.a).await.expect("connect");
     c.write_all(b"GET /secret?api_key=xyz HTTP/1.1\r\nHost: exact.test\r\n\r\n")
         .await
@@ -275,13 +275,13 @@ async fn cleartext_http_on_tls_port_gets_400_and_is_counted() {
         head.contains(&format!("Content-Length: {}", body.len())),
         "{head}"
     );
-    assert_eq!(s.h.edge.stats().cleartext_on_tls_port, before + 1);
+    assert_eq!(s.h.runtime.stats().cleartext_on_tls_port, before + 1);
 }
 
 #[tokio::test]
 async fn garbage_and_silence_on_tls_port_are_closed_and_counted() {
     let s = setup().await;
-    let before = s.h.edge.stats();
+    let before = s.h.runtime.stats();
     let mut c = TcpStream::connect(s.a).await.expect("connect");
     c.write_all(&[0x00, 0x01, 0xff, 0x42]).await.expect("write");
     let mut buf = Vec::new();
@@ -300,7 +300,7 @@ async fn garbage_and_silence_on_tls_port_are_closed_and_counted() {
         started.elapsed() >= Duration::from_millis(350),
         "closed too early"
     );
-    let after = s.h.edge.stats();
+    let after = s.h.runtime.stats();
     assert_eq!(after.garbage_on_tls_port, before.garbage_on_tls_port + 1);
     assert_eq!(after.handshake_timeouts, before.handshake_timeouts + 1);
 }
@@ -308,7 +308,7 @@ async fn garbage_and_silence_on_tls_port_are_closed_and_counted() {
 #[tokio::test]
 async fn a_stalled_handshake_is_closed_after_the_handshake_timeout() {
     let s = setup().await;
-    let before = s.h.edge.stats().handshake_timeouts;
+    let before = s.h.runtime.stats().handshake_timeouts;
     let mut c = TcpStream::connect(s.a).await.expect("connect");
     // The start of a TLS record, then nothing.
     c.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
@@ -317,5 +317,5 @@ async fn a_stalled_handshake_is_closed_after_the_handshake_timeout() {
         .await
         .expect("closed")
         .ok();
-    assert_eq!(s.h.edge.stats().handshake_timeouts, before + 1);
+    assert_eq!(s.h.runtime.stats().handshake_timeouts, before + 1);
 }

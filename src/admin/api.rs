@@ -12,10 +12,10 @@ use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{Ctx, Role};
+use super::{ControlError, Ctx, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
-use crate::config::{load_overrides, overrides_path, HstsOverride, SiteOverride};
+use crate::config::{load_overrides, HstsOverride, SiteOverride};
 
 /// The client's address, set per connection.
 #[derive(Clone, Copy)]
@@ -153,8 +153,9 @@ async fn auth(State(ctx): State<Arc<Ctx>>, mut req: Request, next: Next) -> Resp
 }
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> Json<Value> {
-    let snap = ctx.edge.snapshot();
-    Json(json!({ "ready": true, "generation": snap.generation, "sites": snap.config.sites.len() }))
+    Json(
+        json!({ "ready": true, "generation": ctx.control.generation(), "sites": ctx.control.config().sites.len() }),
+    )
 }
 
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
@@ -163,7 +164,7 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        crate::analytics::metrics::render(&ctx.edge.view()),
+        ctx.control.metrics(),
     )
         .into_response()
 }
@@ -192,8 +193,7 @@ pub(crate) struct SiteView {
 }
 
 pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
-    let snap = ctx.edge.snapshot();
-    let c = &snap.config;
+    let c = ctx.control.config();
     let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
     let pool = &c.pools[s.pool];
     let now = crate::clock::now();
@@ -220,19 +220,18 @@ pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
             .as_ref()
             .filter(|r| r.requests > 0)
             .map(|r| r.verdict.ready),
-        drain: snap.drains().iter().find(|d| d.site == host).cloned(),
+        drain: ctx.control.drains().into_iter().find(|d| d.site == host),
         overridden: load_overrides(&ctx.state_dir)
             .map(|o| o.contains_key(host))
             .unwrap_or(false),
-        stage: ctx.edge.stages().get(host).cloned(),
+        stage: ctx.control.stages().get(host).cloned(),
     })
 }
 
 async fn sites(State(ctx): State<Arc<Ctx>>) -> Json<Vec<SiteView>> {
     let hosts: Vec<String> = ctx
-        .edge
-        .snapshot()
-        .config
+        .control
+        .config()
         .sites
         .iter()
         .map(|s| s.host.to_string())
@@ -326,27 +325,16 @@ pub(crate) async fn apply_change(
         cur.include_subdomains = h.include_subdomains.or(cur.include_subdomains);
         cur.preload = h.preload.or(cur.preload);
     }
-    let config = ctx
-        .source
-        .load(&overrides)
-        .map_err(|e| Refused::Invalid(e.lines()))?;
-    let firewall = config.manage_firewall.then(|| config.clone());
-    ctx.edge.reload(config).await.map_err(|e| {
-        Refused::Other(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("not applied: {e}"),
-        )
-    })?;
-    if let Some(c) = firewall {
-        // A site moved to a closed pool changes which addresses the kernel must guard.
-        if let Err(e) = crate::firewall::apply(&c) {
-            tracing::error!("nftables table not updated: {e}");
-        }
-    }
-    let text = serde_json::to_string_pretty(&overrides).unwrap_or_default();
-    if let Err(e) = std::fs::write(overrides_path(&ctx.state_dir), text) {
-        tracing::error!(error = %e, "change applied but not saved: it will not survive a restart");
-    }
+    ctx.control
+        .apply_overrides(overrides)
+        .await
+        .map_err(|e| match e {
+            ControlError::Invalid(e) => Refused::Invalid(e.lines()),
+            e => Refused::Other(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("not applied: {e}"),
+            ),
+        })?;
     let after = site_view(ctx, host);
     let entry = json!({
         "at": crate::clock::now(),
@@ -408,7 +396,7 @@ fn since(w: &Window, default: u64) -> Result<u64, ApiError> {
 }
 
 fn store(ctx: &Ctx) -> Result<Store, ApiError> {
-    Store::open_read_only(&Store::path(&ctx.edge.snapshot().config.state_dir)).map_err(unavailable)
+    Store::open_read_only(&Store::path(&ctx.control.config().state_dir)).map_err(unavailable)
 }
 
 fn unavailable(e: crate::analytics::store::StoreError) -> ApiError {
@@ -417,9 +405,8 @@ fn unavailable(e: crate::analytics::store::StoreError) -> ApiError {
 
 fn known(ctx: &Ctx, host: &str) -> Result<(), ApiError> {
     let found = ctx
-        .edge
-        .snapshot()
-        .config
+        .control
+        .config()
         .sites
         .iter()
         .any(|s| s.host.to_string() == host);
@@ -461,18 +448,12 @@ async fn site_impact(
 ) -> Result<Response, ApiError> {
     let host = host.to_ascii_lowercase();
     known(&ctx, &host)?;
-    let readiness = ctx.edge.snapshot().config.readiness.clone();
+    let readiness = ctx.control.config().readiness.clone();
     let since = since(&w, readiness.window.as_secs())?;
     let now = crate::clock::now();
     let mut report =
         impact::report(&store(&ctx)?, &host, since, now, &readiness).map_err(unavailable)?;
-    report.drain = ctx
-        .edge
-        .snapshot()
-        .drains()
-        .iter()
-        .find(|d| d.site == host)
-        .cloned();
+    report.drain = ctx.control.drains().into_iter().find(|d| d.site == host);
     Ok(Json(report).into_response())
 }
 
@@ -531,10 +512,9 @@ async fn exposure_events(
 }
 
 async fn pools(State(ctx): State<Arc<Ctx>>) -> Json<Value> {
-    let snap = ctx.edge.snapshot();
-    let listening = ctx.edge.listening().await;
-    let pools: Vec<Value> = snap
-        .config
+    let config = ctx.control.config();
+    let listening = ctx.control.listening().await;
+    let pools: Vec<Value> = config
         .pools
         .iter()
         .enumerate()
@@ -544,8 +524,7 @@ async fn pools(State(ctx): State<Arc<Ctx>>) -> Json<Value> {
                 .filter(|(a, _)| p.addresses.contains(&a.ip()))
                 .map(|(a, k)| format!("{a} {k}"))
                 .collect();
-            let sites: Vec<String> = snap
-                .config
+            let sites: Vec<String> = config
                 .sites
                 .iter()
                 .filter(|s| s.pool == i)

@@ -4,9 +4,10 @@
 //! Invariant 5: it only ever listens with TLS (cleartext gets the fixed 400), and every route
 //! but `/healthz` needs a bearer token. The token is generated at first start, shown once on
 //! standard output, and stored only as its SHA-256 (file mode 0600); comparisons are
-//! constant-time; failed attempts are rate-limited per client address. Changes go through the
-//! same validator as the file, are applied with the same reload as SIGHUP, kept in
-//! `STATE/overrides.json` and recorded in `STATE/audit.jsonl`. A token never reaches a log.
+//! constant-time; failed attempts are rate-limited per client address. Changes are asked of
+//! the composition root through [`Control`]: it validates them like the file, applies them with
+//! the same `apply` as SIGHUP and keeps them; this module records them in `STATE/audit.jsonl`.
+//! It never touches the edge or the firewall itself. A token never reaches a log.
 
 mod api;
 pub mod client;
@@ -24,8 +25,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AdminSettings, Config, ConfigError, Overrides};
-use crate::edge::Edge;
+use crate::config::{AdminSettings, Config, ConfigError, ListenerKind, Overrides};
+use crate::stages::drain::Drain;
+use crate::stages::Plans;
 
 pub use api::{OPENAPI, ROUTES};
 
@@ -54,40 +56,40 @@ pub enum AdminError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-/// Where the config comes from, to re-validate it with new overrides.
-#[derive(Debug, Clone)]
-pub enum ConfigSource {
-    File(PathBuf),
-    /// A config with no file (the demo): its text, a label for errors, and the base for
-    /// relative paths.
-    Text {
-        text: String,
-        label: String,
-        base: PathBuf,
-    },
+/// What the admin plane may ask of the running program. The composition root implements it;
+/// every change goes through its one `apply`, so an admin change and a SIGHUP behave alike.
+#[async_trait::async_trait]
+pub trait Control: Send + Sync {
+    /// The running config.
+    fn config(&self) -> Arc<Config>;
+    /// Configs applied since start (1 for the first).
+    fn generation(&self) -> u64;
+    /// Sites still served on the open pool they left.
+    fn drains(&self) -> Vec<Drain>;
+    /// The staged switch-off plans.
+    fn stages(&self) -> Arc<Plans>;
+    /// Sockets the edge listens on now.
+    async fn listening(&self) -> Vec<(SocketAddr, ListenerKind)>;
+    /// The `/metrics` exposition text.
+    fn metrics(&self) -> String;
+    /// Validates the config with `overrides` on top of its source, applies it and keeps the
+    /// overrides. On error nothing changes.
+    async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError>;
+    /// Keeps `plans` and applies them (a target pool starts serving the site over TLS).
+    async fn set_stages(&self, plans: Plans) -> Result<(), ControlError>;
 }
 
-impl ConfigSource {
-    pub fn load(&self, overrides: &Overrides) -> Result<Config, ConfigError> {
-        match self {
-            ConfigSource::File(p) => {
-                let label = p.display().to_string();
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: label.clone(),
-                    source,
-                })?;
-                let base = p.parent().unwrap_or(Path::new("."));
-                crate::tls::checked(
-                    &label,
-                    Config::from_toml_with(&text, &label, base, Some(overrides)),
-                )
-            }
-            ConfigSource::Text { text, label, base } => crate::tls::checked(
-                label,
-                Config::from_toml_with(text, label, base, Some(overrides)),
-            ),
-        }
-    }
+/// Why a change asked through [`Control`] was not applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The config with the change breaks a rule; nothing was applied.
+    #[error(transparent)]
+    Invalid(ConfigError),
+    /// The change is valid but could not be applied or kept (a socket, a certificate, the
+    /// state directory).
+    #[error("{0}")]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What a token may do.
@@ -107,8 +109,7 @@ impl Role {
 }
 
 pub(crate) struct Ctx {
-    edge: Arc<Edge>,
-    source: ConfigSource,
+    control: Arc<dyn Control>,
     state_dir: PathBuf,
     token: [u8; 32],
     read_only: Option<[u8; 32]>,
@@ -200,19 +201,21 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 }
 
 /// A running admin plane.
+#[derive(Debug, Clone)]
 pub struct Admin {
     /// The token, when it was created by this start (to be shown once).
     pub new_token: Option<String>,
     pub addr: SocketAddr,
 }
 
-/// Starts the admin listener on the current runtime; it stops with `stop`.
+/// Starts the admin listener on the current runtime, as a task of `tasks`; it stops (and
+/// closes its socket) with `stop`.
 pub async fn start(
     settings: &AdminSettings,
     state_dir: &Path,
-    edge: Arc<Edge>,
-    source: ConfigSource,
+    control: Arc<dyn Control>,
     stop: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> Result<Admin, AdminError> {
     let (token, new_token) = token(state_dir)?;
     let ck = match &settings.cert {
@@ -232,8 +235,7 @@ pub async fn start(
         source,
     })?;
     let ctx = Arc::new(Ctx {
-        edge,
-        source,
+        control,
         state_dir: state_dir.to_owned(),
         token,
         read_only: settings
@@ -251,7 +253,7 @@ pub async fn start(
     let service = move |peer: SocketAddr| {
         TowerToHyperService::new(router.clone().layer(axum::Extension(api::Peer(peer.ip()))))
     };
-    tokio::spawn(crate::net::serve_control(
+    tasks.spawn(crate::net::serve_control(
         acceptor, limits, tls, service, stop,
     ));
     Ok(Admin { new_token, addr })

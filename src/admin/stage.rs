@@ -45,8 +45,7 @@ pub(crate) enum StageRefused {
 /// Readiness checks for going to `to`. Empty: ready.
 async fn gates(ctx: &Ctx, host: &str, plan: &Plan, to: Stage) -> Vec<String> {
     let mut reasons = Vec::new();
-    let snap = ctx.edge.snapshot();
-    let config = &snap.config;
+    let config = ctx.control.config();
     // 1. A live TLS probe through the closed pool the site moves to, certificate verified.
     match plan
         .target_pool
@@ -169,7 +168,7 @@ pub(crate) async fn change_stage(
             )
         })?),
     };
-    let plans = (*ctx.edge.stages()).clone();
+    let plans = (*ctx.control.stages()).clone();
     let before = plans.get(host).cloned().unwrap_or_else(|| Plan {
         since: crate::clock::now(),
         ..Plan::default()
@@ -198,7 +197,7 @@ pub(crate) async fn change_stage(
         let mut settings = before.clone();
         settings.target_pool = plan.target_pool.clone();
         warmed.insert(host.to_owned(), settings);
-        ctx.edge
+        ctx.control
             .set_stages(warmed.clone())
             .await
             .map_err(|e| StageRefused::Other(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -275,16 +274,12 @@ async fn finish(
         plan.deprecated_at = None;
     }
     plans.insert(host.to_owned(), plan.clone());
-    stages::save(&ctx.state_dir, &plans).map_err(|e| {
+    ctx.control.set_stages(plans).await.map_err(|e| {
         StageRefused::Other(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot save the plan: {e}"),
+            format!("cannot apply the plan: {e}"),
         )
     })?;
-    ctx.edge
-        .set_stages(plans)
-        .await
-        .map_err(|e| StageRefused::Other(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     append_audit(
         ctx,
         &json!({

@@ -162,9 +162,8 @@ pub(crate) fn session_id(headers: &HeaderMap) -> Option<String> {
 
 pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
     let hosts: Vec<String> = ctx
-        .edge
-        .snapshot()
-        .config
+        .control
+        .config()
         .sites
         .iter()
         .map(|s| s.host.to_string())
@@ -289,7 +288,7 @@ pub(crate) async fn site(
             .into_response();
     };
     let session = req.extensions().get::<Session>().cloned();
-    let config = ctx.edge.snapshot().config.clone();
+    let config = ctx.control.config();
     let now = crate::clock::now();
     let store = Store::open_read_only(&Store::path(&config.state_dir)).ok();
     let series = store
@@ -435,7 +434,7 @@ pub(crate) async fn confirm(
         )
             .into_response();
     };
-    let config = ctx.edge.snapshot().config.clone();
+    let config = ctx.control.config();
     let now = crate::clock::now();
     let report = Store::open_read_only(&Store::path(&config.state_dir))
         .ok()

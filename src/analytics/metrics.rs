@@ -1,7 +1,8 @@
 //! Prometheus text exposition at `/metrics`, served over TLS only.
 //!
-//! Series are built at scrape time from the analytics totals and the edge's counters, so the
-//! request path pays nothing for them. Label values come only from configured site names (or
+//! Series are built at scrape time from the analytics totals and the counters of the listeners,
+//! read through the narrow [`Counters`] trait (the root implements it), so the request path
+//! pays nothing for them and this module never reaches into the edge. Label values come only from configured site names (or
 //! `unknown`) and fixed enumerations: no client input ever becomes a label.
 
 use std::convert::Infallible;
@@ -22,7 +23,37 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::edge::EdgeView;
+use super::Analytics;
+
+/// What `/metrics` reads besides the analytics totals.
+pub trait Counters: Send + Sync {
+    /// The edge's counters of events before any request.
+    fn edge(&self) -> StatsSnapshot;
+    /// Connections refused by a cap, as (listener, reason, count): `edge`, `dns`, `metrics`.
+    fn refusals(&self) -> Vec<(&'static str, &'static str, u64)>;
+    /// The analytics, when enabled.
+    fn analytics(&self) -> Option<&Analytics>;
+}
+
+/// A point-in-time copy of the edge's pre-request counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub cleartext_on_tls_port: u64,
+    pub garbage_on_tls_port: u64,
+    pub handshake_timeouts: u64,
+    pub handshake_failures: u64,
+    pub unknown_sni: u64,
+    pub handshakes: u64,
+    pub cleartext_connections: u64,
+    pub active_connections: i64,
+    pub first_request_timeouts: u64,
+    pub forced_closes: u64,
+    pub malformed_requests: u64,
+    /// Connections refused because the edge held `max_connections`.
+    pub refused_global: u64,
+    /// Connections refused because their address held `max_connections_per_client`.
+    pub refused_per_client: u64,
+}
 
 type Labels = Vec<(String, String)>;
 
@@ -45,10 +76,10 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// The exposition text for the edge's current state.
-pub fn render(edge: &EdgeView) -> String {
+/// The exposition text for the current state.
+pub fn render(edge: &dyn Counters) -> String {
     let mut reg = Registry::with_prefix("portcullis");
-    let stats = edge.stats();
+    let stats = edge.edge();
     let requests = counter(
         &mut reg,
         "requests",
@@ -206,10 +237,9 @@ pub async fn serve(
     listener: TcpListener,
     tls: TlsAcceptor,
     limits: Arc<crate::net::Limits>,
-    edge: EdgeView,
+    edge: Arc<dyn Counters>,
     stop: CancellationToken,
 ) {
-    let edge = Arc::new(edge);
     let acceptor = crate::net::Acceptor::new(listener, "metrics");
     let service = move |_peer| {
         let edge = edge.clone();
@@ -217,7 +247,7 @@ pub async fn serve(
             let edge = edge.clone();
             async move {
                 let resp = if req.uri().path() == "/metrics" {
-                    let mut r = Response::new(Full::new(Bytes::from(render(&edge))));
+                    let mut r = Response::new(Full::new(Bytes::from(render(&*edge))));
                     r.headers_mut().insert(
                         http::header::CONTENT_TYPE,
                         http::HeaderValue::from_static(

@@ -181,7 +181,7 @@ async fn answer(conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     } else {
         analytics.record_with_exposures(&obs, &found, meta.path);
         if let (Some((host, policy, secrets)), Some(r)) =
-            (routed.respond, conn.shared.responder.get())
+            (routed.respond, conn.shared.responder.as_ref())
         {
             r.offer(
                 &host,

@@ -51,26 +51,6 @@ pub fn sniff(first: u8) -> Sniff {
 /// A fatal TLS alert record, `unrecognized_name` (112), sent when SNI names no site here.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
 
-/// Opens a listening socket. IPv6 sockets are v6-only, so `::` never also takes IPv4.
-/// `reuse_port` lets each worker bind its own socket on the same address.
-pub(crate) fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
-    let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    // Lets a restarted edge bind while old connections sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    // A deep backlog absorbs bursts of new TLS connections.
-    socket.listen(4096)?;
-    Ok(socket.into())
-}
-
 pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     key: (SocketAddr, ListenerKind),
@@ -195,7 +175,7 @@ fn record_found(
     path: PathTemplate,
 ) {
     let respond = site.and_then(|s| Some((s, s.response.as_ref()?)));
-    if let (Some((s, p)), Some(r), false) = (respond, shared.responder.get(), found.is_empty()) {
+    if let (Some((s, p)), Some(r), false) = (respond, shared.responder.as_ref(), found.is_empty()) {
         r.offer(
             &s.name,
             p,

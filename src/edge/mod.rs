@@ -5,7 +5,9 @@
 //! request reads the current one, so reloads never touch established connections. A closed
 //! pool gets no cleartext socket at all: that absence is what makes the kernel refuse the
 //! connection before a request byte is sent. This module never touches a store and never waits
-//! on anything but the client and the origin.
+//! on anything but the client and the origin. It starts nothing but its own listeners: the
+//! analytics, the exposure queue and the stage plans it reads are handed to it by the root
+//! (`runtime`), and it hands them observations.
 
 mod capture;
 mod http;
@@ -25,9 +27,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::analytics::{Analytics, AnalyticsError};
-use crate::config::{Config, ListenerKind};
-use crate::net::Workers;
+pub use crate::analytics::metrics::StatsSnapshot;
+use crate::analytics::Analytics;
+use crate::config::{Config, EdgeSettings, ListenerKind};
+use crate::exposure::queue::Responder;
+use crate::net::{Limits, Workers};
+use crate::stages::drain::Drain;
+use crate::stages::Plans;
 use crate::tls::{DevCa, Resumption, TlsError};
 
 pub use listener::{parse_head, sniff, Sniff};
@@ -50,18 +56,6 @@ pub enum EdgeError {
     /// An origin's TLS client could not be built.
     #[error("origin client for site {site}: {reason}")]
     Origin { site: String, reason: String },
-    /// Analytics could not start (fingerprint key, access log).
-    #[error(transparent)]
-    Analytics(#[from] AnalyticsError),
-    /// The DNS server could not start, or the zones could not be built.
-    #[error(transparent)]
-    Dns(#[from] crate::dns::DnsError),
-    /// The `/metrics` listener could not be opened.
-    #[error("metrics listener {addr}: {source}")]
-    Metrics {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
 }
 
 /// Counters of events that happen before any request exists. The analytics module reads them.
@@ -90,26 +84,6 @@ pub struct Stats {
     /// Cleartext connections that ended inside a request head (refused by the parser, or never
     /// finished).
     pub malformed_requests: AtomicU64,
-}
-
-/// A point-in-time copy of [`Stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub cleartext_on_tls_port: u64,
-    pub garbage_on_tls_port: u64,
-    pub handshake_timeouts: u64,
-    pub handshake_failures: u64,
-    pub unknown_sni: u64,
-    pub handshakes: u64,
-    pub cleartext_connections: u64,
-    pub active_connections: i64,
-    pub first_request_timeouts: u64,
-    pub forced_closes: u64,
-    pub malformed_requests: u64,
-    /// Connections refused because the edge held `max_connections`.
-    pub refused_global: u64,
-    /// Connections refused because their address held `max_connections_per_client`.
-    pub refused_per_client: u64,
 }
 
 impl Stats {
@@ -155,21 +129,32 @@ pub(crate) struct Shared {
     /// `None` when `[analytics] enabled = false`.
     pub(crate) analytics: Option<Arc<Analytics>>,
     /// Staged switch-off plans by site, read per cleartext request.
-    pub(crate) stages: ArcSwap<crate::stages::Plans>,
-    /// The exposure response queue; set once at start, with analytics.
-    pub(crate) responder: std::sync::OnceLock<Arc<crate::exposure::queue::Responder>>,
+    pub(crate) stages: ArcSwap<Plans>,
+    /// The exposure response queue (notify, revoke); `None` with analytics off.
+    pub(crate) responder: Option<Arc<Responder>>,
     /// Caps on client connections, over every listener and worker (`max_connections`,
     /// `max_connections_per_client`), fixed at start.
-    pub(crate) limits: Arc<crate::net::Limits>,
-    /// The caps of the listeners the edge starts beside its own (DNS over TCP, metrics), by
-    /// listener name, for `/metrics`.
-    pub(crate) side_limits: std::sync::Mutex<Vec<(&'static str, Arc<crate::net::Limits>)>>,
+    pub(crate) limits: Arc<Limits>,
+}
+
+/// What the edge is handed at start: the parts it reads but does not own.
+pub struct EdgeParts<'a> {
+    /// Connection caps and timeouts; the caps are fixed at start.
+    pub settings: &'a EdgeSettings,
+    /// Where observations go; `None` when analytics is off.
+    pub analytics: Option<Arc<Analytics>>,
+    /// Where credentials seen in cleartext are sent for notify or revoke.
+    pub responder: Option<Arc<Responder>>,
+    /// The staged switch-off plans at start.
+    pub stages: Plans,
+    /// Runtimes that serve connections; `None`: the caller's runtime.
+    pub workers: Option<&'a Workers>,
 }
 
 /// The edge's connection caps. Without `max_connections`, the descriptor limit decides: each
 /// client connection may hold an origin connection too, and a reserve is kept for listeners,
 /// the store, DNS and the control plane.
-fn connection_limits(edge: &crate::config::EdgeSettings) -> Arc<crate::net::Limits> {
+fn connection_limits(edge: &EdgeSettings) -> Arc<Limits> {
     const RESERVE: u64 = 200;
     let global = edge.max_connections.unwrap_or_else(|| {
         let nofile = crate::net::nofile_limit().min(1 << 24);
@@ -180,7 +165,7 @@ fn connection_limits(edge: &crate::config::EdgeSettings) -> Arc<crate::net::Limi
         max_connections_per_client = edge.max_connections_per_client,
         "edge connection caps"
     );
-    crate::net::Limits::new(global, edge.max_connections_per_client)
+    Limits::new(global, edge.max_connections_per_client)
 }
 
 impl Shared {
@@ -211,14 +196,8 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// Binds every listener of `config` and starts serving on the caller's runtime. Fails
-    /// without side effects if any socket cannot be bound.
-    pub async fn start(config: Config) -> Result<Edge, EdgeError> {
-        Edge::start_on(config, None).await
-    }
-
-    /// Like [`Edge::start`], with connections served on `workers` when given.
-    pub async fn start_on(config: Config, workers: Option<&Workers>) -> Result<Edge, EdgeError> {
+    /// An edge serving nothing yet: [`Edge::reload`] binds the listeners of a config.
+    pub fn start(parts: EdgeParts<'_>) -> Result<Edge, EdgeError> {
         let resumption = Resumption::new()?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty(&resumption)?),
@@ -227,111 +206,39 @@ impl Edge {
             tracker: TaskTracker::new(),
             resumption,
             dev_ca: std::sync::Mutex::new(None),
-            workers: workers.map(|w| w.handles().to_vec()).unwrap_or_default(),
-            analytics: match config.analytics.enabled {
-                true => Some(Analytics::start(
-                    &config,
-                    workers.map_or(1, |w| w.handles().len()),
-                )?),
-                false => None,
-            },
-            responder: std::sync::OnceLock::new(),
-            stages: ArcSwap::from_pointee(crate::stages::load(&config.state_dir)),
-            limits: connection_limits(&config.edge),
-            side_limits: std::sync::Mutex::new(Vec::new()),
+            workers: parts
+                .workers
+                .map(|w| w.handles().to_vec())
+                .unwrap_or_default(),
+            analytics: parts.analytics,
+            responder: parts.responder,
+            stages: ArcSwap::from_pointee(parts.stages),
+            limits: connection_limits(parts.settings),
         });
-        if config.analytics.enabled {
-            // The worker finds each site's live policy through the snapshot; a weak reference
-            // keeps the edge and its queue from owning each other.
-            let weak = Arc::downgrade(&shared);
-            let policies: crate::exposure::queue::PolicySource = Arc::new(move |host: &str| {
-                let shared = weak.upgrade()?;
-                let snap = shared.snapshot.load();
-                snap.sites.iter().find(|s| s.name == host)?.response.clone()
-            });
-            let r = crate::exposure::queue::Responder::start(
-                config.exposure.clone(),
-                &config.state_dir,
-                policies,
-            );
-            let _ = shared.responder.set(r);
-        }
-        let edge = Edge {
+        Ok(Edge {
             shared,
             listeners: Mutex::new(HashMap::new()),
-        };
-        let metrics = config.metrics.clone();
-        let dns = config.dns.clone();
-        let state_dir = config.state_dir.clone();
-        edge.reload(config).await?;
-        if let Some(m) = metrics {
-            edge.start_metrics(&m, &state_dir)?;
-        }
-        if let Some(d) = dns {
-            let handler = crate::dns::DnsHandler::for_edge(edge.view());
-            let limits =
-                crate::dns::start(d.listen, handler, edge.shared.shutdown.child_token()).await?;
-            crate::lock(&edge.shared.side_limits).push(("dns", limits));
-        }
-        Ok(edge)
+        })
     }
 
-    fn start_metrics(
-        &self,
-        m: &crate::config::MetricsSettings,
-        state_dir: &std::path::Path,
-    ) -> Result<(), EdgeError> {
-        let ck = match &m.cert {
-            Some(files) => crate::tls::load_cert_files(files)?,
-            None => self
-                .shared
-                .dev_ca(state_dir)?
-                .certificate_for(&m.listen.ip().to_string())?,
-        };
-        let tls = tokio_rustls::TlsAcceptor::from(crate::tls::single_cert_config(ck)?);
-        let metrics_err = |source| EdgeError::Metrics {
-            addr: m.listen,
-            source,
-        };
-        let std_listener = listener::bind(m.listen, false).map_err(metrics_err)?;
-        let l = tokio::net::TcpListener::from_std(std_listener).map_err(metrics_err)?;
-        tracing::info!(addr = %m.listen, "serving /metrics over TLS");
-        // Prometheus scrapes over one connection; a few more for people and tests.
-        let limits = crate::net::Limits::new(16, 8);
-        crate::lock(&self.shared.side_limits).push(("metrics", limits.clone()));
-        tokio::spawn(crate::analytics::metrics::serve(
-            l,
-            tls,
-            limits,
-            self.view(),
-            self.shared.shutdown.child_token(),
-        ));
-        Ok(())
-    }
-
-    /// Replaces the staged switch-off plans (already saved) and rebuilds routes for them.
-    pub async fn set_stages(&self, plans: crate::stages::Plans) -> Result<(), EdgeError> {
+    /// Replaces the staged switch-off plans the requests read. Routes follow them at the next
+    /// [`Edge::reload`].
+    pub fn set_stages(&self, plans: Plans) {
         self.shared.stages.store(Arc::new(plans));
-        let config = (*self.shared.snapshot.load().config).clone();
-        self.reload(config).await
     }
 
     /// The live staged switch-off plans.
-    pub fn stages(&self) -> Arc<crate::stages::Plans> {
+    pub fn stages(&self) -> Arc<Plans> {
         self.shared.stages.load_full()
     }
 
-    /// A read-only handle on the edge's counters and analytics, for reporting.
-    pub fn view(&self) -> EdgeView {
-        EdgeView(self.shared.clone())
-    }
-
-    /// Applies a validated config: binds new sockets, swaps the snapshot, closes removed
-    /// sockets. On error nothing changes and the previous config keeps serving.
-    pub async fn reload(&self, config: Config) -> Result<(), EdgeError> {
+    /// Applies a validated config with the drains the root reconciled for it: binds new
+    /// sockets, swaps the snapshot, closes removed sockets. On error nothing changes and the
+    /// previous config keeps serving.
+    pub async fn reload(&self, config: Arc<Config>, drains: Vec<Drain>) -> Result<(), EdgeError> {
         let mut listeners = self.listeners.lock().await;
         let generation = self.shared.snapshot.load().generation + 1;
-        let snap = Snapshot::build(config, generation, &self.shared)?;
+        let snap = Snapshot::build(config, drains, generation, &self.shared)?;
         let wanted = snap.listener_keys();
         let removed: Vec<_> = listeners
             .keys()
@@ -394,7 +301,9 @@ impl Edge {
     /// One socket per worker; several share the address through SO_REUSEPORT.
     fn bind(&self, addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
         let n = self.shared.workers.len();
-        (0..n.max(1)).map(|_| listener::bind(addr, n > 1)).collect()
+        (0..n.max(1))
+            .map(|_| crate::net::bind_tcp(addr, n > 1))
+            .collect()
     }
 
     /// The live snapshot.
@@ -405,6 +314,11 @@ impl Edge {
     /// Pre-request event counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats_snapshot()
+    }
+
+    /// The edge's connection caps, with their refusal counters.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.shared.limits
     }
 
     /// Sockets currently listening.
@@ -435,57 +349,9 @@ impl Edge {
             }
         }
         self.shared.tracker.close();
-        let drained = tokio::time::timeout(grace, self.shared.tracker.wait())
+        tokio::time::timeout(grace, self.shared.tracker.wait())
             .await
-            .is_ok();
-        if let Some(a) = &self.shared.analytics {
-            a.shutdown().await;
-        }
-        if let Some(r) = self.shared.responder.get() {
-            r.shutdown().await;
-        }
-        drained
-    }
-}
-
-/// What reporting code (metrics, admin) may see of a running edge.
-#[derive(Clone)]
-pub struct EdgeView(Arc<Shared>);
-
-impl EdgeView {
-    pub fn stats(&self) -> StatsSnapshot {
-        self.0.stats_snapshot()
-    }
-
-    /// Connections refused by a cap, as (listener, reason, count): the edge's, then those of
-    /// the listeners it started (DNS over TCP, metrics).
-    pub fn refusals(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let mut out = Vec::new();
-        let mut add = |listener, l: &crate::net::Limits| {
-            out.push((
-                listener,
-                "max_connections",
-                l.refused_global.load(Ordering::Relaxed),
-            ));
-            out.push((
-                listener,
-                "max_connections_per_client",
-                l.refused_per_client.load(Ordering::Relaxed),
-            ));
-        };
-        add("edge", &self.0.limits);
-        for (name, l) in crate::lock(&self.0.side_limits).iter() {
-            add(name, l);
-        }
-        out
-    }
-
-    pub fn analytics(&self) -> Option<&Analytics> {
-        self.0.analytics.as_deref()
-    }
-
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.0.snapshot.load_full()
+            .is_ok()
     }
 }
 

@@ -13,7 +13,7 @@ use super::{EdgeError, Shared};
 use crate::analytics::aggregate::SiteId;
 use crate::config::{CleartextMode, Config, HostPattern, ListenerKind};
 use crate::exposure::ExtraPositions;
-use crate::stages::drain::{self, Drain};
+use crate::stages::drain::Drain;
 use crate::tls::{self, SniCerts};
 
 /// One config made ready to serve.
@@ -26,14 +26,9 @@ pub struct Snapshot {
     pub(crate) pools: Vec<PoolRoutes>,
     pub(crate) sites: Vec<SiteRuntime>,
     pub(crate) listeners: BTreeMap<(SocketAddr, ListenerKind), usize>,
-    /// DNS answers for this config, when `[dns]` is set.
-    pub(crate) dns: crate::dns::LiveZones,
     /// Sites still served on the open pool they moved away from.
     pub(crate) drains: Vec<Drain>,
 }
-
-/// TTL assumed for the old answers of a moved site when the built-in DNS is not configured.
-pub const DEFAULT_DRAIN_TTL: u32 = 300;
 
 /// Which site answers a hostname on one pool's addresses.
 #[derive(Default)]
@@ -110,13 +105,13 @@ impl Snapshot {
             pools: Vec::new(),
             sites: Vec::new(),
             listeners: BTreeMap::new(),
-            dns: None,
             drains: Vec::new(),
         })
     }
 
     pub(crate) fn build(
-        config: Config,
+        config: Arc<Config>,
+        drains: Vec<Drain>,
         generation: u64,
         shared: &Shared,
     ) -> Result<Snapshot, EdgeError> {
@@ -185,8 +180,6 @@ impl Snapshot {
         }
         let tls = tls::server_config(certs, &shared.resumption)?;
         let listeners = config.listeners();
-        let previous = shared.snapshot.load();
-        let drains = Self::reconcile_drains(&config, &previous, generation);
         // A site being staged toward a closed pool is served over TLS there already, so the
         // readiness probe and early clients can use it before the move.
         for (host, plan) in shared.stages.load().iter() {
@@ -223,40 +216,15 @@ impl Snapshot {
                 };
             }
         }
-        let dns =
-            crate::dns::Zones::build(&config, previous.dns.as_deref(), crate::clock::now() as u32)?
-                .map(Arc::new);
         Ok(Snapshot {
-            config: Arc::new(config),
+            config,
             generation,
             tls,
             pools,
             sites,
             listeners,
-            dns,
             drains,
         })
-    }
-
-    /// Drains for a new config: reconciled against the previous snapshot's, or, at start,
-    /// against those recorded in the state directory. Changes are recorded there.
-    fn reconcile_drains(config: &Config, previous: &Snapshot, generation: u64) -> Vec<Drain> {
-        let first = generation <= 1;
-        let kept = if first {
-            drain::load(&config.state_dir)
-        } else {
-            previous.drains.clone()
-        };
-        let ttl = config.dns.as_ref().map_or(DEFAULT_DRAIN_TTL, |d| d.ttl);
-        let old = (!first).then_some(&*previous.config);
-        let drains = drain::reconcile(old, config, &kept, crate::clock::now(), ttl);
-        if drains != kept {
-            for d in drains.iter().filter(|d| !kept.contains(d)) {
-                tracing::info!(site = %d.site, from = %d.from_pool, to = %d.to_pool, until = d.until, "site moved to a closed pool: its old addresses keep its cleartext mode until the old DNS answers expire");
-            }
-            drain::save(&config.state_dir, &drains);
-        }
-        drains
     }
 
     /// Sites still served on the pool they left.
@@ -272,11 +240,6 @@ impl Snapshot {
     ) -> Option<&SiteRuntime> {
         let pool = self.pools.get(*self.listeners.get(key)?)?;
         self.sites.get(pool.find(name)?)
-    }
-
-    /// The DNS zones of this config, when `[dns]` is set.
-    pub fn dns(&self) -> Option<&crate::dns::Zones> {
-        self.dns.as_deref()
     }
 
     pub(crate) fn listener_keys(&self) -> Vec<(SocketAddr, ListenerKind)> {

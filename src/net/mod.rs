@@ -252,6 +252,26 @@ pub fn nofile_limit() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Opens a listening socket. IPv6 sockets are v6-only, so `::` never also takes IPv4.
+/// `reuse_port` lets each worker bind its own socket on the same address.
+pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Lets a restarted edge bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // A deep backlog absorbs bursts of new TLS connections.
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis::config::Config;
-use portcullis::edge::Edge;
+use portcullis::runtime::{ConfigSource, Runtime};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::RootCertStore;
 use tokio::net::{TcpListener, TcpStream};
@@ -189,9 +189,9 @@ pub fn loopback() -> Ipv4Addr {
     )
 }
 
-/// A running edge built from a TOML text, with its temporary directory.
+/// A running portcullis built from a TOML text, with its temporary directory.
 pub struct Harness {
-    pub edge: Edge,
+    pub runtime: Runtime,
     pub dir: tempfile::TempDir,
 }
 
@@ -202,9 +202,10 @@ impl Harness {
         let text = toml.replace("STATE", &dir.path().join("state").display().to_string());
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, text).expect("write config");
-        let config = Config::from_file(&path).unwrap_or_else(|e| panic!("config: {e}"));
-        let edge = Edge::start(config).await.expect("edge starts");
-        Harness { edge, dir }
+        let runtime = Runtime::start(ConfigSource::File(path), None)
+            .await
+            .unwrap_or_else(|e| panic!("portcullis starts: {e}"));
+        Harness { runtime, dir }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -228,7 +229,7 @@ impl Harness {
         );
         let config =
             Config::from_toml(&text, "reload", self.dir.path()).map_err(|e| e.to_string())?;
-        self.edge.reload(config).await.map_err(|e| e.to_string())
+        self.runtime.apply(config).await.map_err(|e| e.to_string())
     }
 }
 

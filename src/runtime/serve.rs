@@ -1,5 +1,6 @@
-//! The `serve` life cycle: start the edge from a file, reload it on SIGHUP, drain and stop on
-//! SIGTERM or SIGINT.
+//! The `serve` life cycle on the root: start everything a config file describes, reload it on
+//! SIGHUP, drain and stop on SIGTERM or SIGINT; with the checks that belong to a running
+//! program (other programs on cleartext ports, the firewall's counters).
 //!
 //! A reload first validates the new file; on any error the running config stays and the error
 //! is logged. This module never exits the process itself: it returns to `main`.
@@ -9,71 +10,22 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use tokio::signal::unix::{signal, Signal, SignalKind};
-
-use crate::config::{Config, ConfigError, WELL_KNOWN_CLEARTEXT_PORTS};
-use crate::edge::{Edge, EdgeError};
+use super::{ConfigSource, Inner, Runtime, RuntimeError};
+use crate::config::{Config, WELL_KNOWN_CLEARTEXT_PORTS};
 use crate::net::Workers;
 
-/// Why `serve` stopped with an error.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServeError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Edge(#[from] EdgeError),
-    #[error(transparent)]
-    Admin(#[from] crate::admin::AdminError),
-    #[error(transparent)]
-    Firewall(#[from] crate::firewall::FirewallError),
-    /// Signal handlers could not be installed.
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
-}
-
-/// Reads and validates a config file the way every apply does: the validator's problems and
-/// those of the certificate files it names, in one report.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    crate::tls::checked(&path.display().to_string(), Config::from_file(path))
-}
-
-/// Runs the edge from `path` until SIGTERM or SIGINT, reloading on SIGHUP.
-pub async fn serve(path: PathBuf, workers: &Workers) -> Result<(), ServeError> {
+/// Runs everything the config file at `path` describes until SIGTERM or SIGINT, reloading it
+/// on SIGHUP.
+pub async fn serve(path: PathBuf, workers: &Workers) -> Result<(), RuntimeError> {
     let signals = Signals::install()?;
-    let config = load(&path)?;
-    for warning in foreign_listeners(&config) {
-        tracing::warn!("{warning}");
+    let rt = Runtime::start(ConfigSource::File(path), Some(workers)).await?;
+    if let Some(a) = rt.admin() {
+        announce_token(a, &rt.inner.state_dir);
     }
-    let admin = config.admin.clone();
-    let state_dir = config.state_dir.clone();
-    if config.manage_firewall {
-        crate::firewall::apply(&config)?;
-        tracing::info!(table = crate::firewall::TABLE, "nftables table applied");
-    }
-    let manage_firewall = config.manage_firewall;
-    let edge = Arc::new(Edge::start_on(config, Some(workers)).await?);
-    if manage_firewall {
-        tokio::spawn(count_refusals(edge.clone()));
-    }
-    let stop_admin = CancellationToken::new();
-    if let Some(settings) = admin {
-        let source = crate::admin::ConfigSource::File(path.clone());
-        let a = crate::admin::start(
-            &settings,
-            &state_dir,
-            edge.clone(),
-            source,
-            stop_admin.clone(),
-        )
-        .await?;
-        announce_token(&a, &state_dir);
-    }
-    let result = run_until_signal(edge, Some(&path), signals).await;
-    stop_admin.cancel();
-    result
+    run_until_signal(&rt, true, signals).await
 }
 
 /// Shows a newly created admin token once, on standard output (never in the log).
@@ -99,8 +51,8 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub fn install() -> Result<Signals, ServeError> {
-        let s = |kind| signal(kind).map_err(ServeError::Signals);
+    pub fn install() -> Result<Signals, RuntimeError> {
+        let s = |kind| signal(kind).map_err(RuntimeError::Signals);
         Ok(Signals {
             hup: s(SignalKind::hangup())?,
             term: s(SignalKind::terminate())?,
@@ -109,25 +61,34 @@ impl Signals {
     }
 }
 
-/// Serves until SIGTERM or SIGINT; on SIGHUP reloads from `reload_from` when given.
+/// Serves until SIGTERM or SIGINT; on SIGHUP reloads the config from its source when `reload`
+/// is set (a rejected reload keeps the running config), then shuts down in order.
 pub async fn run_until_signal(
-    edge: Arc<Edge>,
-    reload_from: Option<&Path>,
+    rt: &Runtime,
+    reload: bool,
     mut signals: Signals,
-) -> Result<(), ServeError> {
+) -> Result<(), RuntimeError> {
     loop {
         tokio::select! {
-            _ = signals.hup.recv() => match reload_from {
-                Some(path) => reload(&edge, path).await,
-                None => tracing::info!("SIGHUP ignored: no config file to reload"),
+            _ = signals.hup.recv() => match reload {
+                true => match rt.reload().await {
+                    Ok(()) => tracing::info!(generation = rt.snapshot().generation, "config reloaded"),
+                    Err(RuntimeError::Config(e)) => {
+                        for line in e.lines() {
+                            tracing::error!("reload rejected, previous config kept: {line}");
+                        }
+                    }
+                    Err(e) => tracing::error!("reload failed, previous config kept: {e}"),
+                },
+                false => tracing::info!("SIGHUP ignored: no config file to reload"),
             },
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
         }
     }
-    let grace = edge.snapshot().config.edge.shutdown_grace;
+    let grace = rt.snapshot().config.edge.shutdown_grace;
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
-    if edge.shutdown(grace).await {
+    if rt.shutdown(grace).await {
         tracing::info!("drained; bye");
     } else {
         tracing::warn!("grace period over; closing the remaining connections");
@@ -135,43 +96,24 @@ pub async fn run_until_signal(
     Ok(())
 }
 
-async fn reload(edge: &Edge, path: &Path) {
-    match load(path) {
-        Err(e) => {
-            for line in e.lines() {
-                tracing::error!("reload rejected, previous config kept: {line}");
-            }
-        }
-        Ok(config) => {
-            for warning in foreign_listeners(&config) {
-                tracing::warn!("{warning}");
-            }
-            match edge.reload(config).await {
-                Ok(()) => {
-                    tracing::info!(generation = edge.snapshot().generation, "config reloaded")
-                }
-                Err(e) => tracing::error!("reload failed, previous config kept: {e}"),
-            }
-        }
-    }
-}
-
 /// Reads the firewall's counters every 10 seconds and records the new refusals, per closed
 /// address, as observations of the address's site (or `unknown` when the pool has several).
-async fn count_refusals(edge: Arc<Edge>) {
+pub(super) async fn count_refusals(rt: Arc<Inner>, stop: CancellationToken) {
     let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            _ = stop.cancelled() => return,
+        }
         let Ok(Ok(counters)) = tokio::task::spawn_blocking(crate::firewall::counters).await else {
             continue;
         };
-        let view = edge.view();
-        let Some(analytics) = view.analytics() else {
+        let Some(analytics) = rt.analytics.as_deref() else {
             continue;
         };
-        let snap = edge.snapshot();
+        let snap = rt.edge.snapshot();
         for (name, packets) in counters {
-            // serve applied the table at start, which resets its counters: they start at 0.
+            // The table was applied at start, which resets its counters: they start at 0.
             let before = seen.insert(name.clone(), packets).unwrap_or(0);
             let delta = packets.saturating_sub(before);
             if delta == 0 {

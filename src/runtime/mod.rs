@@ -1,0 +1,424 @@
+//! The composition root: it loads the config, starts every part of the program as a peer
+//! (analytics, the exposure queue, the edge, DNS, `/metrics`, the admin plane, the firewall
+//! counters), hands each only what it needs, and owns the one [`Runtime::apply`] through which
+//! every new config passes, whether it comes from SIGHUP, the admin API or a stage change, and
+//! the shutdown order.
+//!
+//! No other module starts another: the edge gets its analytics and queue from here, DNS gets a
+//! view of the live zones, `/metrics` and the admin plane get narrow traits
+//! ([`crate::analytics::metrics::Counters`], [`crate::admin::Control`]) implemented here.
+
+mod serve;
+mod source;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use serve::{foreign_listeners, run_until_signal, serve, Signals};
+pub use source::{load, ConfigSource};
+
+use crate::admin::{Admin, Control, ControlError};
+use crate::analytics::metrics::{Counters, StatsSnapshot};
+use crate::analytics::{Analytics, AnalyticsError};
+use crate::config::{Config, ConfigError, ListenerKind, Overrides};
+use crate::dns::{DnsError, DnsHandler, Zones};
+use crate::edge::{Edge, EdgeError, EdgeParts};
+use crate::exposure::queue::{PolicySource, Responder};
+use crate::net::{Limits, Workers};
+use crate::stages::drain::{self, Drain};
+use crate::stages::Plans;
+
+/// Why the program could not start, or a config could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
+    #[error(transparent)]
+    Analytics(#[from] AnalyticsError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Firewall(#[from] crate::firewall::FirewallError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The `/metrics` listener could not be opened.
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// A change was applied but could not be kept in the state directory.
+    #[error("{what} {path}: {source}")]
+    State {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// TTL assumed for the old answers of a moved site when the built-in DNS is not configured.
+pub const DEFAULT_DRAIN_TTL: u32 = 300;
+
+/// The running program.
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Where the config comes from, to reload it (SIGHUP) or re-validate it with overrides.
+    source: ConfigSource,
+    state_dir: PathBuf,
+    /// The config applied last; the exposure queue reads each site's response policy here.
+    config: Arc<ArcSwap<Config>>,
+    edge: Edge,
+    analytics: Option<Arc<Analytics>>,
+    responder: Option<Arc<Responder>>,
+    /// DNS answers of the applied config, read by the DNS server per query.
+    zones: Arc<ArcSwapOption<Zones>>,
+    /// Caps of the listeners started beside the edge (DNS over TCP, metrics), for `/metrics`.
+    side_limits: Mutex<Vec<(&'static str, Arc<Limits>)>>,
+    /// Serialises applies: each reconciles drains and listeners against the one before.
+    applying: tokio::sync::Mutex<()>,
+    /// Cancelled at shutdown: DNS, metrics, the admin plane and background tasks stop.
+    stop: CancellationToken,
+    /// The metrics and admin listeners and the background tasks, so shutdown can wait until
+    /// their sockets are closed.
+    tasks: TaskTracker,
+    admin: OnceLock<Admin>,
+}
+
+impl Runtime {
+    /// Loads the config from `source` (with the overrides kept in its state directory) and
+    /// starts everything it describes. Connections are served on `workers` when given.
+    pub async fn start(
+        source: ConfigSource,
+        workers: Option<&Workers>,
+    ) -> Result<Runtime, RuntimeError> {
+        let config = source.load_saved()?;
+        let state_dir = config.state_dir.clone();
+        let config_cell = Arc::new(ArcSwap::from_pointee(config.clone()));
+        let analytics = match config.analytics.enabled {
+            true => Some(Analytics::start(
+                &config,
+                workers.map_or(1, |w| w.handles().len()),
+            )?),
+            false => None,
+        };
+        let responder = analytics.as_ref().map(|_| {
+            let live = config_cell.clone();
+            let policies: PolicySource = Arc::new(move |host: &str| {
+                let config = live.load();
+                let site = config.sites.iter().find(|s| s.host.to_string() == host)?;
+                site.response.clone().map(Arc::new)
+            });
+            Responder::start(config.exposure.clone(), &state_dir, policies)
+        });
+        let edge = Edge::start(EdgeParts {
+            settings: &config.edge,
+            analytics: analytics.clone(),
+            responder: responder.clone(),
+            stages: crate::stages::load(&state_dir),
+            workers,
+        })?;
+        let inner = Arc::new(Inner {
+            source,
+            state_dir,
+            config: config_cell,
+            edge,
+            analytics,
+            responder,
+            zones: Arc::new(ArcSwapOption::empty()),
+            side_limits: Mutex::new(Vec::new()),
+            applying: tokio::sync::Mutex::new(()),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            admin: OnceLock::new(),
+        });
+        let rt = Runtime { inner };
+        rt.apply(config.clone()).await?;
+        if let Some(m) = &config.metrics {
+            rt.start_metrics(m)?;
+        }
+        if let Some(d) = &config.dns {
+            let zones = rt.inner.zones.clone();
+            let handler = DnsHandler::new(Arc::new(move || zones.load_full()));
+            let limits = crate::dns::start(d.listen, handler, rt.inner.stop.child_token()).await?;
+            crate::lock(&rt.inner.side_limits).push(("dns", limits));
+        }
+        if let Some(settings) = &config.admin {
+            let control: Arc<dyn Control> = rt.inner.clone();
+            let a = crate::admin::start(
+                settings,
+                &rt.inner.state_dir,
+                control,
+                rt.inner.stop.child_token(),
+                &rt.inner.tasks,
+            )
+            .await?;
+            let _ = rt.inner.admin.set(a);
+        }
+        if config.manage_firewall {
+            rt.inner.tasks.spawn(serve::count_refusals(
+                rt.inner.clone(),
+                rt.inner.stop.child_token(),
+            ));
+        }
+        Ok(rt)
+    }
+
+    fn start_metrics(&self, m: &crate::config::MetricsSettings) -> Result<(), RuntimeError> {
+        let ck = match &m.cert {
+            Some(files) => crate::tls::load_cert_files(files)?,
+            None => crate::tls::DevCa::open(&self.inner.state_dir)?
+                .certificate_for(&m.listen.ip().to_string())?,
+        };
+        let tls = tokio_rustls::TlsAcceptor::from(crate::tls::single_cert_config(ck)?);
+        let metrics_err = |source| RuntimeError::Metrics {
+            addr: m.listen,
+            source,
+        };
+        let std_listener = crate::net::bind_tcp(m.listen, false).map_err(metrics_err)?;
+        let l = tokio::net::TcpListener::from_std(std_listener).map_err(metrics_err)?;
+        tracing::info!(addr = %m.listen, "serving /metrics over TLS");
+        // Prometheus scrapes over one connection; a few more for people and tests.
+        let limits = Limits::new(16, 8);
+        crate::lock(&self.inner.side_limits).push(("metrics", limits.clone()));
+        let counters: Arc<dyn Counters> = self.inner.clone();
+        self.inner.tasks.spawn(crate::analytics::metrics::serve(
+            l,
+            tls,
+            limits,
+            counters,
+            self.inner.stop.child_token(),
+        ));
+        Ok(())
+    }
+
+    /// Applies a validated config: the one path for every change. Warns about other programs
+    /// holding cleartext ports of closed addresses, reconciles drains, builds the DNS answers,
+    /// updates the nftables table when the config manages it, then rebinds the edge. On error
+    /// nothing changes and the previous config keeps serving.
+    pub async fn apply(&self, config: Config) -> Result<(), RuntimeError> {
+        self.inner.apply(config).await
+    }
+
+    /// Reloads the config from its source, as SIGHUP does.
+    pub async fn reload(&self) -> Result<(), RuntimeError> {
+        let config = self.inner.source.load_saved()?;
+        self.apply(config).await
+    }
+
+    /// The live edge snapshot (config, routes, drains).
+    pub fn snapshot(&self) -> Arc<crate::edge::Snapshot> {
+        self.inner.edge.snapshot()
+    }
+
+    /// The edge's pre-request counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.edge.stats()
+    }
+
+    /// Sockets the edge listens on now.
+    pub async fn listening(&self) -> Vec<(SocketAddr, ListenerKind)> {
+        self.inner.edge.listening().await
+    }
+
+    /// The analytics, when enabled.
+    pub fn analytics(&self) -> Option<&Analytics> {
+        self.inner.analytics.as_deref()
+    }
+
+    /// The admin plane, when `[admin]` is configured.
+    pub fn admin(&self) -> Option<&Admin> {
+        self.inner.admin.get()
+    }
+
+    /// The `/metrics` text, as the metrics listener serves it.
+    pub fn metrics(&self) -> String {
+        crate::analytics::metrics::render(&*self.inner)
+    }
+
+    /// Stops in order: DNS, metrics, the admin plane and background tasks; then the edge stops
+    /// accepting and drains in-flight requests for up to `grace`; then the analytics and the
+    /// exposure queue write what they hold. Returns whether the edge drained in time.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        let drained = self.inner.edge.shutdown(grace).await;
+        if let Some(a) = &self.inner.analytics {
+            a.shutdown().await;
+        }
+        if let Some(r) = &self.inner.responder {
+            r.shutdown().await;
+        }
+        drained
+    }
+}
+
+impl Inner {
+    async fn apply(&self, config: Config) -> Result<(), RuntimeError> {
+        let _serial = self.applying.lock().await;
+        for warning in foreign_listeners(&config) {
+            tracing::warn!("{warning}");
+        }
+        let config = Arc::new(config);
+        let previous = self.edge.snapshot();
+        let first = previous.generation == 0;
+        let kept = match first {
+            true => drain::load(&self.state_dir),
+            false => previous.drains().to_vec(),
+        };
+        let ttl = config.dns.as_ref().map_or(DEFAULT_DRAIN_TTL, |d| d.ttl);
+        let old = (!first).then_some(&*previous.config);
+        let drains = drain::reconcile(old, &config, &kept, crate::clock::now(), ttl);
+        let zones = Zones::build(
+            &config,
+            self.zones.load().as_deref(),
+            crate::clock::now() as u32,
+        )?;
+        if config.manage_firewall {
+            // A site moved to a closed pool changes which addresses the kernel must guard.
+            firewall(config.clone()).await?;
+            tracing::info!(table = crate::firewall::TABLE, "nftables table applied");
+        }
+        if let Err(e) = self.edge.reload(config.clone(), drains.clone()).await {
+            if !first && previous.config.manage_firewall && config.manage_firewall {
+                if let Err(e) = firewall(previous.config.clone()).await {
+                    tracing::error!("nftables table not restored: {e}");
+                }
+            }
+            return Err(e.into());
+        }
+        self.zones.store(zones.map(Arc::new));
+        self.config.store(config);
+        if drains != kept {
+            for d in drains.iter().filter(|d| !kept.contains(d)) {
+                tracing::info!(site = %d.site, from = %d.from_pool, to = %d.to_pool, until = d.until, "site moved to a closed pool: its old addresses keep its cleartext mode until the old DNS answers expire");
+            }
+            drain::save(&self.state_dir, &drains);
+        }
+        tracing::info!(
+            generation = self.edge.snapshot().generation,
+            "config applied"
+        );
+        Ok(())
+    }
+}
+
+/// Writes the nftables table for `config`, off the async threads (it runs `nft`).
+async fn firewall(config: Arc<Config>) -> Result<(), crate::firewall::FirewallError> {
+    tokio::task::spawn_blocking(move || crate::firewall::apply(&config))
+        .await
+        .unwrap_or_else(|e| Err(crate::firewall::FirewallError::Nft(e.to_string())))
+}
+
+impl Counters for Inner {
+    fn edge(&self) -> StatsSnapshot {
+        self.edge.stats()
+    }
+
+    fn refusals(&self) -> Vec<(&'static str, &'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = Vec::new();
+        let mut add = |listener, l: &Limits| {
+            out.push((listener, "max_connections", l.refused_global.load(Relaxed)));
+            out.push((
+                listener,
+                "max_connections_per_client",
+                l.refused_per_client.load(Relaxed),
+            ));
+        };
+        add("edge", self.edge.limits());
+        for (name, l) in crate::lock(&self.side_limits).iter() {
+            add(name, l);
+        }
+        out
+    }
+
+    fn analytics(&self) -> Option<&Analytics> {
+        self.analytics.as_deref()
+    }
+}
+
+#[async_trait::async_trait]
+impl Control for Inner {
+    fn config(&self) -> Arc<Config> {
+        self.edge.snapshot().config.clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.edge.snapshot().generation
+    }
+
+    fn drains(&self) -> Vec<Drain> {
+        self.edge.snapshot().drains().to_vec()
+    }
+
+    fn stages(&self) -> Arc<Plans> {
+        self.edge.stages()
+    }
+
+    async fn listening(&self) -> Vec<(SocketAddr, ListenerKind)> {
+        self.edge.listening().await
+    }
+
+    fn metrics(&self) -> String {
+        crate::analytics::metrics::render(self)
+    }
+
+    async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError> {
+        let config = self
+            .source
+            .load(&overrides)
+            .map_err(ControlError::Invalid)?;
+        self.apply(config)
+            .await
+            .map_err(|e| ControlError::Failed(Box::new(e)))?;
+        let path = crate::config::overrides_path(&self.state_dir);
+        let text = serde_json::to_string_pretty(&overrides).unwrap_or_default();
+        if let Err(e) = write_atomic(&path, text.as_bytes()) {
+            tracing::error!(error = %e, file = %path.display(), "change applied but not saved: it will not survive a restart");
+        }
+        Ok(())
+    }
+
+    async fn set_stages(&self, plans: Plans) -> Result<(), ControlError> {
+        crate::stages::save(&self.state_dir, &plans).map_err(|source| {
+            ControlError::Failed(Box::new(RuntimeError::State {
+                what: "cannot save the plans in",
+                path: self.state_dir.clone(),
+                source,
+            }))
+        })?;
+        self.edge.set_stages(plans);
+        let config = (*self.edge.snapshot().config).clone();
+        self.apply(config)
+            .await
+            .map_err(|e| ControlError::Failed(Box::new(e)))
+    }
+}
+
+/// Replaces `path` with `bytes` in one step: a reader sees the old file or the new one.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
