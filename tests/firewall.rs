@@ -1,7 +1,8 @@
 //! Kernel-level refusal, inside a network namespace this test creates for itself: with another
 //! program listening on a wildcard cleartext port, the closed address still refuses (TCP
 //! reset) once `portcullis firewall apply` ran, and its counter rises; `remove` restores the
-//! previous behaviour and leaves no table behind. Needs root, `ip` and `nft`.
+//! previous behaviour and leaves no table behind; `serve` keeps the table in step with its
+//! config, at start and on SIGHUP. Needs root, `ip` and `nft`.
 
 use std::process::{Child, Command, Stdio};
 
@@ -12,11 +13,18 @@ mod support;
 struct Netns {
     name: String,
     listener: Option<Child>,
+    /// Other processes run in the namespace.
+    others: Vec<Child>,
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Some(mut l) = self.listener.take() {
+        for mut l in self
+            .listener
+            .take()
+            .into_iter()
+            .chain(self.others.drain(..))
+        {
             let _ = l.kill();
             let _ = l.wait();
         }
@@ -104,6 +112,7 @@ fn fresh_netns(prefix: &str) -> Netns {
     let ns = Netns {
         name: name.clone(),
         listener: None,
+        others: Vec::new(),
     };
     assert!(run(&name, &["ip", "link", "set", "lo", "up"]).0);
     ns
@@ -271,5 +280,92 @@ origin = "http://127.0.0.1:9"
         "the knocks after closing are visible in the impact report"
     );
     // Deleting the namespace stops serve and takes the namespace's table with it.
+    drop(ns);
+}
+
+/// A config for `serve` with the firewall managed and one closed pool on `closed`.
+fn managed(state: &std::path::Path, closed: &[&str]) -> String {
+    let addresses: Vec<String> = closed.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        r#"
+[state]
+dir = "{}"
+[firewall]
+manage = true
+[[pool]]
+name = "closed"
+addresses = [{}]
+tls_ports = [8443]
+[[site]]
+host = "a.test"
+pool = "closed"
+origin = "http://127.0.0.1:9"
+"#,
+        state.display(),
+        addresses.join(", ")
+    )
+}
+
+#[test]
+fn sighup_applies_the_table_of_the_new_config() {
+    let mut ns = fresh_netns("ph");
+    let name = ns.name.clone();
+    // Another program holds the wildcard cleartext port 80: only the table keeps a closed
+    // address from accepting cleartext there.
+    ns.listener = Some(
+        Command::new("ip")
+            .args(["netns", "exec", &name, "python3", "-m", "http.server", "80"])
+            .args(["--bind", "0.0.0.0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("listener"),
+    );
+    support::wait_until_blocking("the foreign listener answers", || {
+        curl(&name, "http://127.0.0.3:80/") == 200
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, managed(&state, &["127.0.0.2"])).expect("config");
+    let serve = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &name,
+            env!("CARGO_BIN_EXE_portcullis"),
+            "serve",
+            "-c",
+        ])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    // `ip netns exec` execs the command: the child is portcullis itself.
+    let pid = serve.id().to_string();
+    ns.others.push(serve);
+    support::wait_until_blocking("serve applied the table", || {
+        curl(&name, "http://127.0.0.2:80/") == -7
+    });
+    assert_eq!(
+        curl(&name, "http://127.0.0.3:80/"),
+        200,
+        "127.0.0.3 is in no closed pool yet"
+    );
+
+    // The closed pool grows by 127.0.0.3; a SIGHUP must guard it too, as an admin change does.
+    std::fs::write(&config, managed(&state, &["127.0.0.2", "127.0.0.3"])).expect("config");
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    support::wait_until_blocking("the reload put 127.0.0.3 in the table", || {
+        curl(&name, "http://127.0.0.3:80/") == -7
+    });
+    let (_, table) = run(&name, &["nft", "list", "table", "inet", "portcullis"]);
+    assert!(table.contains("127.0.0.3"), "{table}");
+    assert_eq!(curl(&name, "http://127.0.0.2:80/"), -7, "still guarded");
     drop(ns);
 }
