@@ -9,17 +9,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ControlError, Ctx, Role};
+use super::service::{apply_change, audit_path, site_view, Change, Refused, SiteView};
+use super::{Ctx, Peer, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
-use crate::config::{load_overrides, HstsOverride, SiteOverride};
-
-/// The client's address, set per connection.
-#[derive(Clone, Copy)]
-pub(crate) struct Peer(pub IpAddr);
 
 /// Every route: method and path (axum syntax). The OpenAPI document must list exactly these.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -169,65 +165,6 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize)]
-pub(crate) struct SiteView {
-    pub(crate) host: String,
-    pub(crate) pool: String,
-    pub(crate) pool_closed: bool,
-    pub(crate) addresses: Vec<String>,
-    pub(crate) tls_ports: Vec<u16>,
-    pub(crate) cleartext_ports: Vec<u16>,
-    pub(crate) cleartext: &'static str,
-    pub(crate) origin: String,
-    pub(crate) hsts: Option<String>,
-    /// Requests in the last 24 hours, and the share over TLS (from the store).
-    pub(crate) requests_24h: u64,
-    pub(crate) tls_percent_24h: Option<f64>,
-    pub(crate) verdict_ready: Option<bool>,
-    /// A drain in progress after a move to a closed pool.
-    pub(crate) drain: Option<crate::stages::drain::Drain>,
-    /// Set by the API (kept in overrides.json), on top of the file.
-    pub(crate) overridden: bool,
-    /// The staged switch-off plan, if the site has one.
-    pub(crate) stage: Option<crate::stages::Plan>,
-}
-
-pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
-    let c = ctx.control.config();
-    let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
-    let pool = &c.pools[s.pool];
-    let now = crate::clock::now();
-    let store = Store::open_read_only(&Store::path(&c.state_dir)).ok();
-    let report = store.as_ref().and_then(|st| {
-        impact::report(st, host, now.saturating_sub(86_400), now, &c.readiness).ok()
-    });
-    Some(SiteView {
-        host: host.to_owned(),
-        pool: pool.name.clone(),
-        pool_closed: pool.is_closed(),
-        addresses: pool.addresses.iter().map(|a| a.to_string()).collect(),
-        tls_ports: pool.tls_ports.clone(),
-        cleartext_ports: pool.cleartext_ports.clone(),
-        cleartext: s.cleartext.as_str(),
-        origin: s.origin.to_string(),
-        hsts: s.hsts.as_ref().map(|h| h.header_value()),
-        requests_24h: report.as_ref().map_or(0, |r| r.requests),
-        tls_percent_24h: report
-            .as_ref()
-            .filter(|r| r.requests > 0)
-            .map(|r| 100.0 - r.cleartext_percent),
-        verdict_ready: report
-            .as_ref()
-            .filter(|r| r.requests > 0)
-            .map(|r| r.verdict.ready),
-        drain: ctx.control.drains().into_iter().find(|d| d.site == host),
-        overridden: load_overrides(&ctx.state_dir)
-            .map(|o| o.contains_key(host))
-            .unwrap_or(false),
-        stage: ctx.control.stages().get(host).cloned(),
-    })
-}
-
 async fn sites(State(ctx): State<Arc<Ctx>>) -> Json<Vec<SiteView>> {
     let hosts: Vec<String> = ctx
         .control
@@ -244,16 +181,6 @@ async fn site(State(ctx): State<Arc<Ctx>>, Path(host): Path<String>) -> Response
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no site {host:?}")),
     }
-}
-
-/// A change to one site; absent fields stay as they are.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct Change {
-    pub(crate) cleartext: Option<String>,
-    pub(crate) pool: Option<String>,
-    pub(crate) origin: Option<String>,
-    pub(crate) hsts: Option<HstsOverride>,
 }
 
 async fn change(
@@ -279,89 +206,6 @@ async fn change(
         )
             .into_response(),
         Err(Refused::Other(status, message)) => error(status, message),
-    }
-}
-
-/// Why a change was not applied.
-pub(crate) enum Refused {
-    /// The validator's problems, one per line.
-    Invalid(Vec<String>),
-    Other(StatusCode, String),
-}
-
-/// Applies one change: overrides updated, config re-validated, applied like a reload,
-/// overrides saved, audit entry appended. Shared by the API and the dashboard.
-pub(crate) async fn apply_change(
-    ctx: &Ctx,
-    role: Role,
-    host: &str,
-    change: Change,
-) -> Result<Option<SiteView>, Refused> {
-    let _serial = ctx.changes.lock().await;
-    let Some(before) = site_view(ctx, host) else {
-        return Err(Refused::Other(
-            StatusCode::NOT_FOUND,
-            format!("no site {host:?}"),
-        ));
-    };
-    let mut overrides = load_overrides(&ctx.state_dir)
-        .map_err(|e| Refused::Other(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    let entry = overrides
-        .entry(host.to_owned())
-        .or_insert_with(SiteOverride::default);
-    if change.cleartext.is_some() {
-        entry.cleartext = change.cleartext.clone();
-    }
-    if change.pool.is_some() {
-        entry.pool = change.pool.clone();
-    }
-    if change.origin.is_some() {
-        entry.origin = change.origin.clone();
-    }
-    if let Some(h) = &change.hsts {
-        let cur = entry.hsts.get_or_insert_with(HstsOverride::default);
-        cur.enabled = h.enabled.or(cur.enabled);
-        cur.max_age = h.max_age.or(cur.max_age);
-        cur.include_subdomains = h.include_subdomains.or(cur.include_subdomains);
-        cur.preload = h.preload.or(cur.preload);
-    }
-    ctx.control
-        .apply_overrides(overrides)
-        .await
-        .map_err(|e| match e {
-            ControlError::Invalid(e) => Refused::Invalid(e.lines()),
-            e => Refused::Other(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("not applied: {e}"),
-            ),
-        })?;
-    let after = site_view(ctx, host);
-    let entry = json!({
-        "at": crate::clock::now(),
-        "who": role.as_str(),
-        "site": host,
-        "change": change,
-        "before": { "pool": before.pool, "cleartext": before.cleartext, "origin": before.origin, "hsts": before.hsts },
-        "after": after.as_ref().map(|a| json!({ "pool": a.pool, "cleartext": a.cleartext, "origin": a.origin, "hsts": a.hsts })),
-    });
-    append_audit(ctx, &entry);
-    tracing::info!(site = %host, who = role.as_str(), "site changed through the admin plane");
-    Ok(after)
-}
-
-pub(crate) fn audit_path(ctx: &Ctx) -> std::path::PathBuf {
-    ctx.state_dir.join("audit.jsonl")
-}
-
-pub(crate) fn append_audit(ctx: &Ctx, entry: &Value) {
-    use std::io::Write;
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(audit_path(ctx))
-        .and_then(|mut f| writeln!(f, "{entry}"));
-    if let Err(e) = written {
-        tracing::error!(error = %e, "cannot append to the audit log");
     }
 }
 

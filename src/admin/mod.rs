@@ -11,6 +11,7 @@
 
 mod api;
 pub mod client;
+mod service;
 mod stage;
 mod ui;
 
@@ -91,6 +92,10 @@ pub enum ControlError {
     #[error("{0}")]
     Failed(Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// The client's address, set per connection.
+#[derive(Clone, Copy)]
+pub(crate) struct Peer(pub IpAddr);
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,7 +256,7 @@ pub async fn start(
     let acceptor = crate::net::Acceptor::new(listener, "admin");
     let limits = crate::net::Limits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
     let service = move |peer: SocketAddr| {
-        TowerToHyperService::new(router.clone().layer(axum::Extension(api::Peer(peer.ip()))))
+        TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer.ip()))))
     };
     tasks.spawn(crate::net::serve_control(
         acceptor, limits, tls, service, stop,

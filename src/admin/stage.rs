@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::api::{append_audit, apply_change, site_view, Change, Refused};
+use super::service::{append_audit, apply_change, site_view, Change, Refused};
 use super::{Ctx, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;

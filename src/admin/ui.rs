@@ -10,8 +10,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use super::api::{apply_change, audit_path, site_view, Change, Peer, Refused};
-use super::{Ctx, Role};
+use super::service::{apply_change, audit_path, site_view, Change, Refused};
+use super::{Ctx, Peer, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
 

@@ -6,128 +6,28 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, LOCATION, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::proxy::{forward, ClientAddr, ClientBody};
+use super::conn::{ConnInfo, InFlight};
+use super::proxy::{forward, text, Body, ClientBody};
 use super::snapshot::SiteRuntime;
-use super::Shared;
 use crate::analytics::aggregate::{Observation, SiteId};
 use crate::analytics::{Analytics, RequestMeta};
-use crate::config::{CleartextMode, HostPattern, ListenerKind};
+use crate::config::{CleartextMode, HostPattern};
 use crate::exposure::{self, ExtraPositions, Found};
-use crate::observe::{self, ClientFamily, Network, Outcome, Scheme, TlsVersion};
+use crate::observe::{self, Outcome, Scheme};
 use crate::stages::Stage;
-
-/// Bodies the edge sends: the origin's, streamed, or a short one of its own.
-pub(crate) type Body = Either<super::proxy::OriginBody, Full<Bytes>>;
 
 /// The 403 body of `reject` mode. It names no credential and echoes nothing.
 pub const REJECT_BODY: &str =
     "403 Forbidden: this service is HTTPS-only and does not accept plain HTTP.\n\
 Any credential (API key, token, password, cookie) sent with this request crossed the network \
 unencrypted: consider it exposed, and revoke or rotate it. Use https:// instead.\n";
-
-/// What a connection knows about itself, fixed at accept time.
-pub(crate) struct ConnInfo {
-    /// The edge, reached through the connection so a request clones no edge-wide Arc.
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) key: (SocketAddr, ListenerKind),
-    /// The client's address as forwarding headers write it.
-    pub(crate) client: ClientAddr,
-    /// The client's address.
-    pub(crate) peer: std::net::IpAddr,
-    /// The pool the listener belonged to at accept time, used if a reload removes it.
-    pub(crate) pool: String,
-    /// Lowercase SNI of a TLS connection.
-    pub(crate) sni: Option<String>,
-    /// Negotiated TLS version (`None` for cleartext).
-    pub(crate) tls: TlsVersion,
-    /// The client's network, for analytics.
-    pub(crate) network: Network,
-    /// The family of the connection's User-Agent: clients rarely change agent mid-connection.
-    pub(crate) agent: FirstSeen<Vec<u8>, ClientFamily>,
-    /// Requests begun and in flight, for the connection's watchdog.
-    pub(crate) watch: Arc<crate::net::Watch>,
-    /// Cleartext connections only: what the client sent since its last complete head.
-    pub(crate) capture: Option<Arc<super::capture::HeadCapture>>,
-}
-
-/// A request in flight on its connection; dropped when its response has been sent (with the
-/// origin's body that carries it) or abandoned.
-pub(crate) struct InFlight {
-    conn: Arc<ConnInfo>,
-    /// Whether the connection reads another request after this one.
-    keep_alive: bool,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.conn.request_done(self.keep_alive);
-    }
-}
-
-impl ConnInfo {
-    /// Keeps what the client sends between requests (cleartext connections).
-    pub(crate) fn with_capture(mut self, c: Arc<super::capture::HeadCapture>) -> ConnInfo {
-        self.capture = Some(c);
-        self
-    }
-
-    fn request_started(&self) {
-        self.watch.request_started();
-        if let Some(c) = &self.capture {
-            c.disarm();
-        }
-    }
-
-    fn request_done(&self, keep_alive: bool) {
-        self.watch.request_done();
-        if let (Some(c), true) = (&self.capture, keep_alive) {
-            c.arm();
-        }
-    }
-
-    fn client_family(&self, ua: Option<&[u8]>) -> ClientFamily {
-        match ua {
-            Some(ua) => self.agent.get(ua, |ua| ClientFamily::classify(Some(ua))),
-            None => ClientFamily::None,
-        }
-    }
-}
-
-/// A value worked out from a connection's first request and reused for later requests that
-/// bring the same key (nearly all do); any other key gets it worked out afresh.
-pub(crate) struct FirstSeen<K, V>(OnceLock<(K, V)>);
-
-impl<K, V> Default for FirstSeen<K, V> {
-    fn default() -> Self {
-        FirstSeen(OnceLock::new())
-    }
-}
-
-impl<K, V: Clone> FirstSeen<K, V> {
-    pub(crate) fn get<Q>(&self, key: &Q, make: impl FnOnce(&Q) -> V) -> V
-    where
-        Q: PartialEq + ToOwned<Owned = K> + ?Sized,
-        K: std::borrow::Borrow<Q>,
-    {
-        if let Some((k, v)) = self.0.get() {
-            if k.borrow() == key {
-                return v.clone();
-            }
-        }
-        let v = make(key);
-        let _ = self.0.set((key.to_owned(), v.clone()));
-        v
-    }
-}
 
 pub(crate) async fn handle(
     conn: Arc<ConnInfo>,
@@ -509,17 +409,4 @@ fn misdirected() -> Response<Body> {
         StatusCode::MISDIRECTED_REQUEST,
         "421 Misdirected Request: no site by that name is served on this address and connection.\n",
     )
-}
-
-/// A short plain-text answer of the edge's own.
-pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
-        body.as_bytes(),
-    ))));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::capture::{Captured, HeadCapture};
-use super::http::{handle, ConnInfo};
-use super::proxy::ClientAddr;
+use super::conn::{ClientAddr, ConnInfo};
+use super::http::handle;
 use super::{bump, Shared, Snapshot};
 use crate::analytics::aggregate::SiteId;
 use crate::analytics::{connection_event, RequestMeta};

@@ -10,6 +10,7 @@
 //! (`runtime`), and it hands them observations.
 
 mod capture;
+mod conn;
 mod http;
 mod listener;
 mod proxy;

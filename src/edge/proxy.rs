@@ -2,7 +2,6 @@
 //! `https://` origins), hop-by-hop headers removed, forwarding headers set, bodies streamed.
 
 use std::future::{poll_fn, Future};
-use std::net::IpAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -10,10 +9,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, HOST};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
@@ -23,9 +22,25 @@ use rustls::RootCertStore;
 use tokio::net::TcpStream;
 use tower_service::Service as _;
 
-use super::http::{text, Body, FirstSeen};
+use super::conn::{ClientAddr, InFlight};
 use crate::config::{EdgeSettings, Origin, Site};
 use crate::{lock, tls};
+
+/// Bodies the edge sends: the origin's, streamed, or a short one of its own.
+pub(crate) type Body = Either<OriginBody, Full<Bytes>>;
+
+/// A short plain-text answer of the edge's own.
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -356,12 +371,12 @@ pub(crate) struct OriginBody {
     pool: Arc<Pool>,
     /// The client connection's count of requests in flight, released when the body ends or
     /// is dropped.
-    in_flight: Option<super::http::InFlight>,
+    in_flight: Option<InFlight>,
 }
 
 impl OriginBody {
     /// Keeps `g` until this body is dropped.
-    pub(crate) fn hold(&mut self, g: super::http::InFlight) {
+    pub(crate) fn hold(&mut self, g: InFlight) {
         self.in_flight = Some(g);
     }
 }
@@ -554,40 +569,6 @@ const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
 ];
-
-/// How a client address is written in forwarding headers, prepared once per connection.
-pub(crate) struct ClientAddr {
-    /// `X-Forwarded-For` value.
-    xff: HeaderValue,
-    /// `for=` parameter of `Forwarded` (RFC 7239: IPv6 quoted and bracketed).
-    node: String,
-    /// The `Forwarded` value by the host of the connection's first request: later requests
-    /// nearly always name the same host, and a connection keeps one protocol.
-    forwarded: FirstSeen<HeaderValue, Option<HeaderValue>>,
-}
-
-impl ClientAddr {
-    pub(crate) fn new(ip: IpAddr) -> ClientAddr {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        let node = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        };
-        ClientAddr {
-            // An IP address's text is always a valid header value.
-            xff: HeaderValue::try_from(ip.to_string())
-                .unwrap_or(HeaderValue::from_static("unknown")),
-            node,
-            forwarded: FirstSeen::default(),
-        }
-    }
-}
 
 /// The edge is the first hop clients reach, so it states the client address itself rather
 /// than trusting forwarding headers the client may have forged.

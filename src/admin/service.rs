@@ -1,0 +1,164 @@
+//! What the API and the dashboard both do: a site's view (config, traffic share, stage), a
+//! change to a site asked of the root through [`super::Control`], and the audit log. Routes
+//! and pages call in here; this file calls neither.
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{ControlError, Ctx, Role};
+use crate::analytics::impact;
+use crate::analytics::store::Store;
+use crate::config::{load_overrides, HstsOverride, SiteOverride};
+
+#[derive(Serialize)]
+pub(crate) struct SiteView {
+    pub(crate) host: String,
+    pub(crate) pool: String,
+    pub(crate) pool_closed: bool,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) tls_ports: Vec<u16>,
+    pub(crate) cleartext_ports: Vec<u16>,
+    pub(crate) cleartext: &'static str,
+    pub(crate) origin: String,
+    pub(crate) hsts: Option<String>,
+    /// Requests in the last 24 hours, and the share over TLS (from the store).
+    pub(crate) requests_24h: u64,
+    pub(crate) tls_percent_24h: Option<f64>,
+    pub(crate) verdict_ready: Option<bool>,
+    /// A drain in progress after a move to a closed pool.
+    pub(crate) drain: Option<crate::stages::drain::Drain>,
+    /// Set by the API (kept in overrides.json), on top of the file.
+    pub(crate) overridden: bool,
+    /// The staged switch-off plan, if the site has one.
+    pub(crate) stage: Option<crate::stages::Plan>,
+}
+
+pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
+    let c = ctx.control.config();
+    let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
+    let pool = &c.pools[s.pool];
+    let now = crate::clock::now();
+    let store = Store::open_read_only(&Store::path(&c.state_dir)).ok();
+    let report = store.as_ref().and_then(|st| {
+        impact::report(st, host, now.saturating_sub(86_400), now, &c.readiness).ok()
+    });
+    Some(SiteView {
+        host: host.to_owned(),
+        pool: pool.name.clone(),
+        pool_closed: pool.is_closed(),
+        addresses: pool.addresses.iter().map(|a| a.to_string()).collect(),
+        tls_ports: pool.tls_ports.clone(),
+        cleartext_ports: pool.cleartext_ports.clone(),
+        cleartext: s.cleartext.as_str(),
+        origin: s.origin.to_string(),
+        hsts: s.hsts.as_ref().map(|h| h.header_value()),
+        requests_24h: report.as_ref().map_or(0, |r| r.requests),
+        tls_percent_24h: report
+            .as_ref()
+            .filter(|r| r.requests > 0)
+            .map(|r| 100.0 - r.cleartext_percent),
+        verdict_ready: report
+            .as_ref()
+            .filter(|r| r.requests > 0)
+            .map(|r| r.verdict.ready),
+        drain: ctx.control.drains().into_iter().find(|d| d.site == host),
+        overridden: load_overrides(&ctx.state_dir)
+            .map(|o| o.contains_key(host))
+            .unwrap_or(false),
+        stage: ctx.control.stages().get(host).cloned(),
+    })
+}
+
+/// A change to one site; absent fields stay as they are.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Change {
+    pub(crate) cleartext: Option<String>,
+    pub(crate) pool: Option<String>,
+    pub(crate) origin: Option<String>,
+    pub(crate) hsts: Option<HstsOverride>,
+}
+
+/// Why a change was not applied.
+pub(crate) enum Refused {
+    /// The validator's problems, one per line.
+    Invalid(Vec<String>),
+    Other(StatusCode, String),
+}
+
+/// Applies one change: overrides updated, config re-validated, applied like a reload,
+/// overrides saved, audit entry appended. Shared by the API and the dashboard.
+pub(crate) async fn apply_change(
+    ctx: &Ctx,
+    role: Role,
+    host: &str,
+    change: Change,
+) -> Result<Option<SiteView>, Refused> {
+    let _serial = ctx.changes.lock().await;
+    let Some(before) = site_view(ctx, host) else {
+        return Err(Refused::Other(
+            StatusCode::NOT_FOUND,
+            format!("no site {host:?}"),
+        ));
+    };
+    let mut overrides = load_overrides(&ctx.state_dir)
+        .map_err(|e| Refused::Other(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let entry = overrides
+        .entry(host.to_owned())
+        .or_insert_with(SiteOverride::default);
+    if change.cleartext.is_some() {
+        entry.cleartext = change.cleartext.clone();
+    }
+    if change.pool.is_some() {
+        entry.pool = change.pool.clone();
+    }
+    if change.origin.is_some() {
+        entry.origin = change.origin.clone();
+    }
+    if let Some(h) = &change.hsts {
+        let cur = entry.hsts.get_or_insert_with(HstsOverride::default);
+        cur.enabled = h.enabled.or(cur.enabled);
+        cur.max_age = h.max_age.or(cur.max_age);
+        cur.include_subdomains = h.include_subdomains.or(cur.include_subdomains);
+        cur.preload = h.preload.or(cur.preload);
+    }
+    ctx.control
+        .apply_overrides(overrides)
+        .await
+        .map_err(|e| match e {
+            ControlError::Invalid(e) => Refused::Invalid(e.lines()),
+            e => Refused::Other(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("not applied: {e}"),
+            ),
+        })?;
+    let after = site_view(ctx, host);
+    let entry = json!({
+        "at": crate::clock::now(),
+        "who": role.as_str(),
+        "site": host,
+        "change": change,
+        "before": { "pool": before.pool, "cleartext": before.cleartext, "origin": before.origin, "hsts": before.hsts },
+        "after": after.as_ref().map(|a| json!({ "pool": a.pool, "cleartext": a.cleartext, "origin": a.origin, "hsts": a.hsts })),
+    });
+    append_audit(ctx, &entry);
+    tracing::info!(site = %host, who = role.as_str(), "site changed through the admin plane");
+    Ok(after)
+}
+
+pub(crate) fn audit_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.state_dir.join("audit.jsonl")
+}
+
+pub(crate) fn append_audit(ctx: &Ctx, entry: &Value) {
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(audit_path(ctx))
+        .and_then(|mut f| writeln!(f, "{entry}"));
+    if let Err(e) = written {
+        tracing::error!(error = %e, "cannot append to the audit log");
+    }
+}
