@@ -94,12 +94,12 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
         .map_err(DemoError::Origin)?;
     let origin = origin_listener.local_addr().map_err(DemoError::Origin)?;
     tokio::spawn(echo_origin(origin_listener));
-    // Every demo starts fresh: no API changes, drains, events or token from an earlier run.
+    // Every demo starts fresh: no API changes, plans, drains, events or token from an earlier
+    // run.
+    crate::store::SqliteStore::open(&options.state_dir)
+        .and_then(|s| s.clear())
+        .map_err(|e| DemoError::Runtime(e.into()))?;
     for file in [
-        "overrides.json",
-        "drains.json",
-        "stages.json",
-        "audit.jsonl",
         "exposure-events.db",
         "exposure-events.db-wal",
         "exposure-events.db-shm",

@@ -5,6 +5,7 @@
 //!
 //! The ruleset is built with the `nftables` crate and applied through `nft` in JSON mode. The
 //! table is replaced whole on every apply, so applying twice is harmless; `remove` deletes it.
+//! It never touches a table but its own, and never runs unless the root (or the CLI) asks.
 
 use std::borrow::Cow;
 use std::net::IpAddr;

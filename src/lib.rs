@@ -36,6 +36,7 @@ pub mod observe;
 pub mod probe;
 pub mod runtime;
 pub mod stages;
+pub mod store;
 pub mod tls;
 
 /// Locks `m`, going on with the data if another thread panicked while holding it: every

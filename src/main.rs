@@ -662,7 +662,11 @@ fn impact(
         now,
         &readiness,
     )?;
-    report.drain = portcullis::stages::drain::load(&dir)
+    let drains = match portcullis::store::SqliteStore::open_read_only(&dir)? {
+        Some(s) => s.drains_now()?,
+        None => Vec::new(),
+    };
+    report.drain = drains
         .into_iter()
         .find(|d| d.site == host.to_ascii_lowercase());
     if json {
@@ -696,10 +700,14 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err(portcullis::runtime::RuntimeError::Config(e)) => {
             for line in e.lines() {
                 eprintln!("{line}");
             }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
             ExitCode::FAILURE
         }
     }

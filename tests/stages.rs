@@ -131,11 +131,14 @@ impl Setup {
         }
     }
 
+    /// The audit log, as the store keeps it.
     fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("state").join("audit.jsonl"))
+        portcullis::store::SqliteStore::open_read_only(&self.dir.path().join("state"))
+            .expect("store")
+            .map(|s| s.audit_now().expect("audit"))
             .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
+            .iter()
+            .map(|e| serde_json::to_value(e).expect("json"))
             .collect()
     }
 }

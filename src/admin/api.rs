@@ -12,10 +12,11 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::service::{apply_change, audit_path, site_view, Change, Refused, SiteView};
+use super::service::{apply_change, site_view, Change, Refused, SiteView};
 use super::{Ctx, Peer, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
+use crate::store::AuditEntry;
 
 /// Every route: method and path (axum syntax). The OpenAPI document must list exactly these.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -209,13 +210,13 @@ async fn change(
     }
 }
 
-async fn audit(State(ctx): State<Arc<Ctx>>) -> Json<Vec<Value>> {
-    let text = std::fs::read_to_string(audit_path(&ctx)).unwrap_or_default();
-    Json(
-        text.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
-    )
+async fn audit(State(ctx): State<Arc<Ctx>>) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    ctx.control
+        .store()
+        .audit()
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
 #[derive(Deserialize)]

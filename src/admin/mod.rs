@@ -6,7 +6,7 @@
 //! standard output, and stored only as its SHA-256 (file mode 0600); comparisons are
 //! constant-time; failed attempts are rate-limited per client address. Changes are asked of
 //! the composition root through [`Control`]: it validates them like the file, applies them with
-//! the same `apply` as SIGHUP and keeps them; this module records them in `STATE/audit.jsonl`.
+//! the same `apply` as SIGHUP and keeps them; this module records them in the store's audit log.
 //! It never touches the edge or the firewall itself. A token never reaches a log.
 
 mod api;
@@ -78,6 +78,10 @@ pub trait Control: Send + Sync {
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError>;
     /// Keeps `plans` and applies them (a target pool starts serving the site over TLS).
     async fn set_stages(&self, plans: Plans) -> Result<(), ControlError>;
+    /// The site overrides in force.
+    fn overrides(&self) -> Overrides;
+    /// Where the audit log is kept.
+    fn store(&self) -> Arc<dyn crate::store::PolicyStore>;
 }
 
 /// Why a change asked through [`Control`] was not applied.

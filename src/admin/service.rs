@@ -4,12 +4,12 @@
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use super::{ControlError, Ctx, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
-use crate::config::{load_overrides, HstsOverride, SiteOverride};
+use crate::config::HstsOverride;
+use crate::store::{AuditEntry, AuditEvent, SiteState};
 
 #[derive(Serialize)]
 pub(crate) struct SiteView {
@@ -63,9 +63,7 @@ pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
             .filter(|r| r.requests > 0)
             .map(|r| r.verdict.ready),
         drain: ctx.control.drains().into_iter().find(|d| d.site == host),
-        overridden: load_overrides(&ctx.state_dir)
-            .map(|o| o.contains_key(host))
-            .unwrap_or(false),
+        overridden: ctx.control.overrides().contains_key(host),
         stage: ctx.control.stages().get(host).cloned(),
     })
 }
@@ -102,11 +100,8 @@ pub(crate) async fn apply_change(
             format!("no site {host:?}"),
         ));
     };
-    let mut overrides = load_overrides(&ctx.state_dir)
-        .map_err(|e| Refused::Other(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    let entry = overrides
-        .entry(host.to_owned())
-        .or_insert_with(SiteOverride::default);
+    let mut overrides = ctx.control.overrides();
+    let entry = overrides.entry(host.to_owned()).or_default();
     if change.cleartext.is_some() {
         entry.cleartext = change.cleartext.clone();
     }
@@ -134,31 +129,31 @@ pub(crate) async fn apply_change(
             ),
         })?;
     let after = site_view(ctx, host);
-    let entry = json!({
-        "at": crate::clock::now(),
-        "who": role.as_str(),
-        "site": host,
-        "change": change,
-        "before": { "pool": before.pool, "cleartext": before.cleartext, "origin": before.origin, "hsts": before.hsts },
-        "after": after.as_ref().map(|a| json!({ "pool": a.pool, "cleartext": a.cleartext, "origin": a.origin, "hsts": a.hsts })),
-    });
-    append_audit(ctx, &entry);
+    let state = |v: &SiteView| SiteState {
+        pool: v.pool.clone(),
+        cleartext: v.cleartext.to_owned(),
+        origin: v.origin.clone(),
+        hsts: v.hsts.clone(),
+    };
+    let entry = AuditEntry {
+        at: crate::clock::now(),
+        who: role.as_str().to_owned(),
+        site: host.to_owned(),
+        event: AuditEvent::Site {
+            change: serde_json::to_value(&change).unwrap_or_default(),
+            before: state(&before),
+            after: after.as_ref().map(state),
+        },
+    };
+    append_audit(ctx, &entry).await;
     tracing::info!(site = %host, who = role.as_str(), "site changed through the admin plane");
     Ok(after)
 }
 
-pub(crate) fn audit_path(ctx: &Ctx) -> std::path::PathBuf {
-    ctx.state_dir.join("audit.jsonl")
-}
-
-pub(crate) fn append_audit(ctx: &Ctx, entry: &Value) {
-    use std::io::Write;
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(audit_path(ctx))
-        .and_then(|mut f| writeln!(f, "{entry}"));
-    if let Err(e) = written {
+/// Records a change in the audit log. A change already applied stays applied if the log
+/// cannot be written; the failure is logged.
+pub(crate) async fn append_audit(ctx: &Ctx, entry: &AuditEntry) {
+    if let Err(e) = ctx.control.store().append_audit(entry).await {
         tracing::error!(error = %e, "cannot append to the audit log");
     }
 }

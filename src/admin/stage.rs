@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::service::{append_audit, apply_change, site_view, Change, Refused};
 use super::{Ctx, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
 use crate::stages::{self, Brownout, Plan, Stage};
+use crate::store::{AuditEntry, AuditEvent, StageStep};
 
 /// Exposures newer than this block a step unless acknowledged.
 const EXPOSURE_WINDOW: u64 = 24 * 3600;
@@ -280,18 +280,21 @@ async fn finish(
             format!("cannot apply the plan: {e}"),
         )
     })?;
-    append_audit(
-        ctx,
-        &json!({
-            "at": crate::clock::now(),
-            "who": role.as_str(),
-            "site": host,
-            "stage": { "from": before.stage.as_str(), "to": plan.stage.as_str() },
-            "forced": forced && !reasons.is_empty(),
-            "overridden_checks": if forced { reasons } else { Vec::new() },
-            "before": before,
-            "after": plan,
-        }),
-    );
+    let entry = AuditEntry {
+        at: crate::clock::now(),
+        who: role.as_str().to_owned(),
+        site: host.to_owned(),
+        event: AuditEvent::Stage {
+            stage: StageStep {
+                from: before.stage,
+                to: plan.stage,
+            },
+            forced: forced && !reasons.is_empty(),
+            overridden_checks: if forced { reasons } else { Vec::new() },
+            before: Box::new(before),
+            after: Box::new(plan.clone()),
+        },
+    };
+    append_audit(ctx, &entry).await;
     Ok(plan)
 }

@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use super::service::{apply_change, audit_path, site_view, Change, Refused};
+use super::service::{apply_change, site_view, Change, Refused};
 use super::{Ctx, Peer, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
@@ -543,12 +543,21 @@ pub(crate) async fn set_mode(
 }
 
 pub(crate) async fn audit(State(ctx): State<Arc<Ctx>>) -> Html<String> {
-    let text = std::fs::read_to_string(audit_path(&ctx)).unwrap_or_default();
+    let entries = match ctx.control.store().audit().await {
+        Ok(e) => e,
+        Err(e) => {
+            return page(
+                "Audit log",
+                &format!(
+                    "<p class=muted>the audit log cannot be read: {}</p>",
+                    esc(&e.to_string())
+                ),
+            )
+        }
+    };
     let mut rows = String::new();
-    for line in text.lines().rev() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+    for entry in entries.iter().rev() {
+        let v = serde_json::to_value(entry).unwrap_or_default();
         rows.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
             v["at"],

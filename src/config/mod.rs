@@ -127,20 +127,8 @@ pub struct HstsOverride {
 /// Overrides by site host (as configured).
 pub type Overrides = std::collections::BTreeMap<String, SiteOverride>;
 
-/// Where overrides live.
-pub fn overrides_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("overrides.json")
-}
-
-/// The overrides recorded in a state directory (none if there is no file).
-pub fn load_overrides(state_dir: &Path) -> Result<Overrides, String> {
-    match std::fs::read_to_string(overrides_path(state_dir)) {
-        Ok(text) => serde_json::from_str(&text)
-            .map_err(|e| format!("{}: {e}", overrides_path(state_dir).display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Overrides::new()),
-        Err(e) => Err(format!("{}: {e}", overrides_path(state_dir).display())),
-    }
-}
+/// The state directory when `[state] dir` is not set.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 
 /// The validated configuration. Immutable once built; reloads build a new one.
 #[derive(Debug, Clone)]
@@ -441,7 +429,8 @@ fn validate_dns_name(name: &str) -> Result<(), String> {
 }
 
 /// What a site does with cleartext requests that reach an open pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CleartextMode {
     /// Served only from closed pools: no cleartext listener exists for it at all.
     Closed,
@@ -679,7 +668,28 @@ impl Config {
         Config::from_toml_with(text, label, base, None)
     }
 
-    /// Like [`Config::from_toml`], with `overrides` instead of those in the state directory.
+    /// The state directory a config text names, resolved against `base`, without validating
+    /// the rest: where to find the store that keeps its overrides.
+    pub fn state_dir_in(text: &str, label: &str, base: &Path) -> Result<PathBuf, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: label.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let v = Validator {
+            problems: Vec::new(),
+            files: Vec::new(),
+            base,
+        };
+        Ok(raw
+            .state
+            .dir
+            .as_ref()
+            .map(|d| v.path(d))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)))
+    }
+
+    /// Like [`Config::from_toml`], with site `overrides` (made through the admin plane, kept in
+    /// the store) applied to the text before validation.
     pub fn from_toml_with(
         text: &str,
         label: &str,
@@ -695,23 +705,8 @@ impl Config {
             files: Vec::new(),
             base,
         };
-        let loaded;
-        let overrides = match overrides {
-            Some(o) => o,
-            None => {
-                let state = raw
-                    .state
-                    .dir
-                    .as_ref()
-                    .map(|d| v.path(d))
-                    .unwrap_or_else(|| PathBuf::from("/var/lib/portcullis"));
-                loaded = load_overrides(&state).map_err(|message| ConfigError::Parse {
-                    path: label.to_owned(),
-                    message,
-                })?;
-                &loaded
-            }
-        };
+        let none = Overrides::new();
+        let overrides = overrides.unwrap_or(&none);
         for site in &mut raw.site {
             if let Some(o) = overrides.get(&site.host) {
                 site.apply(o);
@@ -971,7 +966,7 @@ impl Validator<'_> {
             .state
             .dir
             .map(|d| self.path(&d))
-            .unwrap_or_else(|| PathBuf::from("/var/lib/portcullis"));
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let edge = self.edge(raw.edge);
         let pools = self.pools(raw.pool);
         let sites = self.sites(raw.site, &pools, &edge.response_headers);

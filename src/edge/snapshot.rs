@@ -1,5 +1,6 @@
 //! The immutable runtime view of one config: routing tables per pool, the TLS server config,
-//! origin clients and precomputed header values.
+//! origin clients and precomputed header values. Built once per apply, then only read: a
+//! request never locks or changes it, and building it never touches a store or a socket.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -2,7 +2,8 @@
 //! processes: every listener is bound once per worker with SO_REUSEPORT, so the kernel spreads
 //! connections across them, and a connection with all its tasks (including the origin
 //! connection it uses) stays on one thread. That locality avoids the cross-thread wake-ups that
-//! a work-stealing runtime pays on every proxied request.
+//! a work-stealing runtime pays on every proxied request. Workers only run tasks handed to
+//! them; they never hold state of their own beyond their index.
 
 use std::cell::Cell;
 use std::thread::JoinHandle;

@@ -33,6 +33,7 @@ use crate::exposure::queue::{PolicySource, Responder};
 use crate::net::{Limits, Workers};
 use crate::stages::drain::{self, Drain};
 use crate::stages::Plans;
+use crate::store::{PolicyStore, SqliteStore};
 
 /// Why the program could not start, or a config could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -52,17 +53,12 @@ pub enum RuntimeError {
     Firewall(#[from] crate::firewall::FirewallError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// The `/metrics` listener could not be opened.
     #[error("metrics listener {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
-        source: std::io::Error,
-    },
-    /// A change was applied but could not be kept in the state directory.
-    #[error("{what} {path}: {source}")]
-    State {
-        what: &'static str,
-        path: PathBuf,
         source: std::io::Error,
     },
     /// Signal handlers could not be installed.
@@ -82,6 +78,10 @@ struct Inner {
     /// Where the config comes from, to reload it (SIGHUP) or re-validate it with overrides.
     source: ConfigSource,
     state_dir: PathBuf,
+    /// Overrides, plans, drains and the audit log.
+    store: Arc<dyn PolicyStore>,
+    /// The overrides applied last (the store holds the same).
+    overrides: Mutex<Overrides>,
     /// The config applied last; the exposure queue reads each site's response policy here.
     config: Arc<ArcSwap<Config>>,
     edge: Edge,
@@ -102,14 +102,22 @@ struct Inner {
 }
 
 impl Runtime {
-    /// Loads the config from `source` (with the overrides kept in its state directory) and
-    /// starts everything it describes. Connections are served on `workers` when given.
+    /// Opens the store of the config's state directory, loads the config from `source` with
+    /// the overrides kept there, and starts everything it describes. Connections are served on
+    /// `workers` when given.
     pub async fn start(
         source: ConfigSource,
         workers: Option<&Workers>,
     ) -> Result<Runtime, RuntimeError> {
-        let config = source.load_saved()?;
-        let state_dir = config.state_dir.clone();
+        let state_dir = source.state_dir()?;
+        let store = {
+            let dir = state_dir.clone();
+            tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                .await
+                .map_err(|e| crate::store::StoreError::Task(e.to_string()))??
+        };
+        let overrides = store.overrides().await?;
+        let config = source.load(&overrides)?;
         let config_cell = Arc::new(ArcSwap::from_pointee(config.clone()));
         let analytics = match config.analytics.enabled {
             true => Some(Analytics::start(
@@ -131,12 +139,14 @@ impl Runtime {
             settings: &config.edge,
             analytics: analytics.clone(),
             responder: responder.clone(),
-            stages: crate::stages::load(&state_dir),
+            stages: store.stages().await?,
             workers,
         })?;
         let inner = Arc::new(Inner {
             source,
             state_dir,
+            store: Arc::new(store),
+            overrides: Mutex::new(overrides),
             config: config_cell,
             edge,
             analytics,
@@ -216,10 +226,13 @@ impl Runtime {
         self.inner.apply(config).await
     }
 
-    /// Reloads the config from its source, as SIGHUP does.
+    /// Reloads the config from its source with the stored overrides, as SIGHUP does.
     pub async fn reload(&self) -> Result<(), RuntimeError> {
-        let config = self.inner.source.load_saved()?;
-        self.apply(config).await
+        let overrides = self.inner.store.overrides().await?;
+        let config = self.inner.source.load(&overrides)?;
+        self.apply(config).await?;
+        *crate::lock(&self.inner.overrides) = overrides;
+        Ok(())
     }
 
     /// The live edge snapshot (config, routes, drains).
@@ -280,7 +293,7 @@ impl Inner {
         let previous = self.edge.snapshot();
         let first = previous.generation == 0;
         let kept = match first {
-            true => drain::load(&self.state_dir),
+            true => self.store.drains().await?,
             false => previous.drains().to_vec(),
         };
         let ttl = config.dns.as_ref().map_or(DEFAULT_DRAIN_TTL, |d| d.ttl);
@@ -310,7 +323,9 @@ impl Inner {
             for d in drains.iter().filter(|d| !kept.contains(d)) {
                 tracing::info!(site = %d.site, from = %d.from_pool, to = %d.to_pool, until = d.until, "site moved to a closed pool: its old addresses keep its cleartext mode until the old DNS answers expire");
             }
-            drain::save(&self.state_dir, &drains);
+            if let Err(e) = self.store.set_drains(&drains).await {
+                tracing::warn!(error = %e, "cannot record drains; a restart would forget them");
+            }
         }
         tracing::info!(
             generation = self.edge.snapshot().generation,
@@ -389,36 +404,30 @@ impl Control for Inner {
         self.apply(config)
             .await
             .map_err(|e| ControlError::Failed(Box::new(e)))?;
-        let path = crate::config::overrides_path(&self.state_dir);
-        let text = serde_json::to_string_pretty(&overrides).unwrap_or_default();
-        if let Err(e) = write_atomic(&path, text.as_bytes()) {
-            tracing::error!(error = %e, file = %path.display(), "change applied but not saved: it will not survive a restart");
+        if let Err(e) = self.store.set_overrides(&overrides).await {
+            tracing::error!(error = %e, "change applied but not saved: it will not survive a restart");
         }
+        *crate::lock(&self.overrides) = overrides;
         Ok(())
     }
 
     async fn set_stages(&self, plans: Plans) -> Result<(), ControlError> {
-        crate::stages::save(&self.state_dir, &plans).map_err(|source| {
-            ControlError::Failed(Box::new(RuntimeError::State {
-                what: "cannot save the plans in",
-                path: self.state_dir.clone(),
-                source,
-            }))
-        })?;
+        self.store
+            .set_stages(&plans)
+            .await
+            .map_err(|e| ControlError::Failed(Box::new(e)))?;
         self.edge.set_stages(plans);
         let config = (*self.edge.snapshot().config).clone();
         self.apply(config)
             .await
             .map_err(|e| ControlError::Failed(Box::new(e)))
     }
-}
 
-/// Replaces `path` with `bytes` in one step: a reader sees the old file or the new one.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    fn overrides(&self) -> Overrides {
+        crate::lock(&self.overrides).clone()
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+
+    fn store(&self) -> Arc<dyn PolicyStore> {
+        self.store.clone()
+    }
 }

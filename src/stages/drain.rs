@@ -3,10 +3,9 @@
 //! as before (TLS, and cleartext in its previous mode); after that deadline cleartext there gets
 //! the reject answer, while TLS keeps working for stragglers.
 //!
-//! Drains are computed on reload by comparing the old and new configs, and kept in
-//! `STATE/drains.json` so a restart in the middle of one keeps its deadline.
-
-use std::path::{Path, PathBuf};
+//! Drains are computed on every apply by comparing the old and new configs, and kept in the
+//! store so a restart in the middle of one keeps its deadline. This file is pure: it computes
+//! drains and never reads or writes them.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,53 +22,20 @@ pub struct Drain {
     /// The closed pool it moved to.
     pub to_pool: String,
     /// Its cleartext mode before the move.
-    pub mode: String,
+    pub mode: CleartextMode,
     pub moved_at: Timestamp,
     /// Move time plus the TTL of the old answers: from then on cleartext gets the reject answer.
     pub until: Timestamp,
 }
 
 impl Drain {
-    pub fn mode(&self) -> CleartextMode {
-        CleartextMode::parse(&self.mode).unwrap_or(CleartextMode::Reject)
-    }
-
     /// The cleartext mode on the old pool at `now`.
     pub fn mode_at(&self, now: Timestamp) -> CleartextMode {
         if now < self.until {
-            self.mode()
+            self.mode
         } else {
             CleartextMode::Reject
         }
-    }
-}
-
-/// Where drains are kept.
-pub fn path(state_dir: &Path) -> PathBuf {
-    state_dir.join("drains.json")
-}
-
-/// Drains recorded in the state directory; none if the file is absent or unreadable.
-pub fn load(state_dir: &Path) -> Vec<Drain> {
-    let Ok(text) = std::fs::read_to_string(path(state_dir)) else {
-        return Vec::new();
-    };
-    match serde_json::from_str(&text) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(error = %e, file = %path(state_dir).display(), "ignoring unreadable drains file");
-            Vec::new()
-        }
-    }
-}
-
-pub fn save(state_dir: &Path, drains: &[Drain]) {
-    let text = serde_json::to_string_pretty(drains).unwrap_or_else(|_| "[]".into());
-    let _ = std::fs::create_dir_all(state_dir);
-    let tmp = path(state_dir).with_extension("json.tmp");
-    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path(state_dir)));
-    if let Err(e) = written {
-        tracing::warn!(error = %e, "cannot record drains; a restart would forget them");
     }
 }
 
@@ -113,7 +79,7 @@ pub fn reconcile(
                 site: host,
                 from_pool: from.name.clone(),
                 to_pool: to.name.clone(),
-                mode: mode.as_str().to_owned(),
+                mode,
                 moved_at: now,
                 until: now + u64::from(ttl),
             });

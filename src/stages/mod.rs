@@ -1,14 +1,13 @@
 //! Staged switch-off: a site moves from open to closed through observe, warn, brownout, move
 //! and closed, each step guarded by readiness checks, each reversible.
 //!
-//! Plans are kept in `STATE/stages.json` and read by the request path (warn headers, brownout
+//! Plans are kept in the store and read by the request path (warn headers, brownout
 //! windows) through the edge's snapshot of them. Time comes from [`crate::clock::now`],
 //! which tests move forward.
 
 pub mod drain;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -99,27 +98,6 @@ pub struct Plan {
 
 /// Plans by site host.
 pub type Plans = BTreeMap<String, Plan>;
-
-pub fn path(state_dir: &Path) -> PathBuf {
-    state_dir.join("stages.json")
-}
-
-pub fn load(state_dir: &Path) -> Plans {
-    std::fs::read_to_string(path(state_dir))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
-}
-
-pub fn save(state_dir: &Path, plans: &Plans) -> std::io::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
-    let tmp = path(state_dir).with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_string_pretty(plans).unwrap_or_default(),
-    )?;
-    std::fs::rename(tmp, path(state_dir))
-}
 
 /// Headers a cleartext answer carries from the warn stage on.
 pub fn warn_headers(plan: &Plan) -> Vec<(&'static str, String)> {

@@ -1,0 +1,447 @@
+//! The embedded [`PolicyStore`]: one SQLite database in the state directory (WAL mode), opened
+//! once by the running program; CLI reports open it read-only.
+//!
+//! On first open it imports the JSON files earlier versions kept (`overrides.json`,
+//! `stages.json`, `drains.json`, `audit.jsonl`) in the same transaction as the schema, then
+//! renames each to `*.imported`, so an upgrade loses nothing and imports once. A file that
+//! does not parse stops the open with an error naming it, and is left untouched.
+//!
+//! Queries are blocking; the async trait runs them on tokio's blocking threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+
+use super::{AuditEntry, PolicyStore, StoreError};
+use crate::config::{Overrides, SiteOverride};
+use crate::stages::drain::Drain;
+use crate::stages::{Plan, Plans};
+
+/// Bumped with every change to [`SCHEMA`]; kept in `meta`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS overrides (site TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stages (site TEXT PRIMARY KEY, plan TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drains (
+    site TEXT PRIMARY KEY, from_pool TEXT NOT NULL, to_pool TEXT NOT NULL, mode TEXT NOT NULL,
+    moved_at INTEGER NOT NULL, until INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, site TEXT NOT NULL,
+    entry TEXT NOT NULL
+);
+";
+
+/// The state store of one state directory.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+impl SqliteStore {
+    /// The database file in a state directory.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("portcullis.db")
+    }
+
+    /// Opens (creating if needed) the store of `state_dir` for writing, importing the state
+    /// files of earlier versions found there.
+    pub fn open(state_dir: &Path) -> Result<SqliteStore, StoreError> {
+        let path = Self::path(state_dir);
+        std::fs::create_dir_all(state_dir).map_err(|e| StoreError::Import {
+            path: state_dir.display().to_string(),
+            reason: format!("cannot create the state directory: {e}"),
+        })?;
+        let err = |e| sqlite(&path, e);
+        let mut conn = Connection::open(&path).map_err(err)?;
+        // Another process (a CLI report) may hold a read lock for a moment.
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        let imported = {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(SCHEMA).map_err(err)?;
+            tx.execute(
+                "INSERT INTO meta VALUES ('schema', ?1) ON CONFLICT DO UPDATE SET value = excluded.value",
+                params![SCHEMA_VERSION],
+            )
+            .map_err(err)?;
+            let imported = import_legacy(&tx, state_dir, &path)?;
+            tx.commit().map_err(err)?;
+            imported
+        };
+        // Only once the import is committed: a crash before leaves the files to import again.
+        for file in imported {
+            let done = file.with_extension(format!(
+                "{}.imported",
+                file.extension().and_then(|e| e.to_str()).unwrap_or("")
+            ));
+            match std::fs::rename(&file, &done) {
+                Ok(()) => {
+                    tracing::info!(from = %file.display(), to = %done.display(), "state file imported into the store")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "imported, but cannot rename: it would be imported again only into empty tables")
+                }
+            }
+        }
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        })
+    }
+
+    /// Opens the store of `state_dir` for reading only (CLI reports); `None` when the program
+    /// has never run there.
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<SqliteStore>, StoreError> {
+        let path = Self::path(state_dir);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| sqlite(&path, e))?;
+        conn.busy_timeout(Duration::from_secs(2))
+            .map_err(|e| sqlite(&path, e))?;
+        Ok(Some(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        }))
+    }
+
+    /// Forgets every override, plan, drain and audit entry (the demo starts fresh each time).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute_batch(
+                "DELETE FROM overrides; DELETE FROM stages; DELETE FROM drains; DELETE FROM audit;",
+            )
+        })
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&crate::lock(&self.conn))
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()>,
+    ) -> Result<(), StoreError> {
+        let mut conn = crate::lock(&self.conn);
+        let tx = conn.transaction().map_err(|e| sqlite(&self.path, e))?;
+        f(&tx).map_err(|e| sqlite(&self.path, e))?;
+        tx.commit().map_err(|e| sqlite(&self.path, e))
+    }
+
+    fn corrupt(&self, what: &'static str, key: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            what,
+            key: key.to_owned(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Site overrides, by site host.
+    pub fn overrides_now(&self) -> Result<Overrides, StoreError> {
+        self.read(|c| {
+            let rows = self.rows(c, "SELECT site, value FROM overrides")?;
+            rows.into_iter()
+                .map(|(site, value)| {
+                    let o: SiteOverride = serde_json::from_str(&value)
+                        .map_err(|e| self.corrupt("override", &site, e))?;
+                    Ok((site, o))
+                })
+                .collect()
+        })
+    }
+
+    /// Replaces every override.
+    pub fn set_overrides_now(&self, overrides: &Overrides) -> Result<(), StoreError> {
+        let rows: Vec<(String, String)> = overrides
+            .iter()
+            .map(|(k, v)| (k.clone(), json(v)))
+            .collect();
+        self.write(|tx| {
+            tx.execute("DELETE FROM overrides", [])?;
+            let mut ins = tx.prepare("INSERT INTO overrides VALUES (?1, ?2)")?;
+            for (site, value) in &rows {
+                ins.execute(params![site, value])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Staged switch-off plans, by site host.
+    pub fn stages_now(&self) -> Result<Plans, StoreError> {
+        self.read(|c| {
+            let rows = self.rows(c, "SELECT site, plan FROM stages")?;
+            rows.into_iter()
+                .map(|(site, plan)| {
+                    let p: Plan = serde_json::from_str(&plan)
+                        .map_err(|e| self.corrupt("stage plan", &site, e))?;
+                    Ok((site, p))
+                })
+                .collect()
+        })
+    }
+
+    /// Replaces every plan.
+    pub fn set_stages_now(&self, plans: &Plans) -> Result<(), StoreError> {
+        let rows: Vec<(String, String)> = plans.iter().map(|(k, v)| (k.clone(), json(v))).collect();
+        self.write(|tx| {
+            tx.execute("DELETE FROM stages", [])?;
+            let mut ins = tx.prepare("INSERT INTO stages VALUES (?1, ?2)")?;
+            for (site, plan) in &rows {
+                ins.execute(params![site, plan])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Drains in progress.
+    pub fn drains_now(&self) -> Result<Vec<Drain>, StoreError> {
+        self.read(|c| {
+            let mut q = c
+                .prepare("SELECT site, from_pool, to_pool, mode, moved_at, until FROM drains ORDER BY site")
+                .map_err(|e| sqlite(&self.path, e))?;
+            let rows = q
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| sqlite(&self.path, e))?;
+            rows.into_iter()
+                .map(|(site, from_pool, to_pool, mode, moved_at, until)| {
+                    let mode = crate::config::CleartextMode::parse(&mode).ok_or_else(|| {
+                        self.corrupt("drain mode", &site, format!("unknown mode {mode:?}"))
+                    })?;
+                    Ok(Drain {
+                        site,
+                        from_pool,
+                        to_pool,
+                        mode,
+                        moved_at: moved_at.max(0) as u64,
+                        until: until.max(0) as u64,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Replaces every drain.
+    pub fn set_drains_now(&self, drains: &[Drain]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM drains", [])?;
+            let mut ins = tx.prepare("INSERT INTO drains VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+            for d in drains {
+                ins.execute(params![
+                    d.site,
+                    d.from_pool,
+                    d.to_pool,
+                    d.mode.as_str(),
+                    d.moved_at as i64,
+                    d.until as i64
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Appends one entry to the audit log.
+    pub fn append_audit_now(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let text = json(entry);
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO audit (at, site, entry) VALUES (?1, ?2, ?3)",
+                params![entry.at as i64, entry.site, text],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_now(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(|c| {
+            let rows = self.rows(c, "SELECT CAST(id AS TEXT), entry FROM audit ORDER BY id")?;
+            rows.into_iter()
+                .map(|(id, entry)| {
+                    serde_json::from_str(&entry).map_err(|e| self.corrupt("audit entry", &id, e))
+                })
+                .collect()
+        })
+    }
+
+    fn rows(&self, c: &Connection, sql: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut q = c.prepare(sql).map_err(|e| sqlite(&self.path, e))?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| sqlite(&self.path, e))
+    }
+
+    /// Runs a blocking query on tokio's blocking threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+#[async_trait::async_trait]
+impl PolicyStore for SqliteStore {
+    async fn overrides(&self) -> Result<Overrides, StoreError> {
+        self.blocking(|s| s.overrides_now()).await
+    }
+
+    async fn set_overrides(&self, overrides: &Overrides) -> Result<(), StoreError> {
+        let o = overrides.clone();
+        self.blocking(move |s| s.set_overrides_now(&o)).await
+    }
+
+    async fn stages(&self) -> Result<Plans, StoreError> {
+        self.blocking(|s| s.stages_now()).await
+    }
+
+    async fn set_stages(&self, plans: &Plans) -> Result<(), StoreError> {
+        let p = plans.clone();
+        self.blocking(move |s| s.set_stages_now(&p)).await
+    }
+
+    async fn drains(&self) -> Result<Vec<Drain>, StoreError> {
+        self.blocking(|s| s.drains_now()).await
+    }
+
+    async fn set_drains(&self, drains: &[Drain]) -> Result<(), StoreError> {
+        let d = drains.to_vec();
+        self.blocking(move |s| s.set_drains_now(&d)).await
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let e = entry.clone();
+        self.blocking(move |s| s.append_audit_now(&e)).await
+    }
+
+    async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        self.blocking(|s| s.audit_now()).await
+    }
+}
+
+fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Records are plain data: serialising them cannot fail.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// Imports the state files of earlier versions into tables that are still empty. Returns the
+/// files taken, to rename once the transaction is committed.
+fn import_legacy(
+    tx: &Transaction<'_>,
+    state_dir: &Path,
+    db: &Path,
+) -> Result<Vec<PathBuf>, StoreError> {
+    let mut taken = Vec::new();
+    let empty = |table: &str| -> Result<bool, StoreError> {
+        tx.query_row(&format!("SELECT 1 FROM {table} LIMIT 1"), [], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_none())
+            .map_err(|e| sqlite(db, e))
+    };
+    let read = |name: &str| -> Result<Option<(PathBuf, String)>, StoreError> {
+        let path = state_dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some((path, text))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Import {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    };
+    let bad = |path: &Path, e: &dyn std::fmt::Display| StoreError::Import {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<(), StoreError> {
+        tx.execute(sql, p).map(|_| ()).map_err(|e| sqlite(db, e))
+    };
+    if let Some((path, text)) = read("overrides.json")? {
+        if empty("overrides")? {
+            let o: Overrides = serde_json::from_str(&text).map_err(|e| bad(&path, &e))?;
+            for (site, v) in &o {
+                exec("INSERT INTO overrides VALUES (?1, ?2)", &[site, &json(v)])?;
+            }
+        }
+        taken.push(path);
+    }
+    if let Some((path, text)) = read("stages.json")? {
+        if empty("stages")? {
+            let p: Plans = serde_json::from_str(&text).map_err(|e| bad(&path, &e))?;
+            for (site, v) in &p {
+                exec("INSERT INTO stages VALUES (?1, ?2)", &[site, &json(v)])?;
+            }
+        }
+        taken.push(path);
+    }
+    if let Some((path, text)) = read("drains.json")? {
+        if empty("drains")? {
+            let drains: Vec<Drain> = serde_json::from_str(&text).map_err(|e| bad(&path, &e))?;
+            for d in &drains {
+                exec(
+                    "INSERT INTO drains VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    &[
+                        &d.site,
+                        &d.from_pool,
+                        &d.to_pool,
+                        &d.mode.as_str(),
+                        &(d.moved_at as i64),
+                        &(d.until as i64),
+                    ],
+                )?;
+            }
+        }
+        taken.push(path);
+    }
+    if let Some((path, text)) = read("audit.jsonl")? {
+        if empty("audit")? {
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let e: AuditEntry = serde_json::from_str(line)
+                    .map_err(|e| bad(&path, &format!("line {}: {e}", i + 1)))?;
+                exec(
+                    "INSERT INTO audit (at, site, entry) VALUES (?1, ?2, ?3)",
+                    &[&(e.at as i64), &e.site, &json(&e)],
+                )?;
+            }
+        }
+        taken.push(path);
+    }
+    Ok(taken)
+}
