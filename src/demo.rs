@@ -99,13 +99,6 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
     crate::store::SqliteStore::open(&options.state_dir)
         .and_then(|s| s.clear())
         .map_err(|e| DemoError::Runtime(e.into()))?;
-    for file in [
-        "exposure-events.db",
-        "exposure-events.db-wal",
-        "exposure-events.db-shm",
-    ] {
-        let _ = std::fs::remove_file(options.state_dir.join(file));
-    }
     let hook = demo_webhook(&options.state_dir).await?;
     let text = demo_toml(&options, origin, hook);
     let _ = std::fs::remove_file(crate::admin::token_path(&options.state_dir));

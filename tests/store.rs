@@ -1,13 +1,15 @@
-//! The storage seam: the contract every `PolicyStore` backend meets (run here against the
-//! embedded SQLite store; a second backend runs the same `contract`), that what is written
-//! survives a reopen, and the one-time import of the JSON state files earlier versions kept,
-//! which loses nothing, happens once, and refuses a damaged file without taking any of it.
+//! The storage seam: the contracts every `PolicyStore` and `EventQueue` backend meets (run here
+//! against the embedded SQLite store; a second backend runs the same `contract` and
+//! `queue_contract`), that what is written survives a reopen, and the one-time import of the
+//! state files earlier versions kept, which loses nothing, happens once, and refuses a damaged
+//! file without taking any of it.
 
 use portcullis::config::{CleartextMode, HstsOverride, Overrides, SiteOverride};
 use portcullis::stages::drain::Drain;
 use portcullis::stages::{Brownout, Plan, Plans, Stage};
 use portcullis::store::{
-    AuditEntry, AuditEvent, PolicyStore, SiteState, SqliteStore, StageStep, StoreError,
+    Attempt, AuditEntry, AuditEvent, DeliveryState, EventQueue, NewEvent, PolicyStore,
+    QueueCounters, Repeat, SiteState, SqliteStore, StageStep, StoreError,
 };
 
 fn overrides() -> Overrides {
@@ -243,4 +245,156 @@ async fn a_damaged_state_file_stops_the_import_names_the_file_and_takes_nothing(
     let store = SqliteStore::open(dir.path()).expect("open once fixed");
     assert_eq!(store.overrides().await.expect("read"), overrides());
     assert!(store.stages().await.expect("read").is_empty());
+}
+
+fn event(id: &str, site: &str, fingerprint: &str, at: u64) -> NewEvent {
+    NewEvent {
+        id: id.into(),
+        site: site.into(),
+        fingerprint: fingerprint.into(),
+        kind: "header".into(),
+        name: "x-api-key".into(),
+        policy: "notify".into(),
+        at,
+        network: "203.0.113.0/24".into(),
+        family: "python-requests".into(),
+        path: "/v1/orders".into(),
+    }
+}
+
+/// What every exposure queue backend must do, from an empty queue.
+async fn queue_contract(q: &dyn EventQueue) {
+    let (known, pending) = q.known().await.expect("known");
+    assert!(known.is_empty());
+    assert_eq!(pending, 0);
+    let counters = QueueCounters {
+        coalesced: 2,
+        dropped_site_rate: 1,
+        ..QueueCounters::default()
+    };
+    q.enqueue(
+        &[
+            event("e1", "a.test", "fp1", 100),
+            event("e2", "b.test", "fp2", 110),
+        ],
+        &[],
+        &counters,
+    )
+    .await
+    .expect("enqueue");
+    // One event per (site, fingerprint): a second one for the same pair is not added, and
+    // repeats fold into the first.
+    q.enqueue(
+        &[event("e3", "a.test", "fp1", 120)],
+        &[Repeat {
+            site: "a.test".into(),
+            fingerprint: "fp1".into(),
+            count: 4,
+            last_seen: 130,
+        }],
+        &counters,
+    )
+    .await
+    .expect("enqueue");
+    let (known, pending) = q.known().await.expect("known");
+    assert_eq!(pending, 2);
+    assert!(known.contains(&("a.test".to_owned(), "fp1".to_owned())));
+    let (events, totals) = q.events(None).await.expect("events");
+    assert_eq!(events.len(), 2);
+    assert_eq!(totals.coalesced, 4, "counters add up");
+    assert_eq!(totals.dropped_site_rate, 2);
+    let a = q.events(Some("a.test")).await.expect("events").0;
+    assert_eq!(a.len(), 1);
+    assert_eq!(
+        (a[0].id.as_str(), a[0].count, a[0].last_seen),
+        ("e1", 5, 130)
+    );
+    assert_eq!(a[0].state, DeliveryState::Pending);
+
+    // Due: pending and next attempt reached, soonest first.
+    let due = q.due(105, 10).await.expect("due");
+    assert_eq!(
+        due.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e1"]
+    );
+    let due = q.due(200, 1).await.expect("due");
+    assert_eq!(due.len(), 1, "the limit holds");
+    // A failed attempt postpones it; a delivery ends it.
+    q.record(&Attempt {
+        id: "e1".into(),
+        state: DeliveryState::Pending,
+        attempts: 1,
+        next_attempt: 500,
+        error: Some("503 from the webhook".into()),
+        at: 200,
+    })
+    .await
+    .expect("record");
+    let due: Vec<String> = q
+        .due(200, 10)
+        .await
+        .expect("due")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(due, ["e2"]);
+    q.record(&Attempt {
+        id: "e2".into(),
+        state: DeliveryState::Delivered,
+        attempts: 1,
+        next_attempt: 0,
+        error: None,
+        at: 210,
+    })
+    .await
+    .expect("record");
+    let b = &q.events(Some("b.test")).await.expect("events").0[0];
+    assert_eq!(b.state, DeliveryState::Delivered);
+    assert_eq!(b.delivered_at, Some(210));
+    let a = &q.events(Some("a.test")).await.expect("events").0[0];
+    assert_eq!(a.last_error.as_deref(), Some("503 from the webhook"));
+    assert_eq!((a.attempts, a.next_attempt), (1, 500));
+    assert_eq!(q.known().await.expect("known").1, 1, "one still pending");
+}
+
+#[tokio::test]
+async fn the_sqlite_store_meets_the_queue_contract() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    queue_contract(&store).await;
+    drop(store);
+    let again = SqliteStore::open(dir.path()).expect("reopen");
+    assert_eq!(again.events(None).await.expect("events").0.len(), 2);
+}
+
+#[tokio::test]
+async fn the_exposure_queue_of_an_earlier_version_is_imported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let old = dir.path().join("exposure-events.db");
+    {
+        let c = rusqlite::Connection::open(&old).expect("old db");
+        c.execute_batch(
+            "CREATE TABLE events (
+                id TEXT PRIMARY KEY, site TEXT NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL,
+                name TEXT NOT NULL, policy TEXT NOT NULL, first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL,
+                count INTEGER NOT NULL, network TEXT NOT NULL, family TEXT NOT NULL, path TEXT NOT NULL,
+                state TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt INTEGER NOT NULL,
+                last_error TEXT, delivered_at INTEGER, created_at INTEGER NOT NULL,
+                UNIQUE (site, fingerprint));
+             CREATE TABLE counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO events VALUES ('old1', 'legacy.test', 'ab12', 'header', 'x-api-key', 'revoke',
+                10, 20, 3, '198.51.100.0/24', 'curl', '/', 'failed', 8, 0, 'timed out', NULL, 10);
+             INSERT INTO counters VALUES ('dropped_queue_full', 7);",
+        )
+        .expect("old schema");
+    }
+    let store = SqliteStore::open(dir.path()).expect("open imports");
+    let (events, counters) = store.events(None).await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].id, "old1");
+    assert_eq!(events[0].state, DeliveryState::Failed);
+    assert_eq!(events[0].last_error.as_deref(), Some("timed out"));
+    assert_eq!(counters.dropped_queue_full, 7);
+    assert!(!old.exists(), "moved aside");
+    assert!(dir.path().join("exposure-events.db.imported").exists());
 }

@@ -374,7 +374,7 @@ pub(crate) async fn site(
                 Some(ev) => format!(
                     "{} {} ({} attempts{})",
                     esc(&ev.policy),
-                    esc(&ev.state),
+                    esc(ev.state.as_str()),
                     ev.attempts,
                     ev.last_error
                         .as_deref()

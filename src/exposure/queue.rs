@@ -1,5 +1,5 @@
 //! The exposure response: one event per credential (site and fingerprint) seen in cleartext,
-//! kept in a durable queue (`STATE/exposure-events.db`) and delivered to the site's webhook over
+//! kept in the store's durable queue ([`crate::store::EventQueue`]) and delivered to the site's webhook over
 //! verified TLS, signed with HMAC-SHA-256, with an idempotency key, retried with exponential
 //! backoff and jitter up to a limit.
 //!
@@ -13,7 +13,7 @@
 //! after a restart an event is delivered without them, and says so.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -32,62 +31,11 @@ use crate::clock::now;
 use crate::clock::Timestamp;
 use crate::config::{ExposureResponse, ExposureSettings};
 use crate::observe::{ClientFamily, Network, PathTemplate};
+use crate::store::{Attempt, DeliveryState, EventQueue, NewEvent, Repeat};
+pub use crate::store::{QueueCounters as Counters, QueuedEvent as EventRow};
 
 /// Finds the live policy of a site by name.
 pub type PolicySource = Arc<dyn Fn(&str) -> Option<Arc<ExposureResponse>> + Send + Sync>;
-
-/// What the queue holds at start: every (site, fingerprint) with an event, and how many wait.
-type Loaded = (HashSet<(String, String)>, u32);
-
-/// The events database in a state directory.
-pub fn db_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("exposure-events.db")
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    id TEXT PRIMARY KEY, site TEXT NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL,
-    name TEXT NOT NULL, policy TEXT NOT NULL, first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL,
-    count INTEGER NOT NULL, network TEXT NOT NULL, family TEXT NOT NULL, path TEXT NOT NULL,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt INTEGER NOT NULL,
-    last_error TEXT, delivered_at INTEGER, created_at INTEGER NOT NULL,
-    UNIQUE (site, fingerprint)
-);
-CREATE INDEX IF NOT EXISTS events_due ON events (state, next_attempt);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
-";
-
-fn open(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    // Only background work and the CLI wait on this lock, never a request: waiting long is
-    // better than failing when a loaded machine deschedules the holder (a checkpoint, say).
-    conn.busy_timeout(Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn)
-}
-
-/// Counts of events not created, by reason, plus repeats folded into existing events.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
-pub struct Counters {
-    pub coalesced: u64,
-    pub dropped_site_rate: u64,
-    pub dropped_network_rate: u64,
-    pub dropped_queue_full: u64,
-}
-
-struct NewEvent {
-    id: String,
-    site: String,
-    fingerprint: String,
-    kind: &'static str,
-    name: String,
-    policy: &'static str,
-    at: Timestamp,
-    network: String,
-    family: &'static str,
-    path: String,
-}
 
 /// In memory, between the request path and the worker.
 #[derive(Default)]
@@ -110,96 +58,21 @@ struct State {
 /// The exposure response of one running edge.
 pub struct Responder {
     settings: ExposureSettings,
-    db: PathBuf,
+    queue: Arc<dyn EventQueue>,
     state: Mutex<State>,
     wake: Notify,
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// One row of the queue, as the API, the dashboard and `portcullis exposures` show it.
-#[derive(Debug, Clone, Serialize)]
-pub struct EventRow {
-    pub id: String,
-    pub site: String,
-    pub fingerprint: String,
-    pub kind: String,
-    pub name: String,
-    pub policy: String,
-    pub first_seen: Timestamp,
-    pub last_seen: Timestamp,
-    pub count: u64,
-    pub network: String,
-    pub family: String,
-    pub state: String,
-    pub attempts: u32,
-    pub next_attempt: Timestamp,
-    pub last_error: Option<String>,
-    pub delivered_at: Option<Timestamp>,
-}
-
-/// One `events` row, selected in the column order both queries below use.
-fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
-    Ok(EventRow {
-        id: r.get(0)?,
-        site: r.get(1)?,
-        fingerprint: r.get(2)?,
-        kind: r.get(3)?,
-        name: r.get(4)?,
-        policy: r.get(5)?,
-        first_seen: r.get::<_, i64>(6)? as u64,
-        last_seen: r.get::<_, i64>(7)? as u64,
-        count: r.get::<_, i64>(8)? as u64,
-        network: r.get(9)?,
-        family: r.get(10)?,
-        state: r.get(11)?,
-        attempts: r.get::<_, i64>(12)? as u32,
-        next_attempt: r.get::<_, i64>(13)? as u64,
-        last_error: r.get(14)?,
-        delivered_at: r.get::<_, Option<i64>>(15)?.map(|t| t as u64),
-    })
-}
-
-/// Reads the queue and the counters (for the CLI and the API).
+/// Reads the queue and the counters of a state directory (for the CLI and the API), without
+/// creating anything.
 pub fn read(state_dir: &Path, site: Option<&str>) -> Result<(Vec<EventRow>, Counters), String> {
-    let path = db_path(state_dir);
-    if !path.exists() {
-        return Ok((Vec::new(), Counters::default()));
+    match crate::store::SqliteStore::open_read_only(state_dir) {
+        Ok(None) => Ok((Vec::new(), Counters::default())),
+        Ok(Some(store)) => store.events_now(site).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
-    let conn = open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let err = |e: rusqlite::Error| format!("{}: {e}", path.display());
-    let mut q = conn
-        .prepare(
-            "SELECT id, site, fingerprint, kind, name, policy, first_seen, last_seen, count, network, family,
-                    state, attempts, next_attempt, last_error, delivered_at
-             FROM events WHERE (?1 IS NULL OR site = ?1) ORDER BY created_at DESC, id",
-        )
-        .map_err(err)?;
-    let rows = q
-        .query_map(params![site], event_row)
-        .map_err(err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(err)?;
-    let mut counters = Counters::default();
-    let mut c = conn
-        .prepare("SELECT name, count FROM counters")
-        .map_err(err)?;
-    let pairs = c
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })
-        .map_err(err)?;
-    for p in pairs {
-        let (name, n) = p.map_err(err)?;
-        match name.as_str() {
-            "coalesced" => counters.coalesced = n,
-            "dropped_site_rate" => counters.dropped_site_rate = n,
-            "dropped_network_rate" => counters.dropped_network_rate = n,
-            "dropped_queue_full" => counters.dropped_queue_full = n,
-            _ => {}
-        }
-    }
-    Ok((rows, counters))
 }
 
 fn random_id() -> String {
@@ -217,12 +90,12 @@ impl Responder {
     /// Starts the worker on the current runtime.
     pub fn start(
         settings: ExposureSettings,
-        state_dir: &Path,
+        queue: Arc<dyn EventQueue>,
         policies: PolicySource,
     ) -> Arc<Responder> {
         let r = Arc::new(Responder {
             settings,
-            db: db_path(state_dir),
+            queue,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             stop: CancellationToken::new(),
@@ -308,12 +181,12 @@ impl Responder {
                 id,
                 site: site.to_owned(),
                 fingerprint: f.fingerprint.to_string(),
-                kind: f.kind.as_str(),
+                kind: f.kind.as_str().to_owned(),
                 name: f.name.as_str().to_owned(),
-                policy: if policy.revoke { "revoke" } else { "notify" },
+                policy: if policy.revoke { "revoke" } else { "notify" }.to_owned(),
                 at,
                 network: network.to_string(),
-                family: family.as_str(),
+                family: family.as_str().to_owned(),
                 path: path.as_str().to_owned(),
             });
         }
@@ -360,73 +233,53 @@ async fn persist(r: &Arc<Responder>) -> bool {
             !st.loaded,
         )
     };
-    let db = r.db.clone();
-    let work = tokio::task::spawn_blocking(move || -> rusqlite::Result<Option<Loaded>> {
-        if let Some(dir) = db.parent() {
-            let _ = std::fs::create_dir_all(dir);
+    let repeats: Vec<Repeat> = repeats
+        .into_iter()
+        .map(|((site, fingerprint), (count, last_seen))| Repeat {
+            site,
+            fingerprint,
+            count,
+            last_seen,
+        })
+        .collect();
+    let written = r.queue.enqueue(&incoming, &repeats, &counters).await;
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "exposure queue write failed");
+        // Kept for the next try: nothing the request path handed over is lost.
+        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+        let newer = std::mem::replace(&mut st.incoming, incoming);
+        st.incoming.extend(newer);
+        for rep in repeats {
+            let e = st
+                .repeats
+                .entry((rep.site, rep.fingerprint))
+                .or_insert((0, rep.last_seen));
+            e.0 += rep.count;
+            e.1 = e.1.max(rep.last_seen);
         }
-        let mut conn = open(&db)?;
-        let tx = conn.transaction()?;
-        for e in &incoming {
-            tx.execute(
-                "INSERT OR IGNORE INTO events (id, site, fingerprint, kind, name, policy, first_seen, last_seen, count,
-                    network, family, path, state, attempts, next_attempt, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1, ?8, ?9, ?10, 'pending', 0, ?7, ?7)",
-                params![e.id, e.site, e.fingerprint, e.kind, e.name, e.policy, e.at as i64, e.network, e.family, e.path],
-            )?;
-        }
-        for ((site, fp), (n, last)) in &repeats {
-            tx.execute(
-                "UPDATE events SET count = count + ?3, last_seen = max(last_seen, ?4) WHERE site = ?1 AND fingerprint = ?2",
-                params![site, fp, *n as i64, *last as i64],
-            )?;
-        }
-        for (name, n) in [
-            ("coalesced", counters.coalesced),
-            ("dropped_site_rate", counters.dropped_site_rate),
-            ("dropped_network_rate", counters.dropped_network_rate),
-            ("dropped_queue_full", counters.dropped_queue_full),
-        ] {
-            if n > 0 {
-                tx.execute(
-                    "INSERT INTO counters VALUES (?1, ?2) ON CONFLICT DO UPDATE SET count = count + excluded.count",
-                    params![name, n as i64],
-                )?;
-            }
-        }
-        tx.commit()?;
-        if !load {
-            return Ok(None);
-        }
+        let c = &mut st.counters;
+        c.coalesced += counters.coalesced;
+        c.dropped_site_rate += counters.dropped_site_rate;
+        c.dropped_network_rate += counters.dropped_network_rate;
+        c.dropped_queue_full += counters.dropped_queue_full;
+        return false;
+    }
+    if load {
         // At start: what is already queued, for coalescing and the queue cap.
-        let mut known = HashSet::new();
-        let mut q = conn.prepare("SELECT site, fingerprint FROM events")?;
-        for row in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-            known.insert(row?);
-        }
-        let pending: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM events WHERE state = 'pending'",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(Some((known, pending as u32)))
-    });
-    match work.await {
-        Ok(Ok(loaded)) => {
-            if let Some((known, pending)) = loaded {
+        match r.queue.known().await {
+            Ok((known, pending)) => {
                 let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
                 st.known.extend(known);
                 st.pending = pending.max(st.pending);
                 st.loaded = true;
             }
-            true
+            Err(e) => {
+                tracing::warn!(error = %e, "exposure queue not readable");
+                return false;
+            }
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "exposure queue write failed");
-            false
-        }
-        Err(_) => false,
     }
+    true
 }
 
 #[derive(Serialize)]
@@ -451,22 +304,9 @@ struct EventBody<'a> {
 }
 
 async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
-    let db = r.db.clone();
-    let due = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<EventRow>> {
-        if !db.exists() {
-            return Ok(Vec::new());
-        }
-        let conn = open(&db)?;
-        let mut q = conn.prepare(
-            "SELECT id, site, fingerprint, kind, name, policy, first_seen, last_seen, count, network, family,
-                    state, attempts, next_attempt, last_error, delivered_at
-             FROM events WHERE state = 'pending' AND next_attempt <= ?1 ORDER BY next_attempt LIMIT 32",
-        )?;
-        let rows = q.query_map(params![now() as i64], event_row)?;
-        rows.collect()
-    })
-    .await;
-    let Ok(Ok(due)) = due else { return };
+    let Ok(due) = r.queue.due(now(), 32).await else {
+        return;
+    };
     for ev in due {
         let Some(policy) = policies(&ev.site) else {
             continue;
@@ -503,33 +343,38 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
         let result = post(&policy, &ev.id, json).await;
         let attempts = ev.attempts + 1;
         let (state, next, error) = match &result {
-            Ok(()) => ("delivered", 0, None),
-            Err(e) if attempts >= r.settings.max_attempts => ("failed", 0, Some(e.clone())),
+            Ok(()) => (DeliveryState::Delivered, 0, None),
+            Err(e) if attempts >= r.settings.max_attempts => {
+                (DeliveryState::Failed, 0, Some(e.clone()))
+            }
             Err(e) => {
                 let exp = r.settings.backoff_base.as_secs_f64()
                     * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
                 let delay = exp.min(r.settings.backoff_max.as_secs_f64()) * jitter();
-                ("pending", now() + delay.ceil() as u64, Some(e.clone()))
+                (
+                    DeliveryState::Pending,
+                    now() + delay.ceil() as u64,
+                    Some(e.clone()),
+                )
             }
         };
-        if state != "pending" {
+        if state != DeliveryState::Pending {
             let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
             st.secrets.remove(&ev.id);
             st.pending = st.pending.saturating_sub(1);
         }
-        let db = r.db.clone();
-        let id = ev.id.clone();
-        let recorded = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
-            let conn = open(&db)?;
-            conn.execute(
-                "UPDATE events SET state = ?2, attempts = ?3, next_attempt = ?4, last_error = ?5,
-                    delivered_at = CASE WHEN ?2 = 'delivered' THEN ?6 ELSE delivered_at END WHERE id = ?1",
-                params![id, state, attempts as i64, next as i64, error, now() as i64],
-            )?;
-            Ok(())
-        })
-        .await;
-        if let Ok(Err(e)) = recorded {
+        let recorded = r
+            .queue
+            .record(&Attempt {
+                id: ev.id.clone(),
+                state,
+                attempts,
+                next_attempt: next,
+                error,
+                at: now(),
+            })
+            .await;
+        if let Err(e) = recorded {
             // The event stays due with its old attempt count and is tried again.
             tracing::warn!(site = %ev.site, event = %ev.id, error = %e, "exposure event attempt not recorded");
         }

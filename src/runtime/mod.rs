@@ -116,6 +116,7 @@ impl Runtime {
                 .await
                 .map_err(|e| crate::store::StoreError::Task(e.to_string()))??
         };
+        let store = Arc::new(store);
         let overrides = store.overrides().await?;
         let config = source.load(&overrides)?;
         let config_cell = Arc::new(ArcSwap::from_pointee(config.clone()));
@@ -133,7 +134,7 @@ impl Runtime {
                 let site = config.sites.iter().find(|s| s.host.to_string() == host)?;
                 site.response.clone().map(Arc::new)
             });
-            Responder::start(config.exposure.clone(), &state_dir, policies)
+            Responder::start(config.exposure.clone(), store.clone(), policies)
         });
         let edge = Edge::start(EdgeParts {
             settings: &config.edge,
@@ -145,7 +146,7 @@ impl Runtime {
         let inner = Arc::new(Inner {
             source,
             state_dir,
-            store: Arc::new(store),
+            store,
             overrides: Mutex::new(overrides),
             config: config_cell,
             edge,

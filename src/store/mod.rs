@@ -8,10 +8,13 @@
 //! contract tests in `tests/store.rs` run against the trait, so a second backend runs the same
 //! ones. This module never reaches into a plane (edge, DNS, admin): they come to it.
 //!
-//! Still outside the seam, in their own SQLite files: the analytics rollups and exposure
-//! records (`analytics.db`) and the exposure delivery queue (`exposure-events.db`).
+//! [`EventQueue`] is the durable queue of exposure events waiting for their webhook, with
+//! their delivery state. Still outside the seam, in its own SQLite file: the analytics rollups
+//! and exposure records (`analytics.db`).
 
 pub mod sqlite;
+
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -117,4 +120,142 @@ pub trait PolicyStore: Send + Sync {
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
     /// The audit log, oldest first.
     async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
+/// Where an exposure event stands with its webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting for its first or next attempt.
+    Pending,
+    /// The webhook answered 2xx.
+    Delivered,
+    /// Every attempt failed; no more are made.
+    Failed,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeliveryState> {
+        Some(match s {
+            "pending" => DeliveryState::Pending,
+            "delivered" => DeliveryState::Delivered,
+            "failed" => DeliveryState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for DeliveryState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so column widths in `portcullis exposures` apply.
+        f.pad(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for DeliveryState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// A credential seen in cleartext for the first time at a site: the event to deliver. Carries
+/// the keyed fingerprint only, never the credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: String,
+    pub site: String,
+    pub fingerprint: String,
+    pub kind: String,
+    /// The header, cookie, parameter or field name it was found in.
+    pub name: String,
+    /// `notify` or `revoke`.
+    pub policy: String,
+    pub at: Timestamp,
+    pub network: String,
+    pub family: String,
+    pub path: String,
+}
+
+/// More sightings of a credential that already has an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repeat {
+    pub site: String,
+    pub fingerprint: String,
+    pub count: u64,
+    pub last_seen: Timestamp,
+}
+
+/// Counts of events not created, by reason, plus repeats folded into existing events.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub coalesced: u64,
+    pub dropped_site_rate: u64,
+    pub dropped_network_rate: u64,
+    pub dropped_queue_full: u64,
+}
+
+/// One event of the queue, as the API, the dashboard and `portcullis exposures` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueuedEvent {
+    pub id: String,
+    pub site: String,
+    pub fingerprint: String,
+    pub kind: String,
+    pub name: String,
+    pub policy: String,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+    pub count: u64,
+    pub network: String,
+    pub family: String,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub next_attempt: Timestamp,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<Timestamp>,
+}
+
+/// The outcome of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub id: String,
+    pub state: DeliveryState,
+    /// Attempts made so far, this one included.
+    pub attempts: u32,
+    /// When to try again (pending only).
+    pub next_attempt: Timestamp,
+    pub error: Option<String>,
+    pub at: Timestamp,
+}
+
+/// The durable queue of exposure events. One event per (site, fingerprint).
+#[async_trait::async_trait]
+pub trait EventQueue: Send + Sync {
+    /// Adds new events (one already there for the same site and fingerprint is kept), folds
+    /// repeats into their events and adds to the counters, all in one transaction.
+    async fn enqueue(
+        &self,
+        new: &[NewEvent],
+        repeats: &[Repeat],
+        counters: &QueueCounters,
+    ) -> Result<(), StoreError>;
+    /// Every (site, fingerprint) with an event, and how many events are pending.
+    async fn known(&self) -> Result<(HashSet<(String, String)>, u32), StoreError>;
+    /// Pending events whose next attempt is due at `now`, soonest first, at most `limit`.
+    async fn due(&self, now: Timestamp, limit: u32) -> Result<Vec<QueuedEvent>, StoreError>;
+    /// Records an attempt's outcome.
+    async fn record(&self, attempt: &Attempt) -> Result<(), StoreError>;
+    /// Events (of one site, or all), newest first, with the counters.
+    async fn events(
+        &self,
+        site: Option<&str>,
+    ) -> Result<(Vec<QueuedEvent>, QueueCounters), StoreError>;
 }

@@ -1,20 +1,26 @@
 //! The embedded [`PolicyStore`]: one SQLite database in the state directory (WAL mode), opened
 //! once by the running program; CLI reports open it read-only.
 //!
-//! On first open it imports the JSON files earlier versions kept (`overrides.json`,
-//! `stages.json`, `drains.json`, `audit.jsonl`) in the same transaction as the schema, then
-//! renames each to `*.imported`, so an upgrade loses nothing and imports once. A file that
-//! does not parse stops the open with an error naming it, and is left untouched.
+//! On first open it imports what earlier versions kept beside it (`overrides.json`,
+//! `stages.json`, `drains.json`, `audit.jsonl`, and the exposure queue `exposure-events.db`)
+//! in the same transaction as the schema, then renames each to `*.imported`, so an upgrade
+//! loses nothing and imports once. A file that does not parse stops the open with an error
+//! naming it, and is left untouched.
 //!
 //! Queries are blocking; the async trait runs them on tokio's blocking threads.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 
-use super::{AuditEntry, PolicyStore, StoreError};
+use super::{
+    Attempt, AuditEntry, DeliveryState, EventQueue, NewEvent, PolicyStore, QueueCounters,
+    QueuedEvent, Repeat, StoreError,
+};
+use crate::clock::Timestamp;
 use crate::config::{Overrides, SiteOverride};
 use crate::stages::drain::Drain;
 use crate::stages::{Plan, Plans};
@@ -34,7 +40,25 @@ CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, site TEXT NOT NULL,
     entry TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY, site TEXT NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL,
+    name TEXT NOT NULL, policy TEXT NOT NULL, first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL,
+    count INTEGER NOT NULL, network TEXT NOT NULL, family TEXT NOT NULL, path TEXT NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt INTEGER NOT NULL,
+    last_error TEXT, delivered_at INTEGER, created_at INTEGER NOT NULL,
+    UNIQUE (site, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (state, next_attempt);
+CREATE TABLE IF NOT EXISTS queue_counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
 ";
+
+/// The columns of a [`QueuedEvent`], in the order [`SqliteStore::event`] reads them.
+const EVENT_COLUMNS: &str =
+    "id, site, fingerprint, kind, name, policy, first_seen, last_seen, count,
+    network, family, state, attempts, next_attempt, last_error, delivered_at";
+
+/// The exposure queue of earlier versions, in its own file.
+const LEGACY_QUEUE: &str = "exposure-events.db";
 
 /// The state store of one state directory.
 #[derive(Clone)]
@@ -65,6 +89,19 @@ impl SqliteStore {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
+        let legacy_queue = state_dir.join(LEGACY_QUEUE);
+        let attached = legacy_queue.exists();
+        if attached {
+            // ATTACH cannot run inside a transaction; the copy below does.
+            conn.execute(
+                "ATTACH DATABASE ?1 AS legacy",
+                params![legacy_queue.display().to_string()],
+            )
+            .map_err(|e| StoreError::Import {
+                path: legacy_queue.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        }
         let imported = {
             let tx = conn.transaction().map_err(err)?;
             tx.execute_batch(SCHEMA).map_err(err)?;
@@ -73,16 +110,31 @@ impl SqliteStore {
                 params![SCHEMA_VERSION],
             )
             .map_err(err)?;
-            let imported = import_legacy(&tx, state_dir, &path)?;
+            let mut imported = import_legacy(&tx, state_dir, &path)?;
+            if attached {
+                import_legacy_queue(&tx, &legacy_queue)?;
+                imported.push(legacy_queue);
+            }
             tx.commit().map_err(err)?;
             imported
         };
+        if attached {
+            conn.execute("DETACH DATABASE legacy", []).map_err(err)?;
+        }
         // Only once the import is committed: a crash before leaves the files to import again.
+        let mut files = Vec::new();
         for file in imported {
-            let done = file.with_extension(format!(
-                "{}.imported",
-                file.extension().and_then(|e| e.to_str()).unwrap_or("")
-            ));
+            // A SQLite file may have its write-ahead log and index beside it.
+            for suffix in ["-wal", "-shm"] {
+                let side = PathBuf::from(format!("{}{suffix}", file.display()));
+                if side.exists() {
+                    files.push(side);
+                }
+            }
+            files.push(file);
+        }
+        for file in files {
+            let done = PathBuf::from(format!("{}.imported", file.display()));
             match std::fs::rename(&file, &done) {
                 Ok(()) => {
                     tracing::info!(from = %file.display(), to = %done.display(), "state file imported into the store")
@@ -115,11 +167,13 @@ impl SqliteStore {
         }))
     }
 
-    /// Forgets every override, plan, drain and audit entry (the demo starts fresh each time).
+    /// Forgets every override, plan, drain, audit entry and queued event (the demo starts
+    /// fresh each time).
     pub fn clear(&self) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute_batch(
-                "DELETE FROM overrides; DELETE FROM stages; DELETE FROM drains; DELETE FROM audit;",
+                "DELETE FROM overrides; DELETE FROM stages; DELETE FROM drains; DELETE FROM audit;
+                 DELETE FROM events; DELETE FROM queue_counters;",
             )
         })
     }
@@ -287,6 +341,172 @@ impl SqliteStore {
         })
     }
 
+    /// Adds new events, folds repeats and adds to the counters, in one transaction.
+    pub fn enqueue_now(
+        &self,
+        new: &[NewEvent],
+        repeats: &[Repeat],
+        counters: &QueueCounters,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO events (id, site, fingerprint, kind, name, policy, first_seen, last_seen, count,
+                    network, family, path, state, attempts, next_attempt, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 1, ?8, ?9, ?10, 'pending', 0, ?7, ?7)",
+            )?;
+            for e in new {
+                ins.execute(params![
+                    e.id, e.site, e.fingerprint, e.kind, e.name, e.policy, e.at as i64, e.network,
+                    e.family, e.path
+                ])?;
+            }
+            let mut up = tx.prepare_cached(
+                "UPDATE events SET count = count + ?3, last_seen = max(last_seen, ?4)
+                 WHERE site = ?1 AND fingerprint = ?2",
+            )?;
+            for r in repeats {
+                up.execute(params![r.site, r.fingerprint, r.count as i64, r.last_seen as i64])?;
+            }
+            let mut add = tx.prepare_cached(
+                "INSERT INTO queue_counters VALUES (?1, ?2)
+                 ON CONFLICT DO UPDATE SET count = count + excluded.count",
+            )?;
+            for (name, n) in [
+                ("coalesced", counters.coalesced),
+                ("dropped_site_rate", counters.dropped_site_rate),
+                ("dropped_network_rate", counters.dropped_network_rate),
+                ("dropped_queue_full", counters.dropped_queue_full),
+            ] {
+                if n > 0 {
+                    add.execute(params![name, n as i64])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Every (site, fingerprint) with an event, and how many are pending.
+    pub fn known_now(&self) -> Result<(HashSet<(String, String)>, u32), StoreError> {
+        self.read(|c| {
+            let pairs = self.rows(c, "SELECT site, fingerprint FROM events")?;
+            let pending: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM events WHERE state = 'pending'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(|e| sqlite(&self.path, e))?;
+            Ok((pairs.into_iter().collect(), pending.max(0) as u32))
+        })
+    }
+
+    /// Pending events due at `now`, soonest first.
+    pub fn due_now(&self, now: Timestamp, limit: u32) -> Result<Vec<QueuedEvent>, StoreError> {
+        self.read(|c| {
+            self.events_where(
+                c,
+                "state = 'pending' AND next_attempt <= ?1 ORDER BY next_attempt LIMIT ?2",
+                params![now as i64, limit],
+            )
+        })
+    }
+
+    /// Records an attempt's outcome.
+    pub fn record_now(&self, a: &Attempt) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE events SET state = ?2, attempts = ?3, next_attempt = ?4, last_error = ?5,
+                    delivered_at = CASE WHEN ?2 = 'delivered' THEN ?6 ELSE delivered_at END WHERE id = ?1",
+                params![
+                    a.id,
+                    a.state.as_str(),
+                    a.attempts as i64,
+                    a.next_attempt as i64,
+                    a.error,
+                    a.at as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Events of one site (or all), newest first, with the counters.
+    pub fn events_now(
+        &self,
+        site: Option<&str>,
+    ) -> Result<(Vec<QueuedEvent>, QueueCounters), StoreError> {
+        self.read(|c| {
+            let events = self.events_where(
+                c,
+                "(?1 IS NULL OR site = ?1) ORDER BY created_at DESC, id",
+                params![site],
+            )?;
+            let mut counters = QueueCounters::default();
+            let mut q = c
+                .prepare("SELECT name, count FROM queue_counters")
+                .map_err(|e| sqlite(&self.path, e))?;
+            let pairs = q
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| sqlite(&self.path, e))?;
+            for (name, n) in pairs {
+                let n = n.max(0) as u64;
+                match name.as_str() {
+                    "coalesced" => counters.coalesced = n,
+                    "dropped_site_rate" => counters.dropped_site_rate = n,
+                    "dropped_network_rate" => counters.dropped_network_rate = n,
+                    "dropped_queue_full" => counters.dropped_queue_full = n,
+                    _ => {}
+                }
+            }
+            Ok((events, counters))
+        })
+    }
+
+    fn events_where(
+        &self,
+        c: &Connection,
+        filter: &str,
+        p: impl rusqlite::Params,
+    ) -> Result<Vec<QueuedEvent>, StoreError> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE {filter}");
+        let mut q = c.prepare(&sql).map_err(|e| sqlite(&self.path, e))?;
+        let rows = q
+            .query_map(p, |r| {
+                Ok((
+                    r.get::<_, String>(11)?,
+                    QueuedEvent {
+                        id: r.get(0)?,
+                        site: r.get(1)?,
+                        fingerprint: r.get(2)?,
+                        kind: r.get(3)?,
+                        name: r.get(4)?,
+                        policy: r.get(5)?,
+                        first_seen: r.get::<_, i64>(6)?.max(0) as u64,
+                        last_seen: r.get::<_, i64>(7)?.max(0) as u64,
+                        count: r.get::<_, i64>(8)?.max(0) as u64,
+                        network: r.get(9)?,
+                        family: r.get(10)?,
+                        state: DeliveryState::Pending,
+                        attempts: r.get::<_, i64>(12)?.clamp(0, i64::from(u32::MAX)) as u32,
+                        next_attempt: r.get::<_, i64>(13)?.max(0) as u64,
+                        last_error: r.get(14)?,
+                        delivered_at: r.get::<_, Option<i64>>(15)?.map(|t| t.max(0) as u64),
+                    },
+                ))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| sqlite(&self.path, e))?;
+        rows.into_iter()
+            .map(|(state, mut e)| {
+                e.state = DeliveryState::parse(&state).ok_or_else(|| {
+                    self.corrupt("delivery state", &e.id, format!("unknown state {state:?}"))
+                })?;
+                Ok(e)
+            })
+            .collect()
+    }
+
     fn rows(&self, c: &Connection, sql: &str) -> Result<Vec<(String, String)>, StoreError> {
         let mut q = c.prepare(sql).map_err(|e| sqlite(&self.path, e))?;
         q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -343,6 +563,83 @@ impl PolicyStore for SqliteStore {
     async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError> {
         self.blocking(|s| s.audit_now()).await
     }
+}
+
+#[async_trait::async_trait]
+impl EventQueue for SqliteStore {
+    async fn enqueue(
+        &self,
+        new: &[NewEvent],
+        repeats: &[Repeat],
+        counters: &QueueCounters,
+    ) -> Result<(), StoreError> {
+        let (n, r, c) = (new.to_vec(), repeats.to_vec(), counters.clone());
+        self.blocking(move |s| s.enqueue_now(&n, &r, &c)).await
+    }
+
+    async fn known(&self) -> Result<(HashSet<(String, String)>, u32), StoreError> {
+        self.blocking(|s| s.known_now()).await
+    }
+
+    async fn due(&self, now: Timestamp, limit: u32) -> Result<Vec<QueuedEvent>, StoreError> {
+        self.blocking(move |s| s.due_now(now, limit)).await
+    }
+
+    async fn record(&self, attempt: &Attempt) -> Result<(), StoreError> {
+        let a = attempt.clone();
+        self.blocking(move |s| s.record_now(&a)).await
+    }
+
+    async fn events(
+        &self,
+        site: Option<&str>,
+    ) -> Result<(Vec<QueuedEvent>, QueueCounters), StoreError> {
+        let site = site.map(str::to_owned);
+        self.blocking(move |s| s.events_now(site.as_deref())).await
+    }
+}
+
+/// Copies the exposure queue of an earlier version (attached as `legacy`) into empty tables.
+fn import_legacy_queue(tx: &Transaction<'_>, file: &Path) -> Result<(), StoreError> {
+    let bad = |e: rusqlite::Error| StoreError::Import {
+        path: file.display().to_string(),
+        reason: e.to_string(),
+    };
+    let empty = tx
+        .query_row("SELECT 1 FROM events LIMIT 1", [], |_| Ok(()))
+        .optional()
+        .map_err(bad)?
+        .is_none();
+    if !empty {
+        return Ok(());
+    }
+    let has = |table: &str| -> Result<bool, StoreError> {
+        tx.query_row(
+            "SELECT 1 FROM legacy.sqlite_master WHERE type = 'table' AND name = ?1",
+            params![table],
+            |_| Ok(()),
+        )
+        .optional()
+        .map(|r| r.is_some())
+        .map_err(bad)
+    };
+    if has("events")? {
+        tx.execute(
+            "INSERT INTO events SELECT id, site, fingerprint, kind, name, policy, first_seen, last_seen,
+                count, network, family, path, state, attempts, next_attempt, last_error, delivered_at,
+                created_at FROM legacy.events",
+            [],
+        )
+        .map_err(bad)?;
+    }
+    if has("counters")? {
+        tx.execute(
+            "INSERT INTO queue_counters SELECT name, count FROM legacy.counters",
+            [],
+        )
+        .map_err(bad)?;
+    }
+    Ok(())
 }
 
 fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
