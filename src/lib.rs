@@ -17,7 +17,8 @@
 //! - [`stages`]: staged switch-off plans: warn headers, brownout windows, the move.
 //! - [`demo`]: the built-in demo: a loopback config and an echo origin.
 //!
-//! The binary (`main.rs`) only parses arguments and calls into these modules.
+//! The binary (`main.rs`) only parses arguments and calls into these modules; its flags live in
+//! `cli.rs` and what it prints in `output.rs`, modules of the binary, not of this library.
 
 #![forbid(unsafe_code)]
 
