@@ -1,0 +1,237 @@
+//! The TLS port's checks: what cleartext sent to it gets, then a handshake that records the
+//! version, cipher, ALPN and certificate (trusted? matching the host? expiring?), then one GET
+//! for the status and the HSTS header.
+//!
+//! An untrusted certificate must not stop the audit, so the handshake accepts any certificate
+//! and records the real verification's verdict for the report; that connection must never be
+//! used for anything but this audit's one request.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::cleartext::ask;
+use super::report::{parse_hsts, TlsInfo, TlsReport};
+use super::ProbeOptions;
+
+/// Accepts any certificate but records what the real verification said, so the audit can go
+/// on and report an invalid certificate instead of stopping at it.
+#[derive(Debug)]
+struct RecordingVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    result: Mutex<Option<String>>,
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let r = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = r.err().map(|e| e.to_string());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+pub(super) async fn probe_tls(
+    o: &ProbeOptions,
+    host: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> TlsReport {
+    let mut report = TlsReport {
+        handshake: None,
+        error: None,
+        hsts: None,
+        cleartext_to_tls_port: None,
+    };
+    // What cleartext sent to the TLS port gets.
+    if let Ok(Ok(s)) = tokio::time::timeout(o.timeout, TcpStream::connect(addr)).await {
+        let authority = format!("{host}:{}", addr.port());
+        report.cleartext_to_tls_port = Some(ask(o, s, &authority, path, None, host).await);
+    }
+    let roots = crate::tls::trust_anchors(&o.ca);
+    let inner =
+        match WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+            .build()
+        {
+            Ok(v) => v,
+            Err(e) => {
+                report.error = Some(format!("no trust anchors: {e}"));
+                return report;
+            }
+        };
+    let verifier = Arc::new(RecordingVerifier {
+        inner,
+        result: Mutex::new(None),
+    });
+    let Ok(builder) = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+    else {
+        report.error = Some("no TLS versions".into());
+        return report;
+    };
+    let mut cfg = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec(), b"h2".to_vec()];
+    let name = match ServerName::try_from(host.to_owned()) {
+        Ok(n) => n,
+        Err(e) => {
+            report.error = Some(format!("{host:?} is not a server name: {e}"));
+            return report;
+        }
+    };
+    let connect = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))
+    };
+    let tls = match tokio::time::timeout(o.timeout, connect).await {
+        Err(_) => {
+            report.error = Some("TLS handshake timed out".into());
+            return report;
+        }
+        Ok(Err(e)) => {
+            report.error = Some(e);
+            return report;
+        }
+        Ok(Ok(t)) => t,
+    };
+    let conn = tls.get_ref().1;
+    let leaf = conn.peer_certificates().and_then(|c| c.first()).cloned();
+    let hostname_match = leaf.as_ref().is_some_and(|l| {
+        webpki::EndEntityCert::try_from(l).is_ok_and(|ee| {
+            ServerName::try_from(host.to_owned())
+                .is_ok_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok())
+        })
+    });
+    let days_to_expiry = leaf.as_ref().and_then(|l| {
+        let (_, cert) = x509_parser::parse_x509_certificate(l).ok()?;
+        let not_after = cert.validity().not_after.timestamp();
+        Some((not_after - crate::clock::now() as i64).div_euclid(86_400))
+    });
+    let mut info = TlsInfo {
+        version: conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        cipher: conn
+            .negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default(),
+        alpn: conn
+            .alpn_protocol()
+            .map(|a| String::from_utf8_lossy(a).into_owned()),
+        chain_error: verifier
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+        hostname_match,
+        days_to_expiry,
+        status: None,
+    };
+    let h2 = info.alpn.as_deref() == Some("h2");
+    let (status, hsts) = https_get(o, tls, host, addr.port(), path, h2).await;
+    info.status = status;
+    report.hsts = hsts.as_deref().map(parse_hsts);
+    report.handshake = Some(info);
+    report
+}
+
+async fn https_get<T>(
+    o: &ProbeOptions,
+    io: T,
+    host: &str,
+    port: u16,
+    path: &str,
+    h2: bool,
+) -> (Option<u16>, Option<String>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let authority = if port == 443 {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    };
+    let exchange = async {
+        let resp = if h2 {
+            let (mut s, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(io),
+            )
+            .await
+            .ok()?;
+            tokio::spawn(conn);
+            let uri = format!("https://{authority}{path}");
+            s.send_request(Request::get(uri).body(Empty::<Bytes>::new()).ok()?)
+                .await
+                .ok()?
+        } else {
+            let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            let req = Request::get(path)
+                .header(http::header::HOST, &authority)
+                .body(Empty::<Bytes>::new())
+                .ok()?;
+            s.send_request(req).await.ok()?
+        };
+        let hsts = resp
+            .headers()
+            .get(http::header::STRICT_TRANSPORT_SECURITY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Some((resp.status().as_u16(), hsts))
+    };
+    match tokio::time::timeout(o.timeout, exchange).await {
+        Ok(Some((s, h))) => (Some(s), h),
+        _ => (None, None),
+    }
+}
