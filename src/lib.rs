@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the TOML schema, every load-time invariant, and the validated [`config::Config`].
 //! - [`tls`]: PEM loading, the development CA, and the rustls server config (certificate by SNI).
+//! - [`https`]: the one HTTPS client helper: TLS connect with an SNI name, one HTTP/1.1 request.
 //! - [`analytics`]: observations, in-memory aggregation, the SQLite store, the impact report and
 //!   `/metrics`.
 //! - [`exposure`]: credential detection in cleartext requests and keyed fingerprints.
@@ -32,6 +33,7 @@ pub mod edge;
 pub mod exposure;
 pub mod firewall;
 pub mod hex;
+pub mod https;
 pub mod net;
 pub mod observe;
 pub mod probe;

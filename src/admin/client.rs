@@ -6,8 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
+
+use crate::https::HttpsError;
 
 /// Why a CLI call to the admin API failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,19 +55,15 @@ pub async fn call(
         reason,
     };
     let cfg = crate::tls::client_config(&extra)?;
-    let name = ServerName::try_from(host.clone())
-        .map_err(|_| ClientError::BadAddress(admin.to_owned()))?;
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+    let tls = crate::https::connect((host.as_str(), port), &host, Arc::new(cfg))
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| unreachable(format!("TLS: {e} (give the admin CA with --ca)")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    tokio::spawn(conn);
+        .map_err(|e| match e {
+            HttpsError::Name(_) => ClientError::BadAddress(admin.to_owned()),
+            HttpsError::Handshake(e) => {
+                unreachable(format!("TLS: {e} (give the admin CA with --ca)"))
+            }
+            e => unreachable(e.to_string()),
+        })?;
     let req = Request::builder()
         .method(method)
         .uri(path)
@@ -76,8 +72,7 @@ pub async fn call(
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| unreachable(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
+    let resp = crate::https::send(tls, req)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let status = resp.status();

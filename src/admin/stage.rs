@@ -11,6 +11,7 @@ use super::service::{append_audit, apply_change, site_view, Change, Refused};
 use super::{Ctx, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
+use crate::https::HttpsError;
 use crate::stages::{self, Brownout, Plan, Stage};
 use crate::store::{AuditEntry, AuditEvent, StageStep};
 
@@ -116,32 +117,19 @@ async fn self_probe(ctx: &Ctx, host: &str, pool: &crate::config::Pool) -> Result
     let dev =
         crate::tls::load_certs(&crate::tls::DevCa::cert_path(&ctx.state_dir)).unwrap_or_default();
     let cfg = crate::tls::client_config(&dev).map_err(|e| e.to_string())?;
-    let server_name =
-        rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| e.to_string())?;
-    let work = async {
-        let tcp = tokio::net::TcpStream::connect((*addr, port))
-            .await
-            .map_err(|e| format!("connect {addr}:{port}: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| format!("TLS to {addr}:{port}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = http::Request::get("/")
-            .header(http::header::HOST, &name)
-            .header(http::header::USER_AGENT, "portcullis-readiness-probe")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        sender.send_request(req).await.map_err(|e| e.to_string())?;
-        Ok::<(), String>(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), work)
-        .await
-        .map_err(|_| "timed out".to_owned())?
+    let req = http::Request::get("/")
+        .header(http::header::HOST, &name)
+        .header(http::header::USER_AGENT, "portcullis-readiness-probe")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let work = crate::https::request((*addr, port), &name, Arc::new(cfg), req);
+    match tokio::time::timeout(Duration::from_secs(5), work).await {
+        Err(_) => Err("timed out".to_owned()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(HttpsError::Connect(e))) => Err(format!("connect {addr}:{port}: {e}")),
+        Ok(Err(HttpsError::Handshake(e))) => Err(format!("TLS to {addr}:{port}: {e}")),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
 }
 
 /// Applies a stage change (or just settings): gates, the move or its rollback, saving,

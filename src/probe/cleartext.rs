@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -79,10 +78,6 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let exchange = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .ok()?;
-        tokio::spawn(conn);
         let mut req = Request::get(path)
             .header(http::header::HOST, authority)
             .header(http::header::USER_AGENT, "portcullis-probe")
@@ -90,8 +85,7 @@ where
         if let Some(c) = credential {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {c}"));
         }
-        let resp = sender
-            .send_request(req.body(Empty::<Bytes>::new()).ok()?)
+        let resp = crate::https::send(io, req.body(Empty::<Bytes>::new()).ok()?)
             .await
             .ok()?;
         let location = resp

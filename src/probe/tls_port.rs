@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use super::cleartext::ask;
 use super::report::{parse_hsts, TlsInfo, TlsReport};
 use super::ProbeOptions;
+use crate::https::HttpsError;
 
 /// Accepts any certificate but records what the real verification said, so the audit can go
 /// on and report an invalid certificate instead of stopping at it.
@@ -114,29 +115,18 @@ pub(super) async fn probe_tls(
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec(), b"h2".to_vec()];
-    let name = match ServerName::try_from(host.to_owned()) {
-        Ok(n) => n,
-        Err(e) => {
-            report.error = Some(format!("{host:?} is not a server name: {e}"));
-            return report;
-        }
-    };
-    let connect = async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))
-    };
+    let connect = crate::https::connect(addr, host, Arc::new(cfg));
     let tls = match tokio::time::timeout(o.timeout, connect).await {
         Err(_) => {
             report.error = Some("TLS handshake timed out".into());
             return report;
         }
         Ok(Err(e)) => {
-            report.error = Some(e);
+            report.error = Some(match e {
+                HttpsError::Name(e) => format!("{host:?} is not a server name: {e}"),
+                HttpsError::Connect(e) => format!("connect: {e}"),
+                e => format!("handshake: {e}"),
+            });
             return report;
         }
         Ok(Ok(t)) => t,
@@ -213,15 +203,11 @@ where
                 .await
                 .ok()?
         } else {
-            let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                .await
-                .ok()?;
-            tokio::spawn(conn);
             let req = Request::get(path)
                 .header(http::header::HOST, &authority)
                 .body(Empty::<Bytes>::new())
                 .ok()?;
-            s.send_request(req).await.ok()?
+            crate::https::send(io, req).await.ok()?
         };
         let hsts = resp
             .headers()
