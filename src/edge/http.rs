@@ -4,7 +4,6 @@
 //! Every answer built here comes from the configured site, never from an unchecked Host
 //! header, and the reject answer is the same bytes whatever the request carried.
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use super::conn::{ConnInfo, InFlight};
+use super::host::{self, BadHost, RequestHost};
 use super::proxy::{forward, text, Body, ClientBody};
 use super::snapshot::SiteRuntime;
 use crate::analytics::aggregate::{Observation, SiteId};
@@ -183,8 +183,9 @@ async fn route(
     let snap = conn.shared.snapshot.load_full();
     let routes = snap.pool_for(&conn.key, &conn.pool);
     let host = request_host(&req);
-    let has_host = host.is_some();
-    let site_idx = host.and_then(|host| routes?.find(&host));
+    // A Host that cannot be a host matches no site: 421 as for an unknown name, not 400.
+    let has_host = host != Err(BadHost::Missing);
+    let site_idx = host.ok().and_then(|host| routes?.find(host.as_str()));
     let site = site_idx.and_then(|i| snap.sites.get(i));
     let default = ExtraPositions::default();
     let extra = site.map_or(&default, |s| &s.exposure);
@@ -291,8 +292,8 @@ async fn route(
             };
             let mut resp = match mode {
                 CleartextMode::Redirect => {
-                    let host = request_host(&req).unwrap_or(Cow::Borrowed(""));
-                    redirect(site, &host, &req)
+                    let host = request_host(&req);
+                    redirect(site, host.as_ref().map_or("", RequestHost::as_str), &req)
                 }
                 CleartextMode::Allow => {
                     let req = req.map(|()| body);
@@ -331,33 +332,16 @@ fn body_is_sent<B: hyper::body::Body>(req: &Request<B>) -> bool {
     searched && !expects && !req.body().is_end_stream()
 }
 
-/// The request's hostname, lowercase, without port: from the URI authority (HTTP/2
-/// `:authority`, absolute-form HTTP/1.1) or else the Host header.
-fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.host(),
+/// The request's host (see [`host::parse`]): from the URI authority (HTTP/2 `:authority`,
+/// absolute-form HTTP/1.1) or else the Host header. A Host value that is not visible ASCII
+/// names no host.
+fn request_host<B>(req: &Request<B>) -> Result<RequestHost<'_>, BadHost> {
+    match req.uri().authority() {
+        Some(a) => host::parse(a.host()),
         None => {
-            let h = req.headers().get(HOST)?.to_str().ok()?;
-            strip_port(h)
+            let h = req.headers().get(HOST).ok_or(BadHost::Missing)?;
+            host::parse(h.to_str().map_err(|_| BadHost::Missing)?)
         }
-    };
-    let host = raw.trim_end_matches('.');
-    if host.is_empty() {
-        return None;
-    }
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(host.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(host)
-    })
-}
-
-pub(crate) fn strip_port(h: &str) -> &str {
-    match h.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            host
-        }
-        _ => h,
     }
 }
 

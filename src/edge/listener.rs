@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::capture::{Captured, HeadCapture};
 use super::conn::{ClientAddr, ConnInfo};
+use super::host;
 use super::http::handle;
 use super::{bump, Shared, Snapshot};
 use crate::analytics::aggregate::SiteId;
@@ -190,7 +191,8 @@ fn record_found(
     a.record_with_exposures(obs, found, path);
 }
 
-/// The host a raw head names in its `Host` line, lowercase and without port, read leniently.
+/// The host a raw head names in its first `Host` line that holds one (see [`host::parse`]),
+/// read leniently: the head is one the HTTP parser refused, or never finished.
 fn lenient_host(raw: &[u8]) -> Option<String> {
     let head = &raw[..raw.len().min(64 * 1024)];
     head.split(|b| *b == b'\n').skip(1).find_map(|line| {
@@ -200,8 +202,7 @@ fn lenient_host(raw: &[u8]) -> Option<String> {
             return None;
         }
         let value = std::str::from_utf8(line[colon + 1..].trim_ascii()).ok()?;
-        let host = crate::edge::http::strip_port(value).trim_end_matches('.');
-        (!host.is_empty()).then(|| host.to_ascii_lowercase())
+        host::parse(value).ok().map(|h| h.as_str().to_owned())
     })
 }
 
@@ -429,8 +430,8 @@ fn parsed_on_tls_port(
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok());
     let site = host
-        .map(|h| crate::edge::http::strip_port(h).to_ascii_lowercase())
-        .and_then(|h| snap.site_on(&key, &h));
+        .and_then(|h| host::parse(h).ok())
+        .and_then(|h| snap.site_on(&key, h.as_str()));
     if let Some(site) = site {
         obs.site = site.id;
     }
@@ -556,5 +557,35 @@ async fn serve_http<T>(
         Ended::Normally => {}
         Ended::FirstRequestTimeout => bump(&shared.stats.first_request_timeouts),
         Ended::Forced => bump(&shared.stats.forced_closes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lenient_host;
+
+    #[test]
+    fn lenient_host_reads_refused_heads_without_panicking() {
+        let head =
+            b"GET / HTTP/1.1\r\nX-Big: \xff\xfe\r\nHOST :  Legacy.Test.:8080 \r\nbad line\r\n";
+        assert_eq!(lenient_host(head).as_deref(), Some("legacy.test"));
+        // The request line is never a Host line, and a junk Host line names no host.
+        assert_eq!(lenient_host(b"Host: a.test\r\n"), None);
+        assert_eq!(lenient_host(b"GET / HTTP/1.1\r\nHost: a b\r\n"), None);
+        assert_eq!(lenient_host(b"GET / HTTP/1.1\r\nHost: \xc3\x28\r\n"), None);
+        // The first Host line that holds a host wins.
+        let two = b"GET / HTTP/1.1\r\nHost:\r\nHost: [::1\r\nHost: b.test\r\nHost: c.test\r\n";
+        assert_eq!(lenient_host(two).as_deref(), Some("b.test"));
+        for junk in [&b""[..], b"\n", b"\n:", b"\n\n\n", &[0xff; 70_000]] {
+            assert_eq!(lenient_host(junk), None);
+        }
+        let mut beyond = b"GET / HTTP/1.1\r\n".to_vec();
+        beyond.extend(std::iter::repeat_n(b'x', 64 * 1024));
+        beyond.extend(b"\r\nHost: late.test\r\n");
+        assert_eq!(
+            lenient_host(&beyond),
+            None,
+            "only the first 64 KiB are read"
+        );
     }
 }

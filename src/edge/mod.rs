@@ -11,6 +11,7 @@
 
 mod capture;
 mod conn;
+mod host;
 mod http;
 mod listener;
 mod proxy;
