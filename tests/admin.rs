@@ -257,6 +257,56 @@ async fn a_change_applies_live_persists_is_audited_and_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_sites_overrides_restores_the_file_live_and_is_audited() {
+    let s = setup().await;
+    let clear = SocketAddr::from((s.open, 4080));
+    let (status, _, body) = s
+        .call(
+            Some(&s.token),
+            Method::PATCH,
+            "/api/sites/www.test",
+            r#"{"cleartext":"reject"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(http(clear, get("http://www.test/")).await.status, 403);
+    let drop = "/api/sites/www.test/overrides";
+    let (status, _, body) = s.call(Some(READ_ONLY), Method::DELETE, drop, "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(http(clear, get("http://www.test/")).await.status, 403);
+    let (status, _, body) = s.call(Some(&s.token), Method::DELETE, drop, "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["cleartext"], "redirect", "the file's mode again");
+    assert_eq!(v["overridden"], false);
+    assert_eq!(http(clear, get("http://www.test/")).await.status, 301);
+    let (_, _, audit) = s.call(Some(&s.token), Method::GET, "/api/audit", "").await;
+    let audit: Vec<serde_json::Value> = serde_json::from_str(&audit).expect("json");
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert_eq!(audit[1]["before"]["cleartext"], "reject");
+    assert_eq!(audit[1]["after"]["cleartext"], "redirect");
+    assert_eq!(
+        audit[1]["change"]["dropped_overrides"]["cleartext"],
+        "reject"
+    );
+    // Nothing left to drop: the site is as it is, and nothing more is audited.
+    let (status, _, _) = s.call(Some(&s.token), Method::DELETE, drop, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, _, audit) = s.call(Some(&s.token), Method::GET, "/api/audit", "").await;
+    let audit: Vec<serde_json::Value> = serde_json::from_str(&audit).expect("json");
+    assert_eq!(audit.len(), 2);
+    let (status, _, _) = s
+        .call(
+            Some(&s.token),
+            Method::DELETE,
+            "/api/sites/nope.test/overrides",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_that_breaks_the_config_is_refused_with_the_validator_message() {
     let s = setup().await;
     let (status, _, body) = s

@@ -12,7 +12,7 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::service::{apply_change, site_view, Change, Refused, SiteView};
+use super::service::{apply_change, drop_site_overrides, site_view, Change, Refused, SiteView};
 use super::{Ctx, Peer, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
@@ -34,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/audit"),
     ("GET", "/api/exposure-events"),
     ("POST", "/api/sites/{host}/stage"),
+    ("DELETE", "/api/sites/{host}/overrides"),
 ];
 
 /// The OpenAPI 3.1 document served at `/api/openapi.json`.
@@ -57,6 +58,10 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/audit", get(audit))
         .route("/api/exposure-events", get(exposure_events))
         .route("/api/sites/{host}/stage", axum::routing::post(stage_change))
+        .route(
+            "/api/sites/{host}/overrides",
+            axum::routing::delete(drop_overrides),
+        )
         .route("/", get(super::ui::overview))
         .route("/login", get(super::ui::login_form).post(super::ui::login))
         .route("/logout", axum::routing::post(super::ui::logout))
@@ -204,6 +209,22 @@ async fn change(
         Err(Refused::Invalid(problems)) => (
             StatusCode::UNPROCESSABLE_ENTITY,
             Json(json!({ "error": "the change breaks the config; nothing was applied", "problems": problems })),
+        )
+            .into_response(),
+        Err(Refused::Other(status, message)) => error(status, message),
+    }
+}
+
+async fn drop_overrides(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(role): Extension<Role>,
+    Path(host): Path<String>,
+) -> Response {
+    match drop_site_overrides(&ctx, role, &host.to_ascii_lowercase()).await {
+        Ok(after) => Json(after).into_response(),
+        Err(Refused::Invalid(problems)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": "without its overrides the config breaks; nothing was applied", "problems": problems })),
         )
             .into_response(),
         Err(Refused::Other(status, message)) => error(status, message),

@@ -129,25 +129,72 @@ pub(crate) async fn apply_change(
             ),
         })?;
     let after = site_view(ctx, host);
-    let state = |v: &SiteView| SiteState {
-        pool: v.pool.clone(),
-        cleartext: v.cleartext.to_owned(),
-        origin: v.origin.clone(),
-        hsts: v.hsts.clone(),
-    };
     let entry = AuditEntry {
         at: crate::clock::now(),
         who: role.as_str().to_owned(),
         site: host.to_owned(),
         event: AuditEvent::Site {
             change: serde_json::to_value(&change).unwrap_or_default(),
-            before: state(&before),
-            after: after.as_ref().map(state),
+            before: site_state(&before),
+            after: after.as_ref().map(site_state),
         },
     };
     append_audit(ctx, &entry).await;
     tracing::info!(site = %host, who = role.as_str(), "site changed through the admin plane");
     Ok(after)
+}
+
+/// Drops every change made through the admin plane to one site: the file's settings apply
+/// again, live, and the drop is audited. A site without overrides is left as it is.
+pub(crate) async fn drop_site_overrides(
+    ctx: &Ctx,
+    role: Role,
+    host: &str,
+) -> Result<Option<SiteView>, Refused> {
+    let _serial = ctx.changes.lock().await;
+    let Some(before) = site_view(ctx, host) else {
+        return Err(Refused::Other(
+            StatusCode::NOT_FOUND,
+            format!("no site {host:?}"),
+        ));
+    };
+    let mut overrides = ctx.control.overrides();
+    let Some(dropped) = overrides.remove(host) else {
+        return Ok(Some(before));
+    };
+    ctx.control
+        .apply_overrides(overrides)
+        .await
+        .map_err(|e| match e {
+            ControlError::Invalid(e) => Refused::Invalid(e.lines()),
+            e => Refused::Other(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("not applied: {e}"),
+            ),
+        })?;
+    let after = site_view(ctx, host);
+    let entry = AuditEntry {
+        at: crate::clock::now(),
+        who: role.as_str().to_owned(),
+        site: host.to_owned(),
+        event: AuditEvent::Site {
+            change: serde_json::json!({ "dropped_overrides": dropped }),
+            before: site_state(&before),
+            after: after.as_ref().map(site_state),
+        },
+    };
+    append_audit(ctx, &entry).await;
+    tracing::info!(site = %host, who = role.as_str(), "site overrides dropped through the admin plane");
+    Ok(after)
+}
+
+fn site_state(v: &SiteView) -> SiteState {
+    SiteState {
+        pool: v.pool.clone(),
+        cleartext: v.cleartext.to_owned(),
+        origin: v.origin.clone(),
+        hsts: v.hsts.clone(),
+    }
 }
 
 /// Records a change in the audit log. A change already applied stays applied if the log
