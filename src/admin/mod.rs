@@ -9,19 +9,18 @@
 //! the same `apply` as SIGHUP and keeps them; this module records them in the store's audit log.
 //! It never touches the edge or the firewall itself. A token never reaches a log.
 
-mod api;
+mod auth;
 pub mod client;
+mod pages;
+mod routes;
 mod service;
 mod stage;
-mod ui;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use aws_lc_rs::digest;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,12 +29,10 @@ use crate::config::{AdminSettings, Config, ConfigError, ListenerKind, Overrides}
 use crate::stages::drain::Drain;
 use crate::stages::Plans;
 
-pub use api::{OPENAPI, ROUTES};
+pub use auth::{hash_token, token_path};
+use auth::{parse_hex32, token};
+pub use routes::{OPENAPI, ROUTES};
 
-/// Failed authentications allowed per client address and window before 429.
-const MAX_FAILURES: u32 = 5;
-/// The rate limiter's window.
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Admin connections open at once: a handful of operators and scripts need far fewer, and
 /// the cap keeps the control plane from taking the descriptors the edge serves with.
 const MAX_CONNECTIONS: usize = 64;
@@ -126,87 +123,7 @@ pub(crate) struct Ctx {
     /// Serialises changes: read overrides, validate, apply, persist.
     changes: tokio::sync::Mutex<()>,
     /// Dashboard sessions by cookie value.
-    sessions: Mutex<HashMap<String, ui::Session>>,
-}
-
-impl Ctx {
-    /// The role of a presented token, comparing digests in constant time.
-    fn role(&self, presented: &str) -> Option<Role> {
-        let d = digest::digest(&digest::SHA256, presented.as_bytes());
-        let is =
-            |h: &[u8; 32]| aws_lc_rs::constant_time::verify_slices_are_equal(d.as_ref(), h).is_ok();
-        if is(&self.token) {
-            Some(Role::Admin)
-        } else if self.read_only.as_ref().is_some_and(is) {
-            Some(Role::ReadOnly)
-        } else {
-            None
-        }
-    }
-
-    /// Seconds to wait before trying again, if `ip` has failed too often.
-    fn limited(&self, ip: IpAddr) -> Option<u64> {
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let (n, since) = map.get(&ip)?;
-        let left = FAILURE_WINDOW.checked_sub(since.elapsed())?;
-        (*n >= MAX_FAILURES).then(|| left.as_secs().max(1))
-    }
-
-    fn failed(&self, ip: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let e = map.entry(ip).or_insert((0, tokio::time::Instant::now()));
-        if e.1.elapsed() >= FAILURE_WINDOW {
-            *e = (0, tokio::time::Instant::now());
-        }
-        e.0 += 1;
-        // Bounded: forget stale entries once the map grows.
-        if map.len() > 10_000 {
-            map.retain(|_, (_, t)| t.elapsed() < FAILURE_WINDOW);
-        }
-    }
-}
-
-/// The token file in a state directory.
-pub fn token_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("admin-token.sha256")
-}
-
-/// Loads the admin token's digest, or creates a token: returns the new token (to show once).
-fn token(state_dir: &Path) -> Result<([u8; 32], Option<String>), AdminError> {
-    let path = token_path(state_dir);
-    let fail = |reason: String| AdminError::Token {
-        path: path.display().to_string(),
-        reason,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(hex) => Ok((
-            parse_hex32(hex.trim()).ok_or_else(|| fail("not a SHA-256 in hex".into()))?,
-            None,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut raw = [0u8; 24];
-            aws_lc_rs::rand::fill(&mut raw).map_err(|_| fail("no system randomness".into()))?;
-            let token = format!("pct_{}", crate::hex::encode(&raw));
-            let d = digest::digest(&digest::SHA256, token.as_bytes());
-            let hex = crate::hex::encode(d.as_ref());
-            std::fs::create_dir_all(state_dir).map_err(|e| fail(e.to_string()))?;
-            crate::tls::write_private(&path, format!("{hex}\n").as_bytes())
-                .map_err(|e| fail(e.to_string()))?;
-            let mut h = [0u8; 32];
-            h.copy_from_slice(d.as_ref());
-            Ok((h, Some(token)))
-        }
-        Err(e) => Err(fail(e.to_string())),
-    }
-}
-
-/// The SHA-256 of a token, in hex, for `read_only_token_sha256`.
-pub fn hash_token(token: &str) -> String {
-    crate::hex::encode(digest::digest(&digest::SHA256, token.trim().as_bytes()).as_ref())
-}
-
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    crate::hex::decode::<32>(s)
+    sessions: Mutex<HashMap<String, auth::Session>>,
 }
 
 /// A running admin plane.
@@ -255,7 +172,7 @@ pub async fn start(
         changes: tokio::sync::Mutex::new(()),
         sessions: Mutex::new(HashMap::new()),
     });
-    let router = api::router(ctx);
+    let router = routes::router(ctx);
     tracing::info!(%addr, "admin API listening (HTTPS only)");
     let acceptor = crate::net::Acceptor::new(listener, "admin");
     let limits = crate::net::Limits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);

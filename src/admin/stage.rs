@@ -1,5 +1,6 @@
 //! Stage changes through the admin plane: readiness gates, `force`, the move and its rollback,
-//! persistence and the audit trail.
+//! and the audit trail. Plans are kept and applied by the root (`Control::set_stages`); this
+//! file never writes them itself.
 
 use std::sync::Arc;
 use std::time::Duration;

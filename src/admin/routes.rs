@@ -1,11 +1,13 @@
-//! Routes of the admin API. `ROUTES` lists them for the OpenAPI document's test.
+//! Routes of the admin API: the router, with the JSON handlers over [`super::service`] and the
+//! root's [`super::Control`], and the dashboard's pages mounted beside them. `ROUTES` lists
+//! every route for the OpenAPI document's test. Handlers never touch the edge, the firewall or
+//! a file: they read through `Control` and the stores, and ask `Control` for every change.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -13,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::service::{apply_change, drop_site_overrides, site_view, Change, Refused, SiteView};
-use super::{Ctx, Peer, Role};
+use super::{Ctx, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
 use crate::store::AuditEntry;
@@ -62,17 +64,23 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
             "/api/sites/{host}/overrides",
             axum::routing::delete(drop_overrides),
         )
-        .route("/", get(super::ui::overview))
-        .route("/login", get(super::ui::login_form).post(super::ui::login))
-        .route("/logout", axum::routing::post(super::ui::logout))
-        .route("/ui/site/{host}", get(super::ui::site))
-        .route("/ui/site/{host}/confirm", get(super::ui::confirm))
+        .route("/", get(super::pages::overview))
+        .route(
+            "/login",
+            get(super::pages::login_form).post(super::pages::login),
+        )
+        .route("/logout", axum::routing::post(super::pages::logout))
+        .route("/ui/site/{host}", get(super::pages::site))
+        .route("/ui/site/{host}/confirm", get(super::pages::confirm))
         .route(
             "/ui/site/{host}/mode",
-            axum::routing::post(super::ui::set_mode),
+            axum::routing::post(super::pages::set_mode),
         )
-        .route("/ui/audit", get(super::ui::audit))
-        .layer(middleware::from_fn_with_state(ctx.clone(), auth))
+        .route("/ui/audit", get(super::pages::audit))
+        .layer(middleware::from_fn_with_state(
+            ctx.clone(),
+            super::auth::check,
+        ))
         .with_state(ctx)
 }
 
@@ -87,71 +95,6 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         error(self.0, self.1)
     }
-}
-
-/// Bearer-token (or dashboard session) check for every route but `/healthz` and the login
-/// form; read-only tokens may only read; sessions change things only through the dashboard's
-/// CSRF-protected forms.
-async fn auth(State(ctx): State<Arc<Ctx>>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_owned();
-    if path == "/healthz" || path == "/login" {
-        return next.run(req).await;
-    }
-    if let Some(session) = super::ui::session_id(req.headers()).and_then(|id| {
-        let sessions = ctx.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions
-            .get(&id)
-            .filter(|s| s.expires > tokio::time::Instant::now())
-            .cloned()
-    }) {
-        let reading = matches!(*req.method(), Method::GET | Method::HEAD);
-        if !reading && path.starts_with("/api/") {
-            return error(
-                StatusCode::FORBIDDEN,
-                "API changes need the bearer token; the dashboard uses its forms",
-            );
-        }
-        req.extensions_mut().insert(session.role);
-        req.extensions_mut().insert(session);
-        return next.run(req).await;
-    }
-    let is_page = path == "/" || path.starts_with("/ui/");
-    if is_page && req.headers().get(header::AUTHORIZATION).is_none() {
-        return axum::response::Redirect::to("/login").into_response();
-    }
-    let ip = req
-        .extensions()
-        .get::<Peer>()
-        .map(|p| p.0)
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    if let Some(wait) = ctx.limited(ip) {
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed attempts; try again later",
-        );
-        if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return r;
-    }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(role) = presented.and_then(|t| ctx.role(t)) else {
-        ctx.failed(ip);
-        let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return r;
-    };
-    if role == Role::ReadOnly && !matches!(*req.method(), Method::GET | Method::HEAD) {
-        return error(StatusCode::FORBIDDEN, "this token is read-only");
-    }
-    req.extensions_mut().insert(role);
-    next.run(req).await
 }
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> Json<Value> {

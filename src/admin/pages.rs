@@ -3,30 +3,17 @@
 //! SameSite=Strict` session cookie; every change is a POST carrying the session's CSRF token.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Form, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
+use super::auth::{session_id, Session, COOKIE, SESSION_LIFETIME};
 use super::service::{apply_change, site_view, Change, Refused};
 use super::{Ctx, Peer, Role};
 use crate::analytics::impact;
 use crate::analytics::store::Store;
-
-/// How long a dashboard session lasts.
-pub(crate) const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-pub(crate) const COOKIE: &str = "portcullis_session";
-
-/// A logged-in dashboard session.
-#[derive(Clone)]
-pub(crate) struct Session {
-    pub(crate) role: Role,
-    /// Must come back with every form that changes something.
-    pub(crate) csrf: String,
-    pub(crate) expires: tokio::time::Instant,
-}
 
 fn random_hex(n: usize) -> String {
     crate::hex::random(n)
@@ -144,20 +131,6 @@ pub(crate) async fn logout(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> R
         ),
     );
     r
-}
-
-/// The session id from the Cookie header, if any.
-pub(crate) fn session_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            c.trim()
-                .strip_prefix(&format!("{COOKIE}="))
-                .map(str::to_owned)
-        })
 }
 
 pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
