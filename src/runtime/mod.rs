@@ -229,11 +229,7 @@ impl Runtime {
 
     /// Reloads the config from its source with the stored overrides, as SIGHUP does.
     pub async fn reload(&self) -> Result<(), RuntimeError> {
-        let overrides = self.inner.store.overrides().await?;
-        let config = self.inner.source.load(&overrides)?;
-        self.apply(config).await?;
-        *crate::lock(&self.inner.overrides) = overrides;
-        Ok(())
+        self.inner.reload().await
     }
 
     /// The live edge snapshot (config, routes, drains).
@@ -287,6 +283,22 @@ impl Runtime {
 impl Inner {
     async fn apply(&self, config: Config) -> Result<(), RuntimeError> {
         let _serial = self.applying.lock().await;
+        self.apply_locked(config).await
+    }
+
+    /// SIGHUP: the source read again, with the overrides read under the same lock as the
+    /// apply, so an admin change in flight is never undone by a reload that read before it.
+    async fn reload(&self) -> Result<(), RuntimeError> {
+        let _serial = self.applying.lock().await;
+        let overrides = self.store.overrides().await?;
+        let config = self.source.load(&overrides)?;
+        self.apply_locked(config).await?;
+        *crate::lock(&self.overrides) = overrides;
+        Ok(())
+    }
+
+    /// The apply itself; the caller holds `applying`.
+    async fn apply_locked(&self, config: Config) -> Result<(), RuntimeError> {
         for warning in foreign_listeners(&config) {
             tracing::warn!("{warning}");
         }
@@ -398,11 +410,12 @@ impl Control for Inner {
     }
 
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError> {
+        let _serial = self.applying.lock().await;
         let config = self
             .source
             .load(&overrides)
             .map_err(ControlError::Invalid)?;
-        self.apply(config)
+        self.apply_locked(config)
             .await
             .map_err(|e| ControlError::Failed(Box::new(e)))?;
         if let Err(e) = self.store.set_overrides(&overrides).await {
@@ -413,13 +426,15 @@ impl Control for Inner {
     }
 
     async fn set_stages(&self, plans: Plans) -> Result<(), ControlError> {
+        let _serial = self.applying.lock().await;
         self.store
             .set_stages(&plans)
             .await
             .map_err(|e| ControlError::Failed(Box::new(e)))?;
         self.edge.set_stages(plans);
+        // Read under the lock: the config of the last apply, not one an apply in flight replaces.
         let config = (*self.edge.snapshot().config).clone();
-        self.apply(config)
+        self.apply_locked(config)
             .await
             .map_err(|e| ControlError::Failed(Box::new(e)))
     }
