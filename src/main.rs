@@ -97,8 +97,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 }
             };
             let site = site.map(|s| s.to_ascii_lowercase());
-            let (events, counters) = portcullis::exposure::queue::read(&dir, site.as_deref())
-                .map_err(anyhow::Error::msg)?;
+            let (events, counters) = portcullis::exposure::queue::read(&dir, site.as_deref())?;
             output::exposures(&events, &counters, json)?;
             Ok(ExitCode::SUCCESS)
         }

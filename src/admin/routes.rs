@@ -316,7 +316,7 @@ async fn exposure_events(
 ) -> Result<Response, ApiError> {
     let site = f.site.map(|s| s.to_ascii_lowercase());
     let (events, counters) = crate::exposure::queue::read(&ctx.state_dir, site.as_deref())
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(Json(json!({ "events": events, "counters": counters })).into_response())
 }
 

@@ -67,11 +67,13 @@ pub struct Responder {
 
 /// Reads the queue and the counters of a state directory (for the CLI and the API), without
 /// creating anything.
-pub fn read(state_dir: &Path, site: Option<&str>) -> Result<(Vec<EventRow>, Counters), String> {
-    match crate::store::SqliteStore::open_read_only(state_dir) {
-        Ok(None) => Ok((Vec::new(), Counters::default())),
-        Ok(Some(store)) => store.events_now(site).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+pub fn read(
+    state_dir: &Path,
+    site: Option<&str>,
+) -> Result<(Vec<EventRow>, Counters), crate::store::StoreError> {
+    match crate::store::SqliteStore::open_read_only(state_dir)? {
+        None => Ok((Vec::new(), Counters::default())),
+        Some(store) => store.events_now(site),
     }
 }
 
