@@ -138,10 +138,10 @@ fn run() -> anyhow::Result<ExitCode> {
             match cmd {
                 FirewallCommand::Print { config } => output::emit(&format!(
                     "{}\n",
-                    portcullis::firewall::print(&Config::from_file(&config)?)
+                    portcullis::firewall::print(&portcullis::runtime::load(&config)?)
                 )),
                 FirewallCommand::Apply { config } => {
-                    let c = Config::from_file(&config)?;
+                    let c = portcullis::runtime::load(&config)?;
                     portcullis::firewall::apply(&c)?;
                     output::firewall_applied(&c);
                 }
@@ -166,7 +166,7 @@ fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dns(DnsCommand::Export { zone, config }) => {
-            let c = Config::from_file(&config)?;
+            let c = portcullis::runtime::load(&config)?;
             output::emit(&portcullis::dns::export(&c, &zone)?);
             Ok(ExitCode::SUCCESS)
         }

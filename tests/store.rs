@@ -398,3 +398,75 @@ async fn the_exposure_queue_of_an_earlier_version_is_imported() {
     assert!(!old.exists(), "moved aside");
     assert!(dir.path().join("exposure-events.db.imported").exists());
 }
+
+#[test]
+fn the_cli_reads_the_overrides_the_store_keeps() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[state]
+dir = "{}"
+[dns]
+listen = "127.0.0.1:5353"
+zones = ["example.test"]
+[[pool]]
+name = "open"
+addresses = ["192.0.2.20"]
+tls_ports = [443]
+cleartext_ports = [80]
+[[pool]]
+name = "closed"
+addresses = ["192.0.2.10"]
+tls_ports = [443]
+[[site]]
+host = "www.example.test"
+pool = "open"
+origin = "http://127.0.0.1:9000"
+cleartext = "redirect"
+"#,
+            state.display()
+        ),
+    )
+    .expect("config");
+    let export = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["dns", "export", "example.test", "-c"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = export();
+    assert!(
+        before.contains("192.0.2.20") && !before.contains("192.0.2.10"),
+        "{before}"
+    );
+    // An admin change moved the site to the closed pool: the CLI answers as `serve` would.
+    let mut o = Overrides::new();
+    o.insert(
+        "www.example.test".into(),
+        SiteOverride {
+            pool: Some("closed".into()),
+            cleartext: Some("closed".into()),
+            ..SiteOverride::default()
+        },
+    );
+    SqliteStore::open(&state)
+        .expect("store")
+        .set_overrides_now(&o)
+        .expect("write");
+    let after = export();
+    assert!(
+        after.contains("192.0.2.10") && !after.contains("192.0.2.20"),
+        "{after}"
+    );
+}
