@@ -318,7 +318,7 @@ impl Inner {
             crate::clock::now() as u32,
         )?;
         if config.manage_firewall {
-            // A site moved to a closed pool changes which addresses the kernel must guard.
+            // Pools and addresses may have changed: the kernel must guard the closed ones now.
             firewall(config.clone()).await?;
             tracing::info!(table = crate::firewall::TABLE, "nftables table applied");
         }
