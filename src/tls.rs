@@ -188,6 +188,20 @@ pub fn checked(label: &str, loaded: Result<Config, ConfigError>) -> Result<Confi
     }
 }
 
+/// The TLS acceptor of a control-plane listener (admin, `/metrics`): its configured
+/// certificate, or one the development CA issues for the address it listens on.
+pub fn listener_acceptor(
+    cert: Option<&CertFiles>,
+    state_dir: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let ck = match cert {
+        Some(files) => load_cert_files(files)?,
+        None => DevCa::open(state_dir)?.certificate_for(&listen.ip().to_string())?,
+    };
+    Ok(tokio_rustls::TlsAcceptor::from(single_cert_config(ck)?))
+}
+
 /// Checks that the leaf certificate is valid for the host (or, for a wildcard site, for a
 /// name the wildcard matches).
 pub fn check_covers(ck: &CertifiedKey, host: &HostPattern) -> Result<(), TlsError> {

@@ -144,12 +144,7 @@ pub async fn start(
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<Admin, AdminError> {
     let (token, new_token) = token(state_dir)?;
-    let ck = match &settings.cert {
-        Some(files) => crate::tls::load_cert_files(files)?,
-        None => crate::tls::DevCa::open(state_dir)?
-            .certificate_for(&settings.listen.ip().to_string())?,
-    };
-    let tls = tokio_rustls::TlsAcceptor::from(crate::tls::single_cert_config(ck)?);
+    let tls = crate::tls::listener_acceptor(settings.cert.as_ref(), state_dir, settings.listen)?;
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|source| AdminError::Bind {

@@ -147,11 +147,20 @@ async fn change(
             )
         }
     };
-    match apply_change(&ctx, role, &host.to_ascii_lowercase(), change).await {
+    changed(
+        apply_change(&ctx, role, &host.to_ascii_lowercase(), change).await,
+        "the change breaks the config; nothing was applied",
+    )
+}
+
+/// The answer to a change: the site after it, or why it was refused (422 with the validator's
+/// problems, under `invalid`).
+fn changed(result: Result<Option<SiteView>, Refused>, invalid: &str) -> Response {
+    match result {
         Ok(after) => Json(after).into_response(),
         Err(Refused::Invalid(problems)) => (
             StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({ "error": "the change breaks the config; nothing was applied", "problems": problems })),
+            Json(json!({ "error": invalid, "problems": problems })),
         )
             .into_response(),
         Err(Refused::Other(status, message)) => error(status, message),
@@ -163,15 +172,10 @@ async fn drop_overrides(
     Extension(role): Extension<Role>,
     Path(host): Path<String>,
 ) -> Response {
-    match drop_site_overrides(&ctx, role, &host.to_ascii_lowercase()).await {
-        Ok(after) => Json(after).into_response(),
-        Err(Refused::Invalid(problems)) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({ "error": "without its overrides the config breaks; nothing was applied", "problems": problems })),
-        )
-            .into_response(),
-        Err(Refused::Other(status, message)) => error(status, message),
-    }
+    changed(
+        drop_site_overrides(&ctx, role, &host.to_ascii_lowercase()).await,
+        "without its overrides the config breaks; nothing was applied",
+    )
 }
 
 async fn audit(State(ctx): State<Arc<Ctx>>) -> Result<Json<Vec<AuditEntry>>, ApiError> {

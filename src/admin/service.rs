@@ -118,30 +118,8 @@ pub(crate) async fn apply_change(
         cur.include_subdomains = h.include_subdomains.or(cur.include_subdomains);
         cur.preload = h.preload.or(cur.preload);
     }
-    ctx.control
-        .apply_overrides(overrides)
-        .await
-        .map_err(|e| match e {
-            ControlError::Invalid(e) => Refused::Invalid(e.lines()),
-            e => Refused::Other(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("not applied: {e}"),
-            ),
-        })?;
-    let after = site_view(ctx, host);
-    let entry = AuditEntry {
-        at: crate::clock::now(),
-        who: role.as_str().to_owned(),
-        site: host.to_owned(),
-        event: AuditEvent::Site {
-            change: serde_json::to_value(&change).unwrap_or_default(),
-            before: site_state(&before),
-            after: after.as_ref().map(site_state),
-        },
-    };
-    append_audit(ctx, &entry).await;
-    tracing::info!(site = %host, who = role.as_str(), "site changed through the admin plane");
-    Ok(after)
+    let change = serde_json::to_value(&change).unwrap_or_default();
+    commit(ctx, role, host, &before, overrides, change).await
 }
 
 /// Drops every change made through the admin plane to one site: the file's settings apply
@@ -162,6 +140,20 @@ pub(crate) async fn drop_site_overrides(
     let Some(dropped) = overrides.remove(host) else {
         return Ok(Some(before));
     };
+    let change = serde_json::json!({ "dropped_overrides": dropped });
+    commit(ctx, role, host, &before, overrides, change).await
+}
+
+/// Asks the root to apply `overrides`, then records `change` with the site's state before and
+/// after it. The caller holds `ctx.changes`.
+async fn commit(
+    ctx: &Ctx,
+    role: Role,
+    host: &str,
+    before: &SiteView,
+    overrides: crate::config::Overrides,
+    change: serde_json::Value,
+) -> Result<Option<SiteView>, Refused> {
     ctx.control
         .apply_overrides(overrides)
         .await
@@ -178,13 +170,13 @@ pub(crate) async fn drop_site_overrides(
         who: role.as_str().to_owned(),
         site: host.to_owned(),
         event: AuditEvent::Site {
-            change: serde_json::json!({ "dropped_overrides": dropped }),
-            before: site_state(&before),
+            change,
+            before: site_state(before),
             after: after.as_ref().map(site_state),
         },
     };
     append_audit(ctx, &entry).await;
-    tracing::info!(site = %host, who = role.as_str(), "site overrides dropped through the admin plane");
+    tracing::info!(site = %host, who = role.as_str(), "site changed through the admin plane");
     Ok(after)
 }
 

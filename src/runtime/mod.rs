@@ -192,12 +192,7 @@ impl Runtime {
     }
 
     fn start_metrics(&self, m: &crate::config::MetricsSettings) -> Result<(), RuntimeError> {
-        let ck = match &m.cert {
-            Some(files) => crate::tls::load_cert_files(files)?,
-            None => crate::tls::DevCa::open(&self.inner.state_dir)?
-                .certificate_for(&m.listen.ip().to_string())?,
-        };
-        let tls = tokio_rustls::TlsAcceptor::from(crate::tls::single_cert_config(ck)?);
+        let tls = crate::tls::listener_acceptor(m.cert.as_ref(), &self.inner.state_dir, m.listen)?;
         let metrics_err = |source| RuntimeError::Metrics {
             addr: m.listen,
             source,
