@@ -470,3 +470,117 @@ cleartext = "redirect"
         "{after}"
     );
 }
+
+/// The real SQLite queue, refusing its first `n` writes as a full disk would.
+struct Refusing {
+    inner: SqliteStore,
+    refusals: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl EventQueue for Refusing {
+    async fn enqueue(
+        &self,
+        new: &[NewEvent],
+        repeats: &[Repeat],
+        counters: &QueueCounters,
+    ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self
+            .refusals
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Task("disk full (test)".into()));
+        }
+        self.inner.enqueue(new, repeats, counters).await
+    }
+    async fn known(
+        &self,
+    ) -> Result<(std::collections::HashSet<(String, String)>, u32), StoreError> {
+        self.inner.known().await
+    }
+    async fn due(
+        &self,
+        now: u64,
+        limit: u32,
+    ) -> Result<Vec<portcullis::store::QueuedEvent>, StoreError> {
+        self.inner.due(now, limit).await
+    }
+    async fn record(&self, attempt: &Attempt) -> Result<(), StoreError> {
+        self.inner.record(attempt).await
+    }
+    async fn events(
+        &self,
+        site: Option<&str>,
+    ) -> Result<(Vec<portcullis::store::QueuedEvent>, QueueCounters), StoreError> {
+        self.inner.events(site).await
+    }
+}
+
+#[tokio::test]
+async fn events_the_queue_could_not_write_are_kept_and_written_on_the_next_try() {
+    use portcullis::exposure::queue::Responder;
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    let queue = std::sync::Arc::new(Refusing {
+        inner: store.clone(),
+        refusals: std::sync::atomic::AtomicU32::new(2),
+    });
+    // No policy: nothing is delivered, so what is queued stays visible.
+    let r = Responder::start(
+        portcullis::config::ExposureSettings::default(),
+        queue,
+        std::sync::Arc::new(|_: &str| None),
+    );
+    let fp = portcullis::exposure::Fingerprinter::open(dir.path()).expect("key");
+    let policy = portcullis::config::ExposureResponse {
+        revoke: false,
+        url: "https://hooks.test/exposed".parse().expect("url"),
+        secret: vec![7; 32],
+        ca: None,
+        include_raw: false,
+    };
+    for (i, key) in ["key-one-0000000000", "key-two-0000000000"]
+        .iter()
+        .enumerate()
+    {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-api-key", key.parse().expect("value"));
+        let mut found = Vec::new();
+        portcullis::exposure::detect(
+            &headers,
+            &"/v1".parse().expect("uri"),
+            &Default::default(),
+            &fp,
+            &mut found,
+        );
+        assert_eq!(found.len(), 1);
+        r.offer(
+            "legacy.test",
+            &policy,
+            &found,
+            Vec::new(),
+            portcullis::observe::Network::of("203.0.113.9".parse().expect("ip")),
+            portcullis::observe::ClientFamily::classify(Some(b"curl/8.5")),
+            portcullis::observe::PathTemplate::of("/v1"),
+            1_800_000_000 + i as u64,
+        );
+        // The first offer is written (and refused) before the second arrives.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    // Two refused writes, then one that takes both events.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (events, _) = store.events(Some("legacy.test")).await.expect("events");
+        if events.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events lost after a refused write: {events:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    r.shutdown().await;
+}
