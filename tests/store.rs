@@ -570,14 +570,14 @@ async fn events_the_queue_could_not_write_are_kept_and_written_on_the_next_try()
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     }
     // Two refused writes, then one that takes both events.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let (events, _) = store.events(Some("legacy.test")).await.expect("events");
         if events.len() == 2 {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "events lost after a refused write: {events:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
