@@ -168,7 +168,7 @@ pub struct ImpactArgs {
     /// Config file: gives the state dir and the readiness thresholds.
     #[arg(short, long)]
     pub config: Option<PathBuf>,
-    /// State dir holding analytics.db, when no config file is given.
+    /// State dir holding the store (portcullis.db), when no config file is given.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// How far back to look, like 30m, 24h or 7d [default: readiness.window, 7d].

@@ -16,7 +16,6 @@ use anyhow::Context;
 use clap::Parser;
 
 use portcullis::analytics::impact;
-use portcullis::analytics::store::Store;
 use portcullis::config::{Config, Readiness};
 use portcullis::demo;
 use portcullis::net::Workers;
@@ -217,22 +216,19 @@ fn impact(args: &ImpactArgs) -> anyhow::Result<ExitCode> {
         (Some(_), Some(_)) => anyhow::bail!("give either --config or --state-dir, not both"),
     };
     let window = args.window(readiness.window)?;
-    let store = Store::open_read_only(&Store::path(&dir))?;
-    let now = portcullis::clock::now();
-    let mut report = impact::report(
-        &store,
-        &host.to_ascii_lowercase(),
-        now.saturating_sub(window.as_secs()),
-        now,
-        &readiness,
-    )?;
-    let drains = match portcullis::store::SqliteStore::open_read_only(&dir)? {
-        Some(s) => s.drains_now()?,
-        None => Vec::new(),
+    let Some(store) = portcullis::store::SqliteStore::open_read_only(&dir)? else {
+        anyhow::bail!(
+            "no store at {}: nothing has been recorded there yet (is this the state dir `portcullis serve` uses?)",
+            portcullis::store::SqliteStore::path(&dir).display()
+        );
     };
-    report.drain = drains
-        .into_iter()
-        .find(|d| d.site == host.to_ascii_lowercase());
+    let now = portcullis::clock::now();
+    let host = host.to_ascii_lowercase();
+    let since = now.saturating_sub(window.as_secs());
+    let mut report =
+        control_runtime()?.block_on(impact::report(&store, &host, since, now, &readiness))?;
+    let drains = store.drains_now()?;
+    report.drain = drains.into_iter().find(|d| d.site == host);
     if args.json {
         output::json(&report)?;
     } else {

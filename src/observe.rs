@@ -79,6 +79,44 @@ impl TlsVersion {
     }
 }
 
+/// Which capped dimension a count is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DimKind {
+    Network,
+    Family,
+    Path,
+}
+
+impl DimKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DimKind::Network => "network",
+            DimKind::Family => "family",
+            DimKind::Path => "path",
+        }
+    }
+}
+
+/// `parse`, the inverse of `as_str`, for the values the store keeps as labels.
+macro_rules! parse_label {
+    ($($t:ident => [$($v:ident),*];)*) => {$(
+        impl $t {
+            /// The value whose label (`as_str`) is `s`.
+            pub fn parse(s: &str) -> Option<$t> {
+                [$($t::$v),*].into_iter().find(|v| v.as_str() == s)
+            }
+        }
+    )*};
+}
+
+parse_label! {
+    Scheme => [Tls, Cleartext];
+    Outcome => [Response, CleartextOnTlsPort, HandshakeFailed, HandshakeTimeout, RefusedByFirewall, MalformedRequest];
+    TlsVersion => [None, Tls12, Tls13];
+    HttpVersion => [None, Http10, Http11, Http2];
+    DimKind => [Network, Family, Path];
+}
+
 /// HTTP version of the request, `None` for connection-level outcomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HttpVersion {

@@ -179,14 +179,8 @@ async fn only_healthz_answers_without_a_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_and_the_openapi_document_lists_exactly_the_routes() {
     let s = setup().await;
-    // Some traffic, so the store exists for the traffic, impact and exposure routes.
+    // Some traffic for the traffic, impact and exposure routes.
     http(SocketAddr::from((s.open, 4080)), get("http://www.test/")).await;
-    let db = portcullis::analytics::store::Store::path(&s.dir.path().join("state"));
-    support::wait_until("the store exists", || {
-        let db = db.clone();
-        async move { db.exists() }
-    })
-    .await;
     for (method, path) in ROUTES.iter().filter(|(m, _)| *m == "GET") {
         let (status, _, body) = s
             .call(

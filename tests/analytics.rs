@@ -10,7 +10,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use portcullis::analytics::store::Store;
+use portcullis::observe::{Outcome, Scheme};
+use portcullis::store::SqliteStore;
 use support::{get, http, https, loopback, roots_from, wait_until, Harness, Serve, TestOrigin};
 use tokio::net::TcpSocket;
 
@@ -50,12 +51,15 @@ cleartext = "reject"
 
 /// Total stored count for a site and scheme, over all time.
 fn stored(state: &std::path::Path, site: &str, scheme: &str) -> u64 {
-    let store = Store::open_read_only(&Store::path(state)).expect("store");
+    let store = SqliteStore::open_read_only(state)
+        .expect("store")
+        .expect("the store exists");
+    let scheme = Scheme::parse(scheme).expect("scheme");
     store
-        .traffic(site, 0)
+        .traffic_now(site, 0)
         .expect("traffic")
         .iter()
-        .filter(|r| r.scheme == scheme && r.outcome == "response")
+        .filter(|r| r.scheme == scheme && r.outcome == Outcome::Response)
         .map(|r| r.count)
         .sum()
 }
@@ -202,7 +206,7 @@ async fn impact_report_breaks_cleartext_down_and_gives_a_verdict() {
     wait_until("counts reach the store", || {
         let state = state.clone();
         async move {
-            Store::path(&state).exists()
+            SqliteStore::path(&state).exists()
                 && tokio::task::spawn_blocking(move || {
                     stored(&state, "legacy.test", "tls") == 84
                         && stored(&state, "api.test", "tls") == 10
@@ -307,7 +311,7 @@ async fn a_locked_store_never_fails_or_slows_a_request_and_loses_no_count() {
     let h = Harness::start(&toml).await;
     let clear = SocketAddr::from((open, 5080));
     assert_eq!(http(clear, get("http://legacy.test/")).await.status, 403);
-    let db = Store::path(&h.dir.path().join("state"));
+    let db = SqliteStore::path(&h.dir.path().join("state"));
     wait_until("the store exists", || {
         let db = db.clone();
         async move { db.exists() }
@@ -374,7 +378,14 @@ async fn analytics_can_be_turned_off() {
     );
     assert!(h.runtime.analytics().is_none());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!Store::path(&h.dir.path().join("state")).exists());
+    // The store is there (it keeps the policy too), but no count reached it.
+    let store = SqliteStore::open_read_only(&h.dir.path().join("state"))
+        .expect("store")
+        .expect("the store exists");
+    assert_eq!(
+        store.traffic_now("legacy.test", 0).expect("traffic"),
+        vec![]
+    );
 }
 
 #[tokio::test]

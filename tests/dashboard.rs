@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
-use portcullis::analytics::store::Store;
 use portcullis::runtime::{ConfigSource, Runtime};
 use support::{get, http, https, loopback, wait_until, Deadline, TestOrigin, PATIENCE};
 
@@ -109,13 +108,14 @@ origin = "{o}"
         assert_eq!(got.status, 200);
     }
     // All 20 requests, and with them the exposure, which is written in the same transaction.
-    let db = Store::path(&state);
     wait_until("the 20 requests reach the store", || {
-        let db = db.clone();
+        let state = state.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                Store::open_read_only(&db)
-                    .and_then(|s| s.traffic("shop.test", 0))
+                portcullis::store::SqliteStore::open_read_only(&state)
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.traffic_now("shop.test", 0).ok())
                     .map(|rows| rows.iter().map(|r| r.count).sum::<u64>() == 20)
                     .unwrap_or(false)
             })

@@ -166,16 +166,15 @@ cleartext = "redirect"
 
     // Every credential was recorded, as a fingerprint.
     let state = serve.state();
-    let db = portcullis::analytics::store::Store::path(&state);
     wait_until("exposures reach the store", || {
-        let db = db.clone();
+        let state = state.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                let Ok(store) = portcullis::analytics::store::Store::open_read_only(&db) else {
+                let Ok(Some(store)) = portcullis::store::SqliteStore::open_read_only(&state) else {
                     return 0;
                 };
                 store
-                    .exposures("legacy.test", 0)
+                    .exposures_now("legacy.test", 0)
                     .map(|e| e.len())
                     .unwrap_or(0)
             })
@@ -248,7 +247,7 @@ cleartext = "redirect"
         .expect("access log written");
     assert!(access.lines().count() >= 14, "{access}");
     assert!(access.contains("\"fingerprint\""));
-    assert!(outputs.iter().any(|(n, _)| n.ends_with("analytics.db")));
+    assert!(outputs.iter().any(|(n, _)| n.ends_with("portcullis.db")));
 
     let mut needles: Vec<String> = s.clone();
     needles.push(basic);

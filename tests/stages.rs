@@ -227,12 +227,12 @@ async fn move_is_blocked_by_the_cleartext_share_forced_with_an_audit_trail_and_r
     wait_until("traffic is stored", || {
         let state = state.clone();
         async move {
-            portcullis::analytics::store::Store::open_read_only(
-                &portcullis::analytics::store::Store::path(&state),
-            )
-            .and_then(|st| st.traffic("shop.test", 0))
-            .map(|t| t.iter().map(|r| r.count).sum::<u64>() >= 5)
-            .unwrap_or(false)
+            portcullis::store::SqliteStore::open_read_only(&state)
+                .ok()
+                .flatten()
+                .and_then(|st| st.traffic_now("shop.test", 0).ok())
+                .map(|t| t.iter().map(|r| r.count).sum::<u64>() >= 5)
+                .unwrap_or(false)
         }
     })
     .await;
@@ -338,12 +338,12 @@ async fn a_credential_seen_in_cleartext_blocks_the_brownout_until_acknowledged()
     wait_until("the exposure is stored", || {
         let state = state.clone();
         async move {
-            portcullis::analytics::store::Store::open_read_only(
-                &portcullis::analytics::store::Store::path(&state),
-            )
-            .and_then(|st| st.exposures("shop.test", 0))
-            .map(|e| e.len() == 1)
-            .unwrap_or(false)
+            portcullis::store::SqliteStore::open_read_only(&state)
+                .ok()
+                .flatten()
+                .and_then(|st| st.exposures_now("shop.test", 0).ok())
+                .map(|e| e.len() == 1)
+                .unwrap_or(false)
         }
     })
     .await;

@@ -1,15 +1,17 @@
-//! The storage seam: the contracts every `PolicyStore` and `EventQueue` backend meets (run here
-//! against the embedded SQLite store; a second backend runs the same `contract` and
-//! `queue_contract`), that what is written survives a reopen, and the one-time import of the
+//! The storage seam: the contracts every `PolicyStore`, `EventQueue` and `Rollups` backend
+//! meets (run here against the embedded SQLite store; a second backend runs the same
+//! `contract`, `queue_contract` and `rollups_contract`), that what is written survives a reopen, and the one-time import of the
 //! state files earlier versions kept, which loses nothing, happens once, and refuses a damaged
 //! file without taking any of it.
 
 use portcullis::config::{CleartextMode, HstsOverride, Overrides, SiteOverride};
+use portcullis::observe::{ClientFamily, DimKind, HttpVersion, Outcome, Scheme, TlsVersion};
 use portcullis::stages::drain::Drain;
 use portcullis::stages::{Brownout, Plan, Plans, Stage};
 use portcullis::store::{
-    Attempt, AuditEntry, AuditEvent, DeliveryState, EventQueue, NewEvent, PolicyStore,
-    QueueCounters, Repeat, SiteState, SqliteStore, StageStep, StoreError,
+    Attempt, AuditEntry, AuditEvent, DeliveryState, DimCount, EventQueue, ExposureRow, NewEvent,
+    OverflowCount, PolicyStore, QueueCounters, Repeat, RollupBatch, Rollups, SeriesPoint,
+    SiteState, SqliteStore, StageStep, StoreError, TrafficCount, TrafficRow,
 };
 
 fn overrides() -> Overrides {
@@ -583,4 +585,314 @@ async fn events_the_queue_could_not_write_are_kept_and_written_on_the_next_try()
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     r.shutdown().await;
+}
+
+fn traffic(bucket: u64, site: &str, scheme: Scheme, count: u64) -> TrafficCount {
+    TrafficCount {
+        bucket,
+        span: 60,
+        site: site.into(),
+        outcome: Outcome::Response,
+        scheme,
+        port: if scheme == Scheme::Tls { 443 } else { 80 },
+        tls: if scheme == Scheme::Tls {
+            TlsVersion::Tls13
+        } else {
+            TlsVersion::None
+        },
+        http: HttpVersion::Http11,
+        status_class: 2,
+        count,
+    }
+}
+
+fn exposure(site: &str, fingerprint: &str, at: u64, network: &str) -> ExposureRow {
+    ExposureRow {
+        site: site.into(),
+        fingerprint: fingerprint.into(),
+        kind: "bearer".into(),
+        name: "authorization".into(),
+        first_seen: at,
+        last_seen: at,
+        count: 1,
+        network: network.into(),
+        family: ClientFamily::Curl,
+        path: "/v1".into(),
+    }
+}
+
+/// What every `Rollups` backend must do: counts add up (writing twice counts twice), readers
+/// see them by site, window, scheme and dimension, exposures merge per (site, fingerprint)
+/// with the latest sighting's details, and the roll-up folds old minutes into hours without
+/// losing a count and expires what is older than the hour retention.
+async fn rollups_contract(r: &dyn Rollups) {
+    let day = 86_400;
+    let now = 100 * day;
+    let old = now - 3 * day; // an old hour, on an hour boundary
+    let batch = RollupBatch {
+        traffic: vec![
+            traffic(old, "s.test", Scheme::Cleartext, 2),
+            traffic(old + 60, "s.test", Scheme::Cleartext, 3),
+            traffic(old + 120, "s.test", Scheme::Tls, 4),
+            traffic(now - 60, "s.test", Scheme::Tls, 5),
+            traffic(now - 60, "other.test", Scheme::Tls, 100),
+        ],
+        dims: vec![
+            DimCount {
+                bucket: old,
+                span: 60,
+                site: "s.test".into(),
+                scheme: Scheme::Cleartext,
+                kind: DimKind::Path,
+                value: "/a".into(),
+                count: 5,
+            },
+            DimCount {
+                bucket: now - 60,
+                span: 60,
+                site: "s.test".into(),
+                scheme: Scheme::Tls,
+                kind: DimKind::Path,
+                value: "/b".into(),
+                count: 1,
+            },
+        ],
+        overflow: vec![OverflowCount {
+            bucket: old + 60,
+            span: 60,
+            site: "s.test".into(),
+            scheme: Scheme::Cleartext,
+            kind: DimKind::Network,
+            count: 9,
+        }],
+        exposures: vec![exposure("s.test", "fp1", old, "192.0.2.0/24")],
+        exposures_dropped: 0,
+    };
+    r.write_rollups(&batch).await.expect("write");
+    r.write_rollups(&batch).await.expect("write again");
+    // The same credential seen later from elsewhere: one record, widened.
+    r.write_rollups(&RollupBatch {
+        exposures: vec![exposure("s.test", "fp1", now - 30, "198.51.100.0/24")],
+        ..RollupBatch::default()
+    })
+    .await
+    .expect("write a later sighting");
+
+    let total = |rows: Vec<TrafficRow>, scheme: Scheme| -> u64 {
+        rows.iter()
+            .filter(|t| t.scheme == scheme)
+            .map(|t| t.count)
+            .sum()
+    };
+    let rows = r.traffic("s.test", 0).await.expect("traffic");
+    assert_eq!(total(rows.clone(), Scheme::Cleartext), 10);
+    assert_eq!(total(rows.clone(), Scheme::Tls), 18);
+    assert!(rows
+        .iter()
+        .all(|t| t.outcome == Outcome::Response && t.status_class == 2));
+    assert!(rows
+        .iter()
+        .any(|t| t.port == 443 && t.tls == TlsVersion::Tls13));
+    // The window starts where asked.
+    let recent = r.traffic("s.test", now - 120).await.expect("traffic");
+    assert_eq!(total(recent, Scheme::Tls), 10);
+    assert_eq!(
+        r.series("s.test", 0, 60).await.expect("series"),
+        vec![
+            SeriesPoint {
+                bucket: old,
+                tls: 0,
+                cleartext: 4
+            },
+            SeriesPoint {
+                bucket: old + 60,
+                tls: 0,
+                cleartext: 6
+            },
+            SeriesPoint {
+                bucket: old + 120,
+                tls: 8,
+                cleartext: 0
+            },
+            SeriesPoint {
+                bucket: now - 60,
+                tls: 10,
+                cleartext: 0
+            },
+        ]
+    );
+    assert_eq!(
+        r.dims("s.test", 0, Some(Scheme::Cleartext), DimKind::Path)
+            .await
+            .expect("dims"),
+        vec![("/a".to_owned(), 10)]
+    );
+    assert_eq!(
+        r.dims("s.test", 0, None, DimKind::Path)
+            .await
+            .expect("dims"),
+        vec![("/a".to_owned(), 10), ("/b".to_owned(), 2)]
+    );
+    assert_eq!(
+        r.overflow("s.test", 0, None, DimKind::Network)
+            .await
+            .expect("overflow"),
+        18
+    );
+    assert_eq!(
+        r.overflow("s.test", 0, Some(Scheme::Tls), DimKind::Network)
+            .await
+            .expect("overflow"),
+        0
+    );
+    let exposures = r.exposures("s.test", 0).await.expect("exposures");
+    assert_eq!(exposures.len(), 1);
+    let e = &exposures[0];
+    assert_eq!((e.first_seen, e.last_seen, e.count), (old, now - 30, 3));
+    assert_eq!(
+        e.network, "198.51.100.0/24",
+        "the latest sighting's network"
+    );
+    assert_eq!(e.family, ClientFamily::Curl);
+    assert!(r.exposures("other.test", 0).await.expect("none").is_empty());
+
+    // Minutes older than two days become one hour; nothing is lost.
+    r.roll_up(now, 2 * day, 30 * day).await.expect("roll up");
+    assert_eq!(
+        r.series("s.test", 0, 60).await.expect("series"),
+        vec![
+            SeriesPoint {
+                bucket: old,
+                tls: 8,
+                cleartext: 10
+            },
+            SeriesPoint {
+                bucket: now - 60,
+                tls: 10,
+                cleartext: 0
+            },
+        ]
+    );
+    assert_eq!(
+        r.dims("s.test", 0, None, DimKind::Path)
+            .await
+            .expect("dims"),
+        vec![("/a".to_owned(), 10), ("/b".to_owned(), 2)]
+    );
+    assert_eq!(
+        r.overflow("s.test", 0, None, DimKind::Network)
+            .await
+            .expect("overflow"),
+        18
+    );
+    // Rolling up again changes nothing.
+    r.roll_up(now, 2 * day, 30 * day)
+        .await
+        .expect("roll up again");
+    assert_eq!(
+        total(r.traffic("s.test", 0).await.expect("t"), Scheme::Cleartext),
+        10
+    );
+    // Hours older than a day go, with exposure records last seen before then.
+    r.roll_up(now, 2 * day, day).await.expect("expire");
+    assert_eq!(
+        r.series("s.test", 0, 3600).await.expect("series"),
+        vec![SeriesPoint {
+            bucket: now - 3600,
+            tls: 10,
+            cleartext: 0
+        }]
+    );
+    assert_eq!(
+        r.overflow("s.test", 0, None, DimKind::Network)
+            .await
+            .expect("o"),
+        0
+    );
+    assert_eq!(r.exposures("s.test", 0).await.expect("kept").len(), 1);
+    r.roll_up(now + 2 * day, 2 * day, day)
+        .await
+        .expect("expire all");
+    assert!(r.exposures("s.test", 0).await.expect("gone").is_empty());
+    assert!(r.traffic("s.test", 0).await.expect("gone").is_empty());
+    assert_eq!(
+        total(r.traffic("other.test", 0).await.expect("t"), Scheme::Tls),
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_sqlite_store_meets_the_rollups_contract() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    rollups_contract(&store).await;
+}
+
+#[tokio::test]
+async fn the_analytics_database_of_an_earlier_version_is_imported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let old = dir.path().join("analytics.db");
+    {
+        let c = rusqlite::Connection::open(&old).expect("old db");
+        c.execute_batch(
+            "CREATE TABLE traffic (
+                bucket INTEGER NOT NULL, span INTEGER NOT NULL, site TEXT NOT NULL, outcome TEXT NOT NULL,
+                scheme TEXT NOT NULL, port INTEGER NOT NULL, tls TEXT NOT NULL, http TEXT NOT NULL,
+                status_class INTEGER NOT NULL, count INTEGER NOT NULL,
+                PRIMARY KEY (bucket, span, site, outcome, scheme, port, tls, http, status_class)) WITHOUT ROWID;
+             CREATE TABLE dims (
+                bucket INTEGER NOT NULL, span INTEGER NOT NULL, site TEXT NOT NULL, scheme TEXT NOT NULL,
+                kind TEXT NOT NULL, value TEXT NOT NULL, count INTEGER NOT NULL,
+                PRIMARY KEY (bucket, span, site, scheme, kind, value)) WITHOUT ROWID;
+             CREATE TABLE overflow (
+                bucket INTEGER NOT NULL, span INTEGER NOT NULL, site TEXT NOT NULL, scheme TEXT NOT NULL,
+                kind TEXT NOT NULL, count INTEGER NOT NULL,
+                PRIMARY KEY (bucket, span, site, scheme, kind)) WITHOUT ROWID;
+             CREATE TABLE exposures (
+                site TEXT NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+                first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL, count INTEGER NOT NULL,
+                network TEXT NOT NULL, family TEXT NOT NULL, path TEXT NOT NULL,
+                PRIMARY KEY (site, fingerprint)) WITHOUT ROWID;
+             CREATE TABLE counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO traffic VALUES (3600, 3600, 'legacy.test', 'response', 'cleartext', 80, 'none', 'HTTP/1.1', 4, 12);
+             INSERT INTO traffic VALUES (3600, 3600, 'legacy.test', 'response', 'tls', 443, 'TLSv1.3', 'HTTP/2', 2, 30);
+             INSERT INTO dims VALUES (3600, 3600, 'legacy.test', 'cleartext', 'family', 'curl', 12);
+             INSERT INTO overflow VALUES (3600, 3600, 'legacy.test', 'cleartext', 'network', 2);
+             INSERT INTO exposures VALUES ('legacy.test', 'ab12', 'bearer', 'authorization', 3600, 3700, 4,
+                '198.51.100.0/24', 'curl', '/v1');",
+        )
+        .expect("old schema");
+    }
+    let store = SqliteStore::open(dir.path()).expect("open imports");
+    let rows = store.traffic("legacy.test", 0).await.expect("traffic");
+    assert_eq!(rows.iter().map(|r| r.count).sum::<u64>(), 42);
+    assert!(rows.iter().any(|r| r.scheme == Scheme::Cleartext
+        && r.outcome == Outcome::Response
+        && r.count == 12
+        && r.status_class == 4));
+    assert_eq!(
+        store
+            .dims("legacy.test", 0, Some(Scheme::Cleartext), DimKind::Family)
+            .await
+            .expect("dims"),
+        vec![("curl".to_owned(), 12)]
+    );
+    assert_eq!(
+        store
+            .overflow("legacy.test", 0, None, DimKind::Network)
+            .await
+            .expect("overflow"),
+        2
+    );
+    let e = store.exposures("legacy.test", 0).await.expect("exposures");
+    assert_eq!(e.len(), 1);
+    assert_eq!((e[0].fingerprint.as_str(), e[0].count), ("ab12", 4));
+    assert!(!old.exists(), "moved aside");
+    assert!(dir.path().join("analytics.db.imported").exists());
+    drop(store);
+    // Imported once: a second start does not count the old rows again.
+    std::fs::copy(dir.path().join("analytics.db.imported"), &old).expect("copy back");
+    let store = SqliteStore::open(dir.path()).expect("reopen");
+    let rows = store.traffic("legacy.test", 0).await.expect("traffic");
+    assert_eq!(rows.iter().map(|r| r.count).sum::<u64>(), 42);
 }

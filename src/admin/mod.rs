@@ -77,8 +77,8 @@ pub trait Control: Send + Sync {
     async fn set_stages(&self, plans: Plans) -> Result<(), ControlError>;
     /// The site overrides in force.
     fn overrides(&self) -> Overrides;
-    /// Where the audit log is kept.
-    fn store(&self) -> Arc<dyn crate::store::PolicyStore>;
+    /// The store: the audit log, the exposure queue and the analytics rollups.
+    fn store(&self) -> Arc<dyn crate::store::Store>;
 }
 
 /// Why a change asked through [`Control`] was not applied.

@@ -13,7 +13,6 @@ use super::auth::{session_id, Session, COOKIE, SESSION_LIFETIME};
 use super::service::{apply_change, site_view, Change, Refused};
 use super::{Ctx, Peer, Role};
 use crate::analytics::impact;
-use crate::analytics::store::Store;
 
 fn random_hex(n: usize) -> String {
     crate::hex::random(n)
@@ -143,7 +142,7 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
         .collect();
     let mut rows = String::new();
     for h in &hosts {
-        let Some(v) = site_view(&ctx, h) else {
+        let Some(v) = site_view(&ctx, h).await else {
             continue;
         };
         let share = v
@@ -172,7 +171,7 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
 }
 
 /// TLS against cleartext requests per minute over the last 24 hours, as an SVG.
-fn chart(points: &[crate::analytics::store::SeriesPoint], from: u64, to: u64) -> String {
+fn chart(points: &[crate::store::SeriesPoint], from: u64, to: u64) -> String {
     use plotters::prelude::*;
     let mut svg = String::new();
     {
@@ -196,7 +195,7 @@ fn chart(points: &[crate::analytics::store::SeriesPoint], from: u64, to: u64) ->
                 .light_line_style(WHITE)
                 .draw();
             // Each minute as a step of its own, so a lone busy minute still shows as a bar.
-            let steps = |f: fn(&crate::analytics::store::SeriesPoint) -> u64| -> Vec<(f64, f64)> {
+            let steps = |f: fn(&crate::store::SeriesPoint) -> u64| -> Vec<(f64, f64)> {
                 points
                     .iter()
                     .flat_map(|p| {
@@ -253,7 +252,7 @@ pub(crate) async fn site(
     req: Request,
 ) -> Response {
     let host = host.to_ascii_lowercase();
-    let Some(v) = site_view(&ctx, &host) else {
+    let Some(v) = site_view(&ctx, &host).await else {
         return (
             StatusCode::NOT_FOUND,
             page("Not found", "<p>No such site.</p>"),
@@ -263,21 +262,20 @@ pub(crate) async fn site(
     let session = req.extensions().get::<Session>().cloned();
     let config = ctx.control.config();
     let now = crate::clock::now();
-    let store = Store::open_read_only(&Store::path(&config.state_dir)).ok();
+    let store = ctx.control.store();
     let series = store
-        .as_ref()
-        .and_then(|s| s.series(&host, now.saturating_sub(86_400), 60).ok())
+        .series(&host, now.saturating_sub(86_400), 60)
+        .await
         .unwrap_or_default();
-    let report = store.as_ref().and_then(|s| {
-        impact::report(
-            s,
-            &host,
-            now.saturating_sub(config.readiness.window.as_secs()),
-            now,
-            &config.readiness,
-        )
-        .ok()
-    });
+    let report = impact::report(
+        &*store,
+        &host,
+        now.saturating_sub(config.readiness.window.as_secs()),
+        now,
+        &config.readiness,
+    )
+    .await
+    .ok();
     let mut body = format!(
         "<div class=card><p><strong>{mode}</strong> on pool <strong>{pool}</strong>{closed} ({addrs}), TLS ports {tls:?}, cleartext ports {clear:?}. Origin <code>{origin}</code>. HSTS <code>{hsts}</code>.</p></div>",
         mode = v.cleartext,
@@ -363,7 +361,7 @@ pub(crate) async fn site(
                 esc(&e.name),
                 e.count,
                 esc(&e.network),
-                esc(&e.family)
+                esc(e.family.as_str())
             ));
         }
         exp.push_str("</tbody></table></div>");
@@ -400,7 +398,7 @@ pub(crate) async fn confirm(
     let Some(session) = req.extensions().get::<Session>().cloned() else {
         return Redirect::to("/login").into_response();
     };
-    let Some(v) = site_view(&ctx, &host) else {
+    let Some(v) = site_view(&ctx, &host).await else {
         return (
             StatusCode::NOT_FOUND,
             page("Not found", "<p>No such site.</p>"),
@@ -409,18 +407,15 @@ pub(crate) async fn confirm(
     };
     let config = ctx.control.config();
     let now = crate::clock::now();
-    let report = Store::open_read_only(&Store::path(&config.state_dir))
-        .ok()
-        .and_then(|s| {
-            impact::report(
-                &s,
-                &host,
-                now.saturating_sub(config.readiness.window.as_secs()),
-                now,
-                &config.readiness,
-            )
-            .ok()
-        });
+    let report = impact::report(
+        &*ctx.control.store(),
+        &host,
+        now.saturating_sub(config.readiness.window.as_secs()),
+        now,
+        &config.readiness,
+    )
+    .await
+    .ok();
     let impact_text = match &report {
         Some(r) => format!(
             "<p id=impact>Over the last {}: {} cleartext requests ({:.3}% of {}), from {} client networks ({} likely people, {} likely automated); {} credentials seen in cleartext.</p>",

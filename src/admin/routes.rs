@@ -17,7 +17,6 @@ use serde_json::{json, Value};
 use super::service::{apply_change, drop_site_overrides, site_view, Change, Refused, SiteView};
 use super::{Ctx, Role};
 use crate::analytics::impact;
-use crate::analytics::store::Store;
 use crate::store::AuditEntry;
 
 /// Every route: method and path (axum syntax). The OpenAPI document must list exactly these.
@@ -122,11 +121,15 @@ async fn sites(State(ctx): State<Arc<Ctx>>) -> Json<Vec<SiteView>> {
         .iter()
         .map(|s| s.host.to_string())
         .collect();
-    Json(hosts.iter().filter_map(|h| site_view(&ctx, h)).collect())
+    let mut views = Vec::with_capacity(hosts.len());
+    for h in &hosts {
+        views.extend(site_view(&ctx, h).await);
+    }
+    Json(views)
 }
 
 async fn site(State(ctx): State<Arc<Ctx>>, Path(host): Path<String>) -> Response {
-    match site_view(&ctx, &host.to_ascii_lowercase()) {
+    match site_view(&ctx, &host.to_ascii_lowercase()).await {
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no site {host:?}")),
     }
@@ -208,11 +211,7 @@ fn since(w: &Window, default: u64) -> Result<u64, ApiError> {
     }
 }
 
-fn store(ctx: &Ctx) -> Result<Store, ApiError> {
-    Store::open_read_only(&Store::path(&ctx.control.config().state_dir)).map_err(unavailable)
-}
-
-fn unavailable(e: crate::analytics::store::StoreError) -> ApiError {
+fn unavailable(e: crate::store::StoreError) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
@@ -248,8 +247,11 @@ async fn traffic(
     };
     known(&ctx, &host)?;
     let since = since(&w, 86_400)?;
-    let series = store(&ctx)?
+    let series = ctx
+        .control
+        .store()
         .series(&host, since, span)
+        .await
         .map_err(unavailable)?;
     Ok(Json(json!({ "site": host, "resolution_seconds": span, "points": series })).into_response())
 }
@@ -264,8 +266,9 @@ async fn site_impact(
     let readiness = ctx.control.config().readiness.clone();
     let since = since(&w, readiness.window.as_secs())?;
     let now = crate::clock::now();
-    let mut report =
-        impact::report(&store(&ctx)?, &host, since, now, &readiness).map_err(unavailable)?;
+    let mut report = impact::report(&*ctx.control.store(), &host, since, now, &readiness)
+        .await
+        .map_err(unavailable)?;
     report.drain = ctx.control.drains().into_iter().find(|d| d.site == host);
     Ok(Json(report).into_response())
 }
@@ -278,7 +281,13 @@ async fn exposures(
     let host = host.to_ascii_lowercase();
     known(&ctx, &host)?;
     let since = since(&w, 90 * 86_400)?;
-    Ok(Json(store(&ctx)?.exposures(&host, since).map_err(unavailable)?).into_response())
+    let rows = ctx
+        .control
+        .store()
+        .exposures(&host, since)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(rows).into_response())
 }
 
 async fn stage_change(

@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{ControlError, Ctx, Role};
 use crate::analytics::impact;
-use crate::analytics::store::Store;
 use crate::config::HstsOverride;
 use crate::store::{AuditEntry, AuditEvent, SiteState};
 
@@ -34,15 +33,15 @@ pub(crate) struct SiteView {
     pub(crate) stage: Option<crate::stages::Plan>,
 }
 
-pub(crate) fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
+pub(crate) async fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
     let c = ctx.control.config();
     let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
     let pool = &c.pools[s.pool];
     let now = crate::clock::now();
-    let store = Store::open_read_only(&Store::path(&c.state_dir)).ok();
-    let report = store.as_ref().and_then(|st| {
-        impact::report(st, host, now.saturating_sub(86_400), now, &c.readiness).ok()
-    });
+    let store = ctx.control.store();
+    let report = impact::report(&*store, host, now.saturating_sub(86_400), now, &c.readiness)
+        .await
+        .ok();
     Some(SiteView {
         host: host.to_owned(),
         pool: pool.name.clone(),
@@ -94,7 +93,7 @@ pub(crate) async fn apply_change(
     change: Change,
 ) -> Result<Option<SiteView>, Refused> {
     let _serial = ctx.changes.lock().await;
-    let Some(before) = site_view(ctx, host) else {
+    let Some(before) = site_view(ctx, host).await else {
         return Err(Refused::Other(
             StatusCode::NOT_FOUND,
             format!("no site {host:?}"),
@@ -130,7 +129,7 @@ pub(crate) async fn drop_site_overrides(
     host: &str,
 ) -> Result<Option<SiteView>, Refused> {
     let _serial = ctx.changes.lock().await;
-    let Some(before) = site_view(ctx, host) else {
+    let Some(before) = site_view(ctx, host).await else {
         return Err(Refused::Other(
             StatusCode::NOT_FOUND,
             format!("no site {host:?}"),
@@ -164,7 +163,7 @@ async fn commit(
                 format!("not applied: {e}"),
             ),
         })?;
-    let after = site_view(ctx, host);
+    let after = site_view(ctx, host).await;
     let entry = AuditEntry {
         at: crate::clock::now(),
         who: role.as_str().to_owned(),

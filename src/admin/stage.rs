@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use super::service::{append_audit, apply_change, site_view, Change, Refused};
 use super::{Ctx, Role};
 use crate::analytics::impact;
-use crate::analytics::store::Store;
 use crate::https::HttpsError;
 use crate::stages::{self, Brownout, Plan, Stage};
 use crate::store::{AuditEntry, AuditEvent, StageStep};
@@ -69,22 +68,20 @@ async fn gates(ctx: &Ctx, host: &str, plan: &Plan, to: Stage) -> Vec<String> {
         }
     }
     let now = crate::clock::now();
-    let store = Store::open_read_only(&Store::path(&config.state_dir)).ok();
+    let store = ctx.control.store();
     // 2. The cleartext share, for the steps that take cleartext away for good.
     if to >= Stage::Move {
         let since = now.saturating_sub(config.readiness.window.as_secs());
-        match store
-            .as_ref()
-            .map(|s| impact::report(s, host, since, now, &config.readiness))
-        {
-            Some(Ok(r)) if r.cleartext_percent > config.readiness.max_cleartext_percent => reasons
-                .push(format!(
+        match impact::report(&*store, host, since, now, &config.readiness).await {
+            Ok(r) if r.cleartext_percent > config.readiness.max_cleartext_percent => {
+                reasons.push(format!(
                     "{:.3}% of requests used cleartext over the last {} days; the threshold is {}%",
                     r.cleartext_percent,
                     config.readiness.window.as_secs() / 86_400,
                     config.readiness.max_cleartext_percent
-                )),
-            Some(Ok(_)) => {}
+                ))
+            }
+            Ok(r) if r.requests > 0 => {}
             _ => reasons.push("no traffic recorded yet: nothing to base the step on".to_owned()),
         }
     }
@@ -93,10 +90,7 @@ async fn gates(ctx: &Ctx, host: &str, plan: &Plan, to: Stage) -> Vec<String> {
         let since = now
             .saturating_sub(EXPOSURE_WINDOW)
             .max(plan.exposures_acknowledged_at.unwrap_or(0) + 1);
-        let fresh = store
-            .as_ref()
-            .and_then(|s| s.exposures(host, since).ok())
-            .map_or(0, |e| e.len());
+        let fresh = store.exposures(host, since).await.map_or(0, |e| e.len());
         if fresh > 0 {
             reasons.push(format!(
                 "{fresh} credential(s) seen in cleartext in the last 24 hours and not acknowledged: rotate them, then acknowledge"
@@ -142,7 +136,7 @@ pub(crate) async fn change_stage(
     req: StageRequest,
 ) -> Result<Plan, StageRefused> {
     let _serial = ctx.changes.lock().await;
-    let Some(view) = site_view(ctx, host) else {
+    let Some(view) = site_view(ctx, host).await else {
         return Err(StageRefused::Other(
             StatusCode::NOT_FOUND,
             format!("no site {host:?}"),

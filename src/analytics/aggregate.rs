@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use crate::exposure::{CredentialKind, Fingerprint, PositionName};
 use crate::observe::{
-    ClientFamily, HttpVersion, Network, Outcome, PathTemplate, Scheme, TlsVersion,
+    ClientFamily, DimKind, HttpVersion, Network, Outcome, PathTemplate, Scheme, TlsVersion,
 };
+use crate::store::{DimCount, ExposureRow, OverflowCount, RollupBatch, TrafficCount};
 
 /// A stable number for a site name, kept across reloads; 0 is the `unknown` bucket.
 pub type SiteId = u32;
@@ -52,23 +53,6 @@ pub enum Dim {
     Network(Network),
     Family(ClientFamily),
     Path(PathTemplate),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DimKind {
-    Network,
-    Family,
-    Path,
-}
-
-impl DimKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DimKind::Network => "network",
-            DimKind::Family => "family",
-            DimKind::Path => "path",
-        }
-    }
 }
 
 impl Dim {
@@ -158,6 +142,70 @@ pub const MAX_EXPOSURES_PENDING: usize = 100_000;
 impl Aggregate {
     pub fn is_empty(&self) -> bool {
         self.traffic.is_empty() && self.exposures.is_empty() && self.exposures_dropped == 0
+    }
+
+    /// The plain rows the store takes, with site ids turned into names by `name`.
+    pub fn to_batch(&self, name: &dyn Fn(SiteId) -> String) -> RollupBatch {
+        RollupBatch {
+            traffic: self
+                .traffic
+                .iter()
+                .map(|(k, n)| TrafficCount {
+                    bucket: k.bucket,
+                    span: k.span,
+                    site: name(k.site),
+                    outcome: k.outcome,
+                    scheme: k.scheme,
+                    port: k.port,
+                    tls: k.tls,
+                    http: k.http,
+                    status_class: k.status_class,
+                    count: *n,
+                })
+                .collect(),
+            dims: self
+                .dims
+                .iter()
+                .map(|(k, n)| DimCount {
+                    bucket: k.bucket,
+                    span: k.span,
+                    site: name(k.site),
+                    scheme: k.scheme,
+                    kind: k.dim.kind(),
+                    value: k.dim.value(),
+                    count: *n,
+                })
+                .collect(),
+            overflow: self
+                .overflow
+                .iter()
+                .map(|(k, n)| OverflowCount {
+                    bucket: k.bucket,
+                    span: k.span,
+                    site: name(k.site),
+                    scheme: k.scheme,
+                    kind: k.kind,
+                    count: *n,
+                })
+                .collect(),
+            exposures: self
+                .exposures
+                .iter()
+                .map(|((site, fp), e)| ExposureRow {
+                    site: name(*site),
+                    fingerprint: fp.to_string(),
+                    kind: e.kind.as_str().to_owned(),
+                    name: e.name.as_str().to_owned(),
+                    first_seen: e.first_seen,
+                    last_seen: e.last_seen,
+                    count: e.count,
+                    network: e.network.to_string(),
+                    family: e.family,
+                    path: e.path.as_str().to_owned(),
+                })
+                .collect(),
+            exposures_dropped: self.exposures_dropped,
+        }
     }
 
     /// Rough number of entries held, to bound memory while the store is failing.

@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::store::{ExposureRow, Store, StoreError};
 use crate::clock::Timestamp;
 use crate::config::Readiness;
-use crate::observe::ClientFamily;
+use crate::observe::{ClientFamily, DimKind, Outcome, Scheme};
+use crate::store::{ExposureRow, Rollups, StoreError};
 
 /// Rows shown per breakdown.
 const TOP: usize = 10;
@@ -73,21 +73,26 @@ fn percent(part: u64, whole: u64) -> f64 {
 
 /// Builds the report for `host` (a configured site name, such as `api.example.com` or
 /// `*.example.com`) from `since` on.
-pub fn report(
-    store: &Store,
+pub async fn report(
+    store: &dyn Rollups,
     host: &str,
     since: Timestamp,
     now: Timestamp,
     readiness: &Readiness,
 ) -> Result<ImpactReport, StoreError> {
-    let traffic = store.traffic(host, since)?;
+    let clear = Some(Scheme::Cleartext);
+    let traffic = store.traffic(host, since).await?;
     let requests: u64 = traffic.iter().map(|r| r.count).sum();
-    let cleartext: Vec<_> = traffic.iter().filter(|r| r.scheme == "cleartext").collect();
+    let cleartext: Vec<_> = traffic
+        .iter()
+        .filter(|r| r.scheme == Scheme::Cleartext)
+        .collect();
     let cleartext_requests: u64 = cleartext.iter().map(|r| r.count).sum();
-    let networks = store.dims(host, since, None, "network")?.len() as u64;
-    let clear_networks = store.dims(host, since, Some("cleartext"), "network")?;
-    let networks_overflow = store.overflow(host, since, None, "network")?;
-    let families = store.dims(host, since, Some("cleartext"), "family")?;
+    let networks = store.dims(host, since, None, DimKind::Network).await?.len() as u64;
+    let clear_networks = store.dims(host, since, clear, DimKind::Network).await?;
+    let networks_overflow = store.overflow(host, since, None, DimKind::Network).await?;
+    let families = store.dims(host, since, clear, DimKind::Family).await?;
+    let paths = store.dims(host, since, clear, DimKind::Path).await?;
     let likely_human: u64 = families
         .iter()
         .filter(|(f, _)| ClientFamily::parse(f).is_some_and(|f| f.likely_human()))
@@ -105,12 +110,10 @@ pub fn report(
     };
     let mut ports: Vec<(String, u64)> = Vec::new();
     for r in &cleartext {
-        let label = if r.outcome == "cleartext_on_tls_port" {
-            format!("{} (a TLS port)", r.port)
-        } else if r.outcome == "refused_by_firewall" {
-            "refused by the firewall".to_owned()
-        } else {
-            r.port.to_string()
+        let label = match r.outcome {
+            Outcome::CleartextOnTlsPort => format!("{} (a TLS port)", r.port),
+            Outcome::RefusedByFirewall => "refused by the firewall".to_owned(),
+            _ => r.port.to_string(),
         };
         match ports.iter_mut().find(|(p, _)| *p == label) {
             Some((_, n)) => *n += r.count,
@@ -118,7 +121,7 @@ pub fn report(
         }
     }
     ports.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let exposures = store.exposures(host, since)?;
+    let exposures = store.exposures(host, since).await?;
     let exposed_credentials = exposures.len() as u64;
     let cleartext_percent = percent(cleartext_requests, requests);
     let mut reasons = Vec::new();
@@ -152,7 +155,7 @@ pub fn report(
         likely_automated: cleartext_requests.saturating_sub(likely_human),
         by_family: rows(&families),
         by_network: rows(&clear_networks),
-        by_path: rows(&store.dims(host, since, Some("cleartext"), "path")?),
+        by_path: rows(&paths),
         by_port: rows(&ports),
         exposed_credentials,
         exposures,
@@ -231,7 +234,12 @@ impl ImpactReport {
             let _ = writeln!(
                 o,
                 "  {}  {:<20} {:<20} seen {} time(s), last from {} ({})",
-                e.fingerprint, e.kind, e.name, e.count, e.network, e.family
+                e.fingerprint,
+                e.kind,
+                e.name,
+                e.count,
+                e.network,
+                e.family.as_str()
             );
         }
         if self.exposures.len() > MAX_LISTED {

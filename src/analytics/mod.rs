@@ -3,7 +3,7 @@
 //!
 //! Invariant 3: the request path only updates in-memory counters of its own worker (one
 //! uncontended lock). A background flusher drains them every second and writes them to the
-//! SQLite store every `flush_interval`; a slow or failing store delays that write and nothing
+//! store ([`Rollups`]) every `flush_interval`; a slow or failing store delays that write and nothing
 //! else. Pending counts are kept (folded from minutes into hours if they grow too large)
 //! until the store accepts them. This module never blocks a request and never stores, logs or
 //! labels a raw credential (invariant 2): it only ever sees fingerprints.
@@ -12,7 +12,6 @@ mod accesslog;
 pub mod aggregate;
 pub mod impact;
 pub mod metrics;
-pub mod store;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now;
 use crate::observe::{self, ClientFamily, Network, Outcome, PathTemplate, Scheme, TlsVersion};
+use crate::store::{Rollups, StoreError};
 pub use accesslog::AccessLog;
 use aggregate::{Aggregate, ExposureAgg, Observation, SiteId};
-use store::{Store, StoreError};
 
 use crate::config::{AnalyticsSettings, Config};
 use crate::exposure::{CredentialKind, ExposureError, Fingerprinter, Found};
@@ -90,7 +89,7 @@ pub struct Analytics {
     /// Site names by id; id 0 is `unknown`. Ids are never reused, so counts drained after a
     /// reload still land on the right name.
     names: RwLock<Vec<String>>,
-    store_path: std::path::PathBuf,
+    store: Arc<dyn Rollups>,
     totals: Mutex<Totals>,
     /// When the oldest drained-but-unstored counts were drained (0: none pending).
     pending_since: AtomicU64,
@@ -101,8 +100,12 @@ pub struct Analytics {
 
 impl Analytics {
     /// Sets up analytics for `config` with one slot per worker and starts the flusher on the
-    /// current runtime.
-    pub fn start(config: &Config, workers: usize) -> Result<Arc<Analytics>, AnalyticsError> {
+    /// current runtime; it writes to `store`.
+    pub fn start(
+        config: &Config,
+        workers: usize,
+        store: Arc<dyn Rollups>,
+    ) -> Result<Arc<Analytics>, AnalyticsError> {
         let settings = config.analytics.clone();
         let fingerprinter = Fingerprinter::open(&config.state_dir)?;
         let access_log = match &settings.access_log {
@@ -120,7 +123,7 @@ impl Analytics {
                 .collect(),
             fingerprinter,
             names: RwLock::new(vec!["unknown".to_owned()]),
-            store_path: Store::path(&config.state_dir),
+            store,
             totals: Mutex::new(Totals::default()),
             pending_since: AtomicU64::new(0),
             access_log,
@@ -131,11 +134,6 @@ impl Analytics {
         let task = tokio::spawn(flusher(a.clone()));
         *lock(&a.flusher) = Some(task);
         Ok(a)
-    }
-
-    /// The store this instance writes to.
-    pub fn store_path(&self) -> &std::path::Path {
-        &self.store_path
     }
 
     /// The id of a configured site's name, assigned on first sight.
@@ -252,7 +250,6 @@ impl Analytics {
 /// Drains every second, writes every `flush_interval`, rolls up hourly, and flushes once more
 /// on shutdown.
 async fn flusher(a: Arc<Analytics>) {
-    let store: Arc<Mutex<Option<Store>>> = Arc::new(Mutex::new(None));
     let mut pending = Aggregate::default();
     let drain_every = a.settings.flush_interval.min(Duration::from_secs(1));
     let mut last_write = tokio::time::Instant::now();
@@ -277,47 +274,40 @@ async fn flusher(a: Arc<Analytics>) {
         if due && !pending.is_empty() {
             last_write = tokio::time::Instant::now();
             let batch = std::mem::take(&mut pending);
-            let names = a.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-            let (store2, path) = (store.clone(), a.store_path.clone());
-            let written = tokio::task::spawn_blocking(move || {
-                let result = write_batch(&store2, &path, &batch, &names);
-                (batch, result)
-            })
-            .await;
-            match written {
-                Ok((_, Ok(()))) => {
+            let rows = {
+                let names = a.names.read().unwrap_or_else(|p| p.into_inner());
+                batch.to_batch(&|id| {
+                    names
+                        .get(id as usize)
+                        .cloned()
+                        .unwrap_or_else(|| "unknown".to_owned())
+                })
+            };
+            match a.store.write_rollups(&rows).await {
+                Ok(()) => {
                     a.pending_since.store(0, Ordering::Relaxed);
                     errors.recovered();
                 }
-                Ok((batch, Err(e))) => {
+                Err(e) => {
                     errors.failed(&e);
                     // Kept whole: the transaction rolled back, so nothing was counted twice.
                     let mut back = batch;
                     back.merge(std::mem::take(&mut pending), a.settings.top_k);
                     pending = back;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "analytics writer panicked; its batch is lost")
-                }
             }
         }
         let rollup_due = last_rollup.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
         if rollup_due && pending.is_empty() && !stopping {
             last_rollup = Some(tokio::time::Instant::now());
-            let (store2, path) = (store.clone(), a.store_path.clone());
             let (minutes, hours) = (a.settings.minute_retention, a.settings.hour_retention);
-            let _ = tokio::task::spawn_blocking(move || {
-                let mut guard = lock(&store2);
-                if guard.is_none() {
-                    *guard = Store::open(&path).ok();
-                }
-                if let Some(s) = guard.as_mut() {
-                    if let Err(e) = s.roll_up(now(), minutes, hours) {
-                        tracing::warn!(error = %e, "analytics roll-up failed; will retry");
-                    }
-                }
-            })
-            .await;
+            if let Err(e) = a
+                .store
+                .roll_up(now(), minutes.as_secs(), hours.as_secs())
+                .await
+            {
+                tracing::warn!(error = %e, "analytics roll-up failed; will retry");
+            }
         }
         if stopping {
             if !pending.is_empty() {
@@ -330,33 +320,6 @@ async fn flusher(a: Arc<Analytics>) {
             return;
         }
     }
-}
-
-fn write_batch(
-    store: &Mutex<Option<Store>>,
-    path: &std::path::Path,
-    batch: &Aggregate,
-    names: &[String],
-) -> Result<(), StoreError> {
-    let mut guard = lock(store);
-    if guard.is_none() {
-        *guard = Some(Store::open(path)?);
-    }
-    let s = guard
-        .as_mut()
-        .ok_or_else(|| StoreError::Missing(path.display().to_string()))?;
-    let name = |id: SiteId| {
-        names
-            .get(id as usize)
-            .cloned()
-            .unwrap_or_else(|| "unknown".to_owned())
-    };
-    let result = s.write(batch, &name);
-    if result.is_err() {
-        // Reopen next time: the file may have been replaced or its lock released.
-        *guard = None;
-    }
-    result
 }
 
 /// Logs store failures at most once per [`ERROR_LOG_EVERY`], with how many there were.

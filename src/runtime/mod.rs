@@ -33,7 +33,7 @@ use crate::exposure::queue::{PolicySource, Responder};
 use crate::net::{Limits, Workers};
 use crate::stages::drain::{self, Drain};
 use crate::stages::Plans;
-use crate::store::{PolicyStore, SqliteStore};
+use crate::store::{EventQueue, SqliteStore, Store};
 
 /// Why the program could not start, or a config could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +79,7 @@ struct Inner {
     source: ConfigSource,
     state_dir: PathBuf,
     /// Overrides, plans, drains and the audit log.
-    store: Arc<dyn PolicyStore>,
+    store: Arc<dyn Store>,
     /// The overrides applied last (the store holds the same).
     overrides: Mutex<Overrides>,
     /// The config applied last; the exposure queue reads each site's response policy here.
@@ -116,7 +116,7 @@ impl Runtime {
                 .await
                 .map_err(|e| crate::store::StoreError::Task(e.to_string()))??
         };
-        let store = Arc::new(store);
+        let store: Arc<dyn Store> = Arc::new(store);
         let overrides = store.overrides().await?;
         let config = source.load(&overrides)?;
         let config_cell = Arc::new(ArcSwap::from_pointee(config.clone()));
@@ -124,6 +124,7 @@ impl Runtime {
             true => Some(Analytics::start(
                 &config,
                 workers.map_or(1, |w| w.handles().len()),
+                store.clone(),
             )?),
             false => None,
         };
@@ -134,7 +135,11 @@ impl Runtime {
                 let site = config.sites.iter().find(|s| s.host.to_string() == host)?;
                 site.response.clone().map(Arc::new)
             });
-            Responder::start(config.exposure.clone(), store.clone(), policies)
+            Responder::start(
+                config.exposure.clone(),
+                store.clone() as Arc<dyn EventQueue>,
+                policies,
+            )
         });
         let edge = Edge::start(EdgeParts {
             settings: &config.edge,
@@ -438,7 +443,7 @@ impl Control for Inner {
         crate::lock(&self.overrides).clone()
     }
 
-    fn store(&self) -> Arc<dyn PolicyStore> {
+    fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
     }
 }

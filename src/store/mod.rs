@@ -1,6 +1,6 @@
-//! The storage seam: everything about the running policy that must survive a restart (and,
-//! later, be shared by a fleet of nodes): site overrides made through the admin plane, staged
-//! switch-off plans, drains, and the audit log of every change.
+//! The storage seam: everything that must survive a restart (and, later, be shared by a fleet
+//! of nodes): site overrides made through the admin plane, staged switch-off plans, drains,
+//! the audit log of every change, the exposure queue and the analytics rollups.
 //!
 //! [`PolicyStore`] is the contract; [`sqlite::SqliteStore`] the embedded implementation (one
 //! database file in the state directory, `portcullis.db`). Records are typed, and every write
@@ -9,9 +9,10 @@
 //! ones. This module never reaches into a plane (edge, DNS, admin): they come to it.
 //!
 //! [`EventQueue`] is the durable queue of exposure events waiting for their webhook, with
-//! their delivery state. Still outside the seam, in its own SQLite file: the analytics rollups
-//! and exposure records (`analytics.db`).
+//! their delivery state; [`Rollups`] the analytics counts and exposure records. [`Store`] is
+//! all three, as the composition root opens it.
 
+pub mod rollups;
 pub mod sqlite;
 
 use std::collections::HashSet;
@@ -23,7 +24,16 @@ use crate::config::Overrides;
 use crate::stages::drain::Drain;
 use crate::stages::{Plan, Plans, Stage};
 
+pub use rollups::{
+    DimCount, ExposureRow, OverflowCount, RollupBatch, Rollups, SeriesPoint, TrafficCount,
+    TrafficRow,
+};
 pub use sqlite::SqliteStore;
+
+/// Everything the running program keeps: the policy, the exposure queue and the rollups.
+pub trait Store: PolicyStore + EventQueue + Rollups {}
+
+impl<T: PolicyStore + EventQueue + Rollups> Store for T {}
 
 /// Why the store failed. Messages name the database or the file involved.
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,12 @@
-//! The embedded [`PolicyStore`]: one SQLite database in the state directory (WAL mode), opened
-//! once by the running program; CLI reports open it read-only.
+//! The embedded store ([`PolicyStore`], [`EventQueue`] and [`Rollups`](super::Rollups)): one
+//! SQLite database in the state directory (WAL mode), opened once by the running program; CLI
+//! reports open it read-only.
 //!
 //! On first open it imports what earlier versions kept beside it (`overrides.json`,
-//! `stages.json`, `drains.json`, `audit.jsonl`, and the exposure queue `exposure-events.db`)
-//! in the same transaction as the schema, then renames each to `*.imported`, so an upgrade
-//! loses nothing and imports once. A file that does not parse stops the open with an error
-//! naming it, and is left untouched.
+//! `stages.json`, `drains.json`, `audit.jsonl`, the exposure queue `exposure-events.db` and
+//! the analytics rollups `analytics.db`) in the same transaction as the schema, then renames
+//! each to `*.imported`, so an upgrade loses nothing and imports once. A file that does not
+//! parse stops the open with an error naming it, and is left untouched.
 //!
 //! Queries are blocking; the async trait runs them on tokio's blocking threads.
 
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OpenFlags, Transaction};
 
 use super::{
     Attempt, AuditEntry, DeliveryState, EventQueue, NewEvent, PolicyStore, QueueCounters,
@@ -25,8 +26,11 @@ use crate::config::{Overrides, SiteOverride};
 use crate::stages::drain::Drain;
 use crate::stages::{Plan, Plans};
 
+mod import;
+mod rollups;
+
 /// Bumped with every change to [`SCHEMA`]; kept in `meta`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -57,13 +61,13 @@ const EVENT_COLUMNS: &str =
     "id, site, fingerprint, kind, name, policy, first_seen, last_seen, count,
     network, family, state, attempts, next_attempt, last_error, delivered_at";
 
-/// The exposure queue of earlier versions, in its own file.
-const LEGACY_QUEUE: &str = "exposure-events.db";
-
 /// The state store of one state directory.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// The analytics flusher's own connection, so that a long flush never holds up a policy
+    /// read or write (WAL lets readers and one writer run together).
+    rollups: Arc<Mutex<Connection>>,
     path: Arc<PathBuf>,
 }
 
@@ -89,38 +93,23 @@ impl SqliteStore {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        let legacy_queue = state_dir.join(LEGACY_QUEUE);
-        let attached = legacy_queue.exists();
-        if attached {
-            // ATTACH cannot run inside a transaction; the copy below does.
-            conn.execute(
-                "ATTACH DATABASE ?1 AS legacy",
-                params![legacy_queue.display().to_string()],
-            )
-            .map_err(|e| StoreError::Import {
-                path: legacy_queue.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        }
+        // ATTACH cannot run inside a transaction; the copies below do.
+        let legacy = import::attach(&conn, state_dir)?;
         let imported = {
             let tx = conn.transaction().map_err(err)?;
             tx.execute_batch(SCHEMA).map_err(err)?;
+            tx.execute_batch(rollups::SCHEMA).map_err(err)?;
             tx.execute(
                 "INSERT INTO meta VALUES ('schema', ?1) ON CONFLICT DO UPDATE SET value = excluded.value",
                 params![SCHEMA_VERSION],
             )
             .map_err(err)?;
-            let mut imported = import_legacy(&tx, state_dir, &path)?;
-            if attached {
-                import_legacy_queue(&tx, &legacy_queue)?;
-                imported.push(legacy_queue);
-            }
+            let mut imported = import::files(&tx, state_dir, &path)?;
+            imported.extend(import::databases(&tx, &legacy)?);
             tx.commit().map_err(err)?;
             imported
         };
-        if attached {
-            conn.execute("DETACH DATABASE legacy", []).map_err(err)?;
-        }
+        import::detach(&conn, &legacy).map_err(err)?;
         // Only once the import is committed: a crash before leaves the files to import again.
         let mut files = Vec::new();
         for file in imported {
@@ -144,8 +133,10 @@ impl SqliteStore {
                 }
             }
         }
+        let rollups = rollups::connect(&path)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            rollups: Arc::new(Mutex::new(rollups)),
             path: Arc::new(path),
         })
     }
@@ -161,14 +152,16 @@ impl SqliteStore {
             .map_err(|e| sqlite(&path, e))?;
         conn.busy_timeout(Duration::from_secs(2))
             .map_err(|e| sqlite(&path, e))?;
+        let conn = Arc::new(Mutex::new(conn));
         Ok(Some(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            rollups: conn.clone(),
+            conn,
             path: Arc::new(path),
         }))
     }
 
     /// Forgets every override, plan, drain, audit entry and queued event (the demo starts
-    /// fresh each time).
+    /// fresh each time); traffic counts and exposure records stay, as the demo's own history.
     pub fn clear(&self) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute_batch(
@@ -599,50 +592,7 @@ impl EventQueue for SqliteStore {
     }
 }
 
-/// Copies the exposure queue of an earlier version (attached as `legacy`) into empty tables.
-fn import_legacy_queue(tx: &Transaction<'_>, file: &Path) -> Result<(), StoreError> {
-    let bad = |e: rusqlite::Error| StoreError::Import {
-        path: file.display().to_string(),
-        reason: e.to_string(),
-    };
-    let empty = tx
-        .query_row("SELECT 1 FROM events LIMIT 1", [], |_| Ok(()))
-        .optional()
-        .map_err(bad)?
-        .is_none();
-    if !empty {
-        return Ok(());
-    }
-    let has = |table: &str| -> Result<bool, StoreError> {
-        tx.query_row(
-            "SELECT 1 FROM legacy.sqlite_master WHERE type = 'table' AND name = ?1",
-            params![table],
-            |_| Ok(()),
-        )
-        .optional()
-        .map(|r| r.is_some())
-        .map_err(bad)
-    };
-    if has("events")? {
-        tx.execute(
-            "INSERT INTO events SELECT id, site, fingerprint, kind, name, policy, first_seen, last_seen,
-                count, network, family, path, state, attempts, next_attempt, last_error, delivered_at,
-                created_at FROM legacy.events",
-            [],
-        )
-        .map_err(bad)?;
-    }
-    if has("counters")? {
-        tx.execute(
-            "INSERT INTO queue_counters SELECT name, count FROM legacy.counters",
-            [],
-        )
-        .map_err(bad)?;
-    }
-    Ok(())
-}
-
-fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
+pub(super) fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
     StoreError::Sqlite {
         path: path.display().to_string(),
         source,
@@ -650,95 +600,6 @@ fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
 }
 
 /// Records are plain data: serialising them cannot fail.
-fn json<T: serde::Serialize>(v: &T) -> String {
+pub(super) fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
-}
-
-/// Imports the state files of earlier versions into tables that are still empty. Returns the
-/// files taken, to rename once the transaction is committed.
-fn import_legacy(
-    tx: &Transaction<'_>,
-    state_dir: &Path,
-    db: &Path,
-) -> Result<Vec<PathBuf>, StoreError> {
-    let mut taken = Vec::new();
-    let empty = |table: &str| -> Result<bool, StoreError> {
-        tx.query_row(&format!("SELECT 1 FROM {table} LIMIT 1"), [], |_| Ok(()))
-            .optional()
-            .map(|r| r.is_none())
-            .map_err(|e| sqlite(db, e))
-    };
-    let read = |name: &str| -> Result<Option<(PathBuf, String)>, StoreError> {
-        let path = state_dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some((path, text))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::Import {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            }),
-        }
-    };
-    let bad = |path: &Path, e: &dyn std::fmt::Display| StoreError::Import {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
-    let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<(), StoreError> {
-        tx.execute(sql, p).map(|_| ()).map_err(|e| sqlite(db, e))
-    };
-    if let Some((path, text)) = read("overrides.json")? {
-        if empty("overrides")? {
-            let o: Overrides = serde_json::from_str(&text).map_err(|e| bad(&path, &e))?;
-            for (site, v) in &o {
-                exec("INSERT INTO overrides VALUES (?1, ?2)", &[site, &json(v)])?;
-            }
-        }
-        taken.push(path);
-    }
-    if let Some((path, text)) = read("stages.json")? {
-        if empty("stages")? {
-            let p: Plans = serde_json::from_str(&text).map_err(|e| bad(&path, &e))?;
-            for (site, v) in &p {
-                exec("INSERT INTO stages VALUES (?1, ?2)", &[site, &json(v)])?;
-            }
-        }
-        taken.push(path);
-    }
-    if let Some((path, text)) = read("drains.json")? {
-        if empty("drains")? {
-            let drains: Vec<Drain> = serde_json::from_str(&text).map_err(|e| bad(&path, &e))?;
-            for d in &drains {
-                exec(
-                    "INSERT INTO drains VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    &[
-                        &d.site,
-                        &d.from_pool,
-                        &d.to_pool,
-                        &d.mode.as_str(),
-                        &(d.moved_at as i64),
-                        &(d.until as i64),
-                    ],
-                )?;
-            }
-        }
-        taken.push(path);
-    }
-    if let Some((path, text)) = read("audit.jsonl")? {
-        if empty("audit")? {
-            for (i, line) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                let e: AuditEntry = serde_json::from_str(line)
-                    .map_err(|e| bad(&path, &format!("line {}: {e}", i + 1)))?;
-                exec(
-                    "INSERT INTO audit (at, site, entry) VALUES (?1, ?2, ?3)",
-                    &[&(e.at as i64), &e.site, &json(&e)],
-                )?;
-            }
-        }
-        taken.push(path);
-    }
-    Ok(taken)
 }

@@ -1,0 +1,159 @@
+//! The analytics side of the seam: request counts per time bucket, the capped dimensions
+//! (networks, client families, paths) with their overflow, and one exposure record per
+//! (site, fingerprint). Analytics hands over plain rows ([`RollupBatch`]); readers (the impact
+//! report, the dashboard, the readiness gates) ask by site and time.
+//!
+//! Counts only ever add up: writing the same batch twice counts it twice, so a writer keeps a
+//! batch until the store took all of it (one transaction) and never sends it again after.
+//! Nothing here is a raw credential: exposures arrive as fingerprints.
+
+use serde::Serialize;
+
+use super::StoreError;
+use crate::clock::Timestamp;
+use crate::observe::{ClientFamily, DimKind, HttpVersion, Outcome, Scheme, TlsVersion};
+
+/// Requests (or connections) counted in one bucket of `span` seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficCount {
+    /// Start of the bucket.
+    pub bucket: Timestamp,
+    /// 60 (minute) or 3600 (hour).
+    pub span: u32,
+    pub site: String,
+    pub outcome: Outcome,
+    pub scheme: Scheme,
+    pub port: u16,
+    pub tls: TlsVersion,
+    pub http: HttpVersion,
+    /// 1 to 5; 0 when no response was sent.
+    pub status_class: u8,
+    pub count: u64,
+}
+
+/// Requests from one value of a capped dimension in one bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DimCount {
+    pub bucket: Timestamp,
+    pub span: u32,
+    pub site: String,
+    pub scheme: Scheme,
+    pub kind: DimKind,
+    /// The network (`192.0.2.0/24`), family (`curl`) or path template (`/v1/users/:id`).
+    pub value: String,
+    pub count: u64,
+}
+
+/// Requests whose value did not fit under the cap of a dimension in one bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverflowCount {
+    pub bucket: Timestamp,
+    pub span: u32,
+    pub site: String,
+    pub scheme: Scheme,
+    pub kind: DimKind,
+    pub count: u64,
+}
+
+/// One credential seen in cleartext on a site: fingerprint only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExposureRow {
+    pub site: String,
+    pub fingerprint: String,
+    pub kind: String,
+    /// The header, cookie, parameter or field it was found in.
+    pub name: String,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+    pub count: u64,
+    /// Of the last sighting.
+    pub network: String,
+    #[serde(serialize_with = "label")]
+    pub family: ClientFamily,
+    pub path: String,
+}
+
+fn label<S: serde::Serializer>(f: &ClientFamily, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(f.as_str())
+}
+
+/// What one flush of the analytics adds, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RollupBatch {
+    pub traffic: Vec<TrafficCount>,
+    pub dims: Vec<DimCount>,
+    pub overflow: Vec<OverflowCount>,
+    /// Merged into the record of the same (site, fingerprint): counts add, first and last
+    /// sighting widen, network, family and path follow the latest sighting.
+    pub exposures: Vec<ExposureRow>,
+    /// Sightings not recorded because the in-memory table was full.
+    pub exposures_dropped: u64,
+}
+
+impl RollupBatch {
+    pub fn is_empty(&self) -> bool {
+        self.traffic.is_empty()
+            && self.dims.is_empty()
+            && self.overflow.is_empty()
+            && self.exposures.is_empty()
+            && self.exposures_dropped == 0
+    }
+}
+
+/// Request counts of a site by how they came and ended, summed over a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficRow {
+    pub scheme: Scheme,
+    pub outcome: Outcome,
+    pub port: u16,
+    pub tls: TlsVersion,
+    pub status_class: u8,
+    pub count: u64,
+}
+
+/// Requests answered in one time bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeriesPoint {
+    /// Start of the bucket, seconds since the epoch.
+    pub bucket: Timestamp,
+    pub tls: u64,
+    pub cleartext: u64,
+}
+
+/// The analytics rollups. Every write is one transaction.
+#[async_trait::async_trait]
+pub trait Rollups: Send + Sync {
+    /// Adds a batch: all of it or, on error, none of it.
+    async fn write_rollups(&self, batch: &RollupBatch) -> Result<(), StoreError>;
+    /// Folds minute buckets older than `now - minutes` into hour buckets, and deletes buckets
+    /// (and exposure records, by last sighting) older than `now - hours`.
+    async fn roll_up(&self, now: Timestamp, minutes: u64, hours: u64) -> Result<(), StoreError>;
+    /// Counts of a site from `since` on.
+    async fn traffic(&self, site: &str, since: Timestamp) -> Result<Vec<TrafficRow>, StoreError>;
+    /// Responses per bucket of `span` seconds (at least 60) from `since` on, oldest first.
+    async fn series(
+        &self,
+        site: &str,
+        since: Timestamp,
+        span: u64,
+    ) -> Result<Vec<SeriesPoint>, StoreError>;
+    /// Counts per value of one dimension (of one scheme, or both), largest first.
+    async fn dims(
+        &self,
+        site: &str,
+        since: Timestamp,
+        scheme: Option<Scheme>,
+        kind: DimKind,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Counts that did not fit under the cap of one dimension.
+    async fn overflow(
+        &self,
+        site: &str,
+        since: Timestamp,
+        scheme: Option<Scheme>,
+        kind: DimKind,
+    ) -> Result<u64, StoreError>;
+    /// Exposure records of a site last seen from `since` on, most recent first.
+    async fn exposures(&self, site: &str, since: Timestamp)
+        -> Result<Vec<ExposureRow>, StoreError>;
+}
