@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admin;
 pub mod analytics;
 pub mod clock;

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
@@ -24,6 +26,9 @@ use crate::config::{CertFiles, Config, ConfigError, FileRef, HostPattern, Proble
 
 /// ALPN protocols offered to clients, preferred first.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Why TLS material could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +46,9 @@ pub enum TlsError {
     /// The state directory or the development CA in it could not be used.
     #[error("development CA in {dir}: {reason}")]
     DevCa { dir: String, reason: String },
+    /// An ACME certificate, challenge certificate or key could not be made or read.
+    #[error("ACME: {0}")]
+    Acme(String),
     /// rustls refused the configuration (should not happen with the fixed settings here).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -222,38 +230,236 @@ pub fn check_covers(ck: &CertifiedKey, host: &HostPattern) -> Result<(), TlsErro
         .map_err(|e| not_covering(e.to_string()))
 }
 
+/// A site's certificate as the resolver holds it: fixed for the snapshot, or a slot that an
+/// ACME issuance or renewal swaps while connections go on.
+#[derive(Debug, Clone)]
+enum CertRef {
+    Fixed(Arc<CertifiedKey>),
+    Live(Arc<ArcSwap<CertifiedKey>>),
+}
+
+impl CertRef {
+    fn get(&self) -> Arc<CertifiedKey> {
+        match self {
+            CertRef::Fixed(ck) => ck.clone(),
+            CertRef::Live(slot) => slot.load_full(),
+        }
+    }
+}
+
 /// Certificates by SNI: exact names first, then `*.suffix` for one extra label.
 #[derive(Debug, Default)]
 pub struct SniCerts {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    exact: HashMap<String, CertRef>,
+    wildcard: HashMap<String, CertRef>,
 }
 
 impl SniCerts {
     pub fn insert(&mut self, host: &HostPattern, ck: Arc<CertifiedKey>) {
+        self.put(host, CertRef::Fixed(ck));
+    }
+
+    /// A site whose certificate is swapped in place (see [`LiveCerts`]).
+    pub fn insert_live(&mut self, host: &HostPattern, slot: Arc<ArcSwap<CertifiedKey>>) {
+        self.put(host, CertRef::Live(slot));
+    }
+
+    fn put(&mut self, host: &HostPattern, c: CertRef) {
         match host {
-            HostPattern::Exact(h) => self.exact.insert(h.clone(), ck),
-            HostPattern::Wildcard(s) => self.wildcard.insert(s.clone(), ck),
+            HostPattern::Exact(h) => self.exact.insert(h.clone(), c),
+            HostPattern::Wildcard(s) => self.wildcard.insert(s.clone(), c),
         };
     }
 
     /// The certificate for a lowercase SNI name, if any site covers it.
-    pub fn get(&self, sni: &str) -> Option<&Arc<CertifiedKey>> {
-        self.exact.get(sni).or_else(|| {
+    pub fn get(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        let found = self.exact.get(sni).or_else(|| {
             let (label, rest) = sni.split_once('.')?;
             if label.is_empty() {
                 return None;
             }
             self.wildcard.get(rest)
-        })
+        });
+        found.map(CertRef::get)
     }
 }
 
 impl ResolvesServerCert for SniCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // rustls hands over the SNI already lowercased and validated as a DNS name.
-        self.get(hello.server_name()?).cloned()
+        self.get(hello.server_name()?)
     }
+}
+
+/// Certificates that change while a snapshot stands: a slot per ACME site, swapped by each
+/// issuance and renewal (connections in progress keep the certificate they got), and the
+/// TLS-ALPN-01 challenge certificates of validations in progress. Shared by the edge, which
+/// reads it on each handshake, and the ACME client, which writes it.
+#[derive(Debug, Default)]
+pub struct LiveCerts {
+    slots: Mutex<HashMap<String, Arc<ArcSwap<CertifiedKey>>>>,
+    challenges: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl LiveCerts {
+    /// The slot of `site`, created holding `fallback()` if this is its first use.
+    pub fn slot(
+        &self,
+        site: &str,
+        fallback: impl FnOnce() -> Result<Arc<CertifiedKey>, TlsError>,
+    ) -> Result<Arc<ArcSwap<CertifiedKey>>, TlsError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.get(site) {
+            return Ok(s.clone());
+        }
+        let slot = Arc::new(ArcSwap::new(fallback()?));
+        slots.insert(site.to_owned(), slot.clone());
+        Ok(slot)
+    }
+
+    /// Serves `ck` for `site` from the next handshake on.
+    pub fn install(&self, site: &str, ck: Arc<CertifiedKey>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.get(site) {
+            Some(slot) => slot.store(ck),
+            None => {
+                slots.insert(site.to_owned(), Arc::new(ArcSwap::new(ck)));
+            }
+        }
+    }
+
+    /// What `site` is served with now, if it has a slot.
+    pub fn current(&self, site: &str) -> Option<Arc<CertifiedKey>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(site).map(|s| s.load_full())
+    }
+
+    /// Answers TLS-ALPN-01 validation of `name` with `ck` until [`LiveCerts::end_challenge`].
+    pub fn begin_challenge(&self, name: &str, ck: Arc<CertifiedKey>) {
+        self.challenges.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(name.to_owned(), ck.clone());
+            m
+        });
+    }
+
+    pub fn end_challenge(&self, name: &str) {
+        self.challenges.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.remove(name);
+            m
+        });
+    }
+
+    /// The challenge certificate for a lowercase SNI name, while its validation is on.
+    pub fn challenge(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.challenges.load().get(name).cloned()
+    }
+}
+
+/// Whether a ClientHello is a TLS-ALPN-01 validation: it offers `acme-tls/1` and nothing else.
+pub fn is_acme_validation(hello: &ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut offered| {
+        offered.next() == Some(ACME_TLS_ALPN) && offered.next().is_none()
+    })
+}
+
+/// Resolves validation handshakes to the pending challenge certificate of their SNI.
+#[derive(Debug)]
+struct ChallengeCerts(Arc<LiveCerts>);
+
+impl ResolvesServerCert for ChallengeCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.challenge(hello.server_name()?)
+    }
+}
+
+/// The server config for TLS-ALPN-01 validation handshakes: ALPN `acme-tls/1` only, TLS 1.2
+/// and 1.3, the challenge certificate of the SNI or no handshake at all.
+pub fn acme_validation_config(live: Arc<LiveCerts>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ChallengeCerts(live)));
+    cfg.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A self-signed certificate for `name` carrying the `acmeIdentifier` extension with the
+/// SHA-256 digest of the key authorization (RFC 8737 section 3).
+pub fn acme_challenge_cert(name: &str, digest: &[u8; 32]) -> Result<Arc<CertifiedKey>, TlsError> {
+    let fail = |e: rcgen::Error| TlsError::Acme(format!("challenge certificate for {name}: {e}"));
+    let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(fail)?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+    let cert = params.self_signed(&key).map_err(fail)?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = provider().key_provider.load_private_key(der)?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
+}
+
+/// A fresh ECDSA P-256 key (PKCS#8 PEM) and a certificate signing request for `names`.
+pub fn key_and_csr(names: &[String]) -> Result<(String, Vec<u8>), TlsError> {
+    let fail = |e: rcgen::Error| TlsError::Acme(format!("signing request: {e}"));
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+    let mut params = CertificateParams::new(names.to_vec()).map_err(fail)?;
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key).map_err(fail)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// What a served certificate says of itself: its issuer and validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The issuer's common name (or whole name when it has none).
+    pub issuer: String,
+    /// Seconds since the epoch.
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+/// The issuer and validity of the end-entity certificate of `ck`.
+pub fn cert_info(ck: &CertifiedKey) -> Result<CertInfo, TlsError> {
+    let der = ck
+        .cert
+        .first()
+        .ok_or_else(|| TlsError::Acme("empty certificate chain".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| TlsError::Acme(format!("certificate does not parse: {e}")))?;
+    let issuer = cert
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| cert.issuer().to_string());
+    let v = cert.validity();
+    Ok(CertInfo {
+        issuer,
+        not_before: v.not_before.timestamp().max(0) as u64,
+        not_after: v.not_after.timestamp().max(0) as u64,
+    })
+}
+
+/// A chain and key in PEM, as an ACME CA hands them over, checked to belong together.
+pub fn certified_key_from_pem(chain: &str, key: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+    let bad = |reason: String| TlsError::Acme(reason);
+    let certs = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("certificate chain: no certificate in it".into()));
+    }
+    let der = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| bad(format!("private key: {e}")))?;
+    let signing = provider().key_provider.load_private_key(der)?;
+    let ck = CertifiedKey::new(certs, signing);
+    ck.keys_match()
+        .map_err(|_| bad("the key does not match the certificate".into()))?;
+    Ok(Arc::new(ck))
 }
 
 /// State shared by every server config across reloads, so sessions resume after a reload.
@@ -414,6 +620,15 @@ fn ca_params() -> CertificateParams {
         .distinguished_name
         .push(DnType::CommonName, "portcullis development CA");
     params
+}
+
+/// Writes a file readable by its owner only, atomically: a reader (or a crash) sees the old
+/// content or the new, never part of it.
+pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    write_private(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Writes a file readable by its owner only.

@@ -167,6 +167,8 @@ pub struct Config {
     pub exposure: ExposureSettings,
     /// `[firewall] manage = true`: `serve` keeps the nftables table in sync and counts refusals.
     pub manage_firewall: bool,
+    /// `[acme]`, for sites with `cert = "acme"`.
+    pub acme: Option<AcmeSettings>,
     /// Every certificate and CA file named above, for the TLS layer to open and check.
     pub files: Vec<FileRef>,
 }
@@ -194,6 +196,38 @@ pub struct DnsSettings {
     pub nameservers: Vec<String>,
     /// SOA responsible mailbox as a name; default `hostmaster.ZONE`.
     pub hostmaster: Option<String>,
+}
+
+/// `[acme]`: the CA that issues certificates for `cert = "acme"` sites (RFC 8555).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// The directory URL, `https://` only.
+    pub directory: String,
+    /// `mailto:` addresses given to the CA.
+    pub contact: Vec<String>,
+    /// Extra trust anchors for the directory's own TLS (a test CA).
+    pub directory_ca: Option<PathBuf>,
+    /// How long before expiry to renew; `None`: a third of the certificate's lifetime.
+    pub renew_before: Option<Duration>,
+}
+
+/// How the CA validates control of a site's name. Neither needs a cleartext port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// RFC 8737: a certificate answered on the site's own TLS listeners with ALPN `acme-tls/1`.
+    TlsAlpn01,
+    /// A TXT record at `_acme-challenge.NAME`, published by the built-in DNS server. The only
+    /// one for wildcard names.
+    Dns01,
+}
+
+impl AcmeChallenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Dns01 => "dns-01",
+        }
+    }
 }
 
 /// `[analytics]`: what is measured and how long it is kept.
@@ -553,8 +587,10 @@ pub struct Site {
     pub origin: Origin,
     pub cleartext: CleartextMode,
     /// Certificate chain and key files; `None` means a development certificate is issued at
-    /// start.
+    /// start (or, with `acme`, served until the first issuance).
     pub cert: Option<CertFiles>,
+    /// Set for `cert = "acme"`: how the ACME CA validates the site.
+    pub acme: Option<AcmeChallenge>,
     /// Extra trust anchors (a PEM file) for an `https://` origin, beside the system roots.
     pub origin_ca: Option<PathBuf>,
     /// `None` when disabled.
@@ -658,12 +694,28 @@ impl Default for Config {
             admin: None,
             exposure: ExposureSettings::default(),
             manage_firewall: false,
+            acme: None,
             files: Vec::new(),
         }
     }
 }
 
 impl Config {
+    /// What is valid but likely not to work, for `portcullis check` and the log at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.sites {
+            let pool = &self.pools[s.pool];
+            if s.acme == Some(AcmeChallenge::TlsAlpn01) && !pool.tls_ports.contains(&443) {
+                out.push(format!(
+                    "site {}: public ACME CAs validate tls-alpn-01 on port 443 only, and pool {:?} has TLS ports {:?}; add 443 or use acme_challenge = \"dns-01\"",
+                    s.host, pool.name, pool.tls_ports
+                ));
+            }
+        }
+        out
+    }
+
     /// Reads and validates a config file. Relative paths inside it are relative to its folder.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let label = path.display().to_string();

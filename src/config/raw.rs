@@ -32,6 +32,17 @@ pub(super) struct RawConfig {
     pub(super) exposure: RawExposure,
     #[serde(default)]
     pub(super) firewall: RawFirewall,
+    pub(super) acme: Option<RawAcme>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcme {
+    pub(super) directory: String,
+    #[serde(default)]
+    pub(super) contact: Vec<String>,
+    pub(super) directory_ca: Option<PathBuf>,
+    pub(super) renew_before: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -130,8 +141,10 @@ pub(super) struct RawSite {
     pub(super) pool: String,
     pub(super) origin: String,
     pub(super) cleartext: Option<String>,
+    /// A PEM path, or `acme`.
     pub(super) cert: Option<PathBuf>,
     pub(super) key: Option<PathBuf>,
+    pub(super) acme_challenge: Option<String>,
     pub(super) origin_ca: Option<PathBuf>,
     pub(super) hsts: Option<RawHsts>,
     #[serde(default)]

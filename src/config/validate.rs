@@ -14,14 +14,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    RawAdmin, RawAnalytics, RawConfig, RawDns, RawEdge, RawExposure, RawHsts, RawMetrics, RawPool,
-    RawReadiness, RawSite, RawWebhook,
+    RawAcme, RawAdmin, RawAnalytics, RawConfig, RawDns, RawEdge, RawExposure, RawHsts, RawMetrics,
+    RawPool, RawReadiness, RawSite, RawWebhook,
 };
 use super::{
-    positions, validate_dns_name, AdminSettings, AnalyticsSettings, CertFiles, CleartextMode,
-    Config, DnsSettings, EdgeSettings, ExposureResponse, ExposureSettings, FileRef, HostPattern,
-    Hsts, MetricsSettings, Origin, Pool, Problem, Readiness, ResponseHeaders, Site,
-    DEFAULT_HSTS_MAX_AGE,
+    positions, validate_dns_name, AcmeChallenge, AcmeSettings, AdminSettings, AnalyticsSettings,
+    CertFiles, CleartextMode, Config, DnsSettings, EdgeSettings, ExposureResponse,
+    ExposureSettings, FileRef, HostPattern, Hsts, MetricsSettings, Origin, Pool, Problem,
+    Readiness, ResponseHeaders, Site, DEFAULT_HSTS_MAX_AGE,
 };
 
 /// Collects the problems of one config text while converting it.
@@ -64,11 +64,14 @@ impl Validator<'_> {
             .unwrap_or_else(|| PathBuf::from(super::DEFAULT_STATE_DIR));
         let edge = self.edge(raw.edge);
         let pools = self.pools(raw.pool);
+        let dns = raw.dns.and_then(|d| self.dns(d));
+        let acme_present = raw.acme.is_some();
+        let acme = raw.acme.and_then(|a| self.acme(a));
         let sites = self.sites(raw.site, &pools, &edge.response_headers);
+        self.acme_sites(&sites, acme_present, dns.as_ref());
         let analytics = self.analytics(raw.analytics);
         let readiness = self.readiness(raw.readiness);
         let metrics = raw.metrics.and_then(|m| self.metrics(m));
-        let dns = raw.dns.and_then(|d| self.dns(d));
         let admin = raw.admin.and_then(|a| self.admin(a));
         let exposure = self.exposure(raw.exposure);
         let manage_firewall = raw.firewall.manage.unwrap_or(false);
@@ -84,7 +87,110 @@ impl Validator<'_> {
             admin,
             exposure,
             manage_firewall,
+            acme,
             files: Vec::new(),
+        }
+    }
+
+    fn acme(&mut self, raw: RawAcme) -> Option<AcmeSettings> {
+        let mut ok = true;
+        match raw.directory.parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => {}
+            _ => {
+                self.problem(
+                    "acme.directory",
+                    format!("{:?}", raw.directory),
+                    "an https:// URL of an RFC 8555 directory, such as https://acme-v02.api.letsencrypt.org/directory (cleartext is never used)",
+                );
+                ok = false;
+            }
+        }
+        for (i, c) in raw.contact.iter().enumerate() {
+            let valid = c.strip_prefix("mailto:").is_some_and(|a| {
+                a.contains('@') && !a.contains(|ch: char| ch.is_whitespace() || ch == ',')
+            });
+            if !valid {
+                self.problem(
+                    format!("acme.contact[{i}]"),
+                    format!("{c:?}"),
+                    "a mailto: address, such as mailto:ops@example.com",
+                );
+                ok = false;
+            }
+        }
+        let directory_ca = raw.directory_ca.as_deref().map(|p| {
+            let path = self.path(p);
+            self.files.push(FileRef::Roots {
+                key: "acme.directory_ca".into(),
+                path: path.clone(),
+            });
+            path
+        });
+        let renew_before = match raw.renew_before {
+            None => None,
+            Some(text) => match humantime::parse_duration(&text) {
+                Ok(d) if !d.is_zero() => Some(d),
+                _ => {
+                    self.problem(
+                        "acme.renew_before",
+                        format!("{text:?}"),
+                        "a duration such as 30d or 12h, more than zero",
+                    );
+                    ok = false;
+                    None
+                }
+            },
+        };
+        ok.then_some(AcmeSettings {
+            directory: raw.directory,
+            contact: raw.contact,
+            directory_ca,
+            renew_before,
+        })
+    }
+
+    /// What `cert = "acme"` sites need from the rest of the config.
+    fn acme_sites(&mut self, sites: &[Site], acme_present: bool, dns: Option<&DnsSettings>) {
+        for (i, s) in sites.iter().enumerate() {
+            let Some(challenge) = s.acme else { continue };
+            let at = format!("site[{i}] ({:?})", s.host.to_string());
+            if !acme_present {
+                self.problem(
+                    format!("{at}.cert"),
+                    "\"acme\"",
+                    "needs an [acme] section naming the CA's directory",
+                );
+            }
+            let name = match &s.host {
+                HostPattern::Exact(h) => h.as_str(),
+                HostPattern::Wildcard(suffix) => suffix.as_str(),
+            };
+            match challenge {
+                AcmeChallenge::TlsAlpn01 if matches!(s.host, HostPattern::Wildcard(_)) => {
+                    self.problem(
+                        format!("{at}.acme_challenge"),
+                        "\"tls-alpn-01\"",
+                        "CAs issue wildcard names through dns-01 only; set acme_challenge = \"dns-01\"",
+                    );
+                }
+                AcmeChallenge::Dns01 => {
+                    let served = dns.is_some_and(|d| {
+                        d.zones
+                            .iter()
+                            .any(|z| name == z || name.ends_with(&format!(".{z}")))
+                    });
+                    if !served {
+                        self.problem(
+                            format!("{at}.acme_challenge"),
+                            "\"dns-01\"",
+                            format!(
+                                "the built-in DNS server does not serve a zone holding _acme-challenge.{name}; add the zone to [dns] zones, or use tls-alpn-01"
+                            ),
+                        );
+                    }
+                }
+                AcmeChallenge::TlsAlpn01 => {}
+            }
         }
     }
 
@@ -786,7 +892,7 @@ impl Validator<'_> {
             if let (Some(mode), Some(p)) = (cleartext, pool) {
                 self.mode_fits_pool(&at, &rs.host, mode, &pools[p]);
             }
-            let cert = self.site_cert(&at, rs.cert.as_deref(), rs.key.as_deref(), host.as_ref());
+            let (cert, acme) = self.site_source(&at, &rs, host.as_ref());
             let origin_ca = rs.origin_ca.as_deref().map(|p| {
                 let path = self.path(p);
                 self.files.push(FileRef::Roots {
@@ -812,6 +918,7 @@ impl Validator<'_> {
                     origin,
                     cleartext,
                     cert,
+                    acme,
                     origin_ca,
                     hsts,
                     exposure,
@@ -894,6 +1001,51 @@ impl Validator<'_> {
                 ),
             );
         }
+    }
+
+    /// A site's certificate: PEM files, `acme` with its challenge, or neither.
+    fn site_source(
+        &mut self,
+        at: &str,
+        rs: &RawSite,
+        host: Option<&HostPattern>,
+    ) -> (Option<CertFiles>, Option<AcmeChallenge>) {
+        let is_acme = rs.cert.as_deref() == Some(Path::new("acme"));
+        if !is_acme {
+            if let Some(c) = &rs.acme_challenge {
+                self.problem(
+                    format!("{at}.acme_challenge"),
+                    format!("{c:?}"),
+                    "only for cert = \"acme\"",
+                );
+            }
+            return (
+                self.site_cert(at, rs.cert.as_deref(), rs.key.as_deref(), host),
+                None,
+            );
+        }
+        if let Some(k) = &rs.key {
+            self.problem(
+                format!("{at}.key"),
+                format!("{:?}", k.display().to_string()),
+                "cert = \"acme\" keeps its key in the state dir; remove key",
+            );
+        }
+        let wildcard = matches!(host, Some(HostPattern::Wildcard(_)));
+        let challenge = match rs.acme_challenge.as_deref() {
+            None if wildcard => AcmeChallenge::Dns01,
+            None | Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01,
+            Some("dns-01") => AcmeChallenge::Dns01,
+            Some(other) => {
+                self.problem(
+                    format!("{at}.acme_challenge"),
+                    format!("{other:?}"),
+                    "use tls-alpn-01 or dns-01 (no challenge that needs cleartext is offered)",
+                );
+                AcmeChallenge::TlsAlpn01
+            }
+        };
+        (None, Some(challenge))
     }
 
     fn site_cert(

@@ -336,6 +336,21 @@ async fn tls_conn(
         .client_hello()
         .server_name()
         .map(|s| s.to_ascii_lowercase());
+    if crate::tls::is_acme_validation(&start.client_hello()) {
+        // RFC 8737: the handshake is the whole answer; no request is read on it.
+        let accepted =
+            timeout_at(deadline, start.into_stream(shared.acme_validation.clone())).await;
+        match accepted {
+            Ok(Ok(mut tls)) => {
+                tracing::info!(%peer, sni = sni.as_deref().unwrap_or("(none)"), "answered a TLS-ALPN-01 validation");
+                let _ = tls.shutdown().await;
+            }
+            _ => {
+                tracing::debug!(%peer, sni = sni.as_deref().unwrap_or("(none)"), "TLS-ALPN-01 handshake for a name with no validation in progress");
+            }
+        }
+        return;
+    }
     let site = sni
         .as_deref()
         .and_then(|name| snap.site_on(&key, name))

@@ -36,7 +36,7 @@ use crate::exposure::queue::Responder;
 use crate::net::{Limits, Workers};
 use crate::stages::drain::Drain;
 use crate::stages::Plans;
-use crate::tls::{DevCa, Resumption, TlsError};
+use crate::tls::{DevCa, LiveCerts, Resumption, TlsError};
 
 pub use listener::{parse_head, sniff, Sniff};
 pub use snapshot::Snapshot;
@@ -137,6 +137,10 @@ pub(crate) struct Shared {
     /// Caps on client connections, over every listener and worker (`max_connections`,
     /// `max_connections_per_client`), fixed at start.
     pub(crate) limits: Arc<Limits>,
+    /// Certificates swapped in place (ACME sites) and TLS-ALPN-01 challenges in progress.
+    pub(crate) live: Arc<LiveCerts>,
+    /// The server config of TLS-ALPN-01 validation handshakes.
+    pub(crate) acme_validation: Arc<rustls::ServerConfig>,
 }
 
 /// What the edge is handed at start: the parts it reads but does not own.
@@ -151,6 +155,8 @@ pub struct EdgeParts<'a> {
     pub stages: Plans,
     /// Runtimes that serve connections; `None`: the caller's runtime.
     pub workers: Option<&'a Workers>,
+    /// ACME certificates and challenges, written by the ACME client.
+    pub live: Arc<LiveCerts>,
 }
 
 /// The edge's connection caps. Without `max_connections`, the descriptor limit decides: each
@@ -216,6 +222,8 @@ impl Edge {
             responder: parts.responder,
             stages: ArcSwap::from_pointee(parts.stages),
             limits: connection_limits(parts.settings),
+            acme_validation: crate::tls::acme_validation_config(parts.live.clone())?,
+            live: parts.live,
         });
         Ok(Edge {
             shared,

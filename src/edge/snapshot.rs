@@ -129,19 +129,31 @@ impl Snapshot {
             .collect();
         let mut sites = Vec::with_capacity(config.sites.len());
         for (i, site) in config.sites.iter().enumerate() {
-            let ck = match &site.cert {
-                Some(files) => tls::load_cert_files(files)?,
-                None => {
+            match (&site.cert, site.acme) {
+                (Some(files), _) => certs.insert(&site.host, tls::load_cert_files(files)?),
+                (None, Some(_)) => {
+                    // Until the CA issues one (or one is loaded from the state dir), the
+                    // development CA's; the ACME client swaps the slot in place.
+                    let slot = shared.live.slot(&site.host.to_string(), || {
+                        let ca = shared.dev_ca(&config.state_dir)?;
+                        tracing::warn!(
+                            site = %site.host,
+                            "no ACME certificate yet: serving one from the development CA until the first issuance"
+                        );
+                        ca.certificate(&site.host)
+                    })?;
+                    certs.insert_live(&site.host, slot);
+                }
+                (None, None) => {
                     let ca = shared.dev_ca(&config.state_dir)?;
                     tracing::warn!(
                         site = %site.host,
                         ca = %ca.ca_path().display(),
                         "no cert configured: serving a certificate from the development CA, which clients do not trust unless told to"
                     );
-                    ca.certificate(&site.host)?
+                    certs.insert(&site.host, ca.certificate(&site.host)?);
                 }
-            };
-            certs.insert(&site.host, ck);
+            }
             let routes = &mut pools[site.pool];
             match &site.host {
                 HostPattern::Exact(h) => routes.exact.insert(h.clone(), i),

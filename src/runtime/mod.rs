@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 pub use serve::{foreign_listeners, run_until_signal, serve, Signals};
 pub use source::{load, ConfigSource};
 
+use crate::acme::Acme;
 use crate::admin::{Admin, Control, ControlError};
 use crate::analytics::metrics::{Counters, StatsSnapshot};
 use crate::analytics::{Analytics, AnalyticsError};
@@ -34,6 +35,7 @@ use crate::net::{Limits, Workers};
 use crate::stages::drain::{self, Drain};
 use crate::stages::Plans;
 use crate::store::{EventQueue, SqliteStore, Store};
+use crate::tls::LiveCerts;
 
 /// Why the program could not start, or a config could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,8 @@ struct Inner {
     /// The config applied last; the exposure queue reads each site's response policy here.
     config: Arc<ArcSwap<Config>>,
     edge: Edge,
+    /// Orders and renews the certificates of `cert = "acme"` sites.
+    acme: Arc<Acme>,
     analytics: Option<Arc<Analytics>>,
     responder: Option<Arc<Responder>>,
     /// DNS answers of the applied config, read by the DNS server per query.
@@ -141,12 +145,17 @@ impl Runtime {
                 policies,
             )
         });
+        // Stored ACME certificates go into the slots before the first snapshot is built, so a
+        // restart serves them from its first handshake.
+        let live = Arc::new(LiveCerts::default());
+        let acme = Acme::start(&config, live.clone());
         let edge = Edge::start(EdgeParts {
             settings: &config.edge,
             analytics: analytics.clone(),
             responder: responder.clone(),
             stages: store.stages().await?,
             workers,
+            live,
         })?;
         let inner = Arc::new(Inner {
             source,
@@ -155,6 +164,7 @@ impl Runtime {
             overrides: Mutex::new(overrides),
             config: config_cell,
             edge,
+            acme,
             analytics,
             responder,
             zones: Arc::new(ArcSwapOption::empty()),
@@ -248,6 +258,11 @@ impl Runtime {
     }
 
     /// The analytics, when enabled.
+    /// The certificate state of every `cert = "acme"` site.
+    pub fn acme(&self) -> &Acme {
+        &self.inner.acme
+    }
+
     pub fn analytics(&self) -> Option<&Analytics> {
         self.inner.analytics.as_deref()
     }
@@ -269,6 +284,7 @@ impl Runtime {
         self.inner.stop.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
+        self.inner.acme.shutdown().await;
         let drained = self.inner.edge.shutdown(grace).await;
         if let Some(a) = &self.inner.analytics {
             a.shutdown().await;
@@ -331,6 +347,7 @@ impl Inner {
             return Err(e.into());
         }
         self.zones.store(zones.map(Arc::new));
+        self.acme.configure(&config);
         self.config.store(config);
         if drains != kept {
             for d in drains.iter().filter(|d| !kept.contains(d)) {
