@@ -151,6 +151,36 @@ impl Zones {
         Ok(Some(out))
     }
 
+    /// These zones with TXT records added (the DNS-01 challenges of ACME orders in progress),
+    /// with a TTL of at most a minute. A name in no zone served here is skipped.
+    pub fn with_txt(&self, txt: &[(String, String)]) -> Zones {
+        let mut out = self.clone();
+        let ttl = self.ttl.min(60);
+        for (owner, value) in txt {
+            let Ok(n) = name(owner) else { continue };
+            let lower = LowerName::from(&n);
+            let Some(zone) = out
+                .zones
+                .iter_mut()
+                .filter(|z| z.origin.zone_of(&lower))
+                .max_by_key(|z| z.origin.num_labels())
+            else {
+                continue;
+            };
+            let rdata = RData::TXT(hickory_proto::rr::rdata::TXT::new(vec![value.clone()]));
+            zone.exact
+                .entry(lower.clone())
+                .or_default()
+                .push(Record::from_rdata(n, ttl, rdata));
+            // The name and every name between it and the apex exist from now on.
+            let mut at = lower;
+            while at != zone.origin && zone.existing.insert(at.clone()) {
+                at = at.base_name();
+            }
+        }
+        out
+    }
+
     /// The answer to one question.
     pub fn answer(&self, qname: &LowerName, qtype: RecordType) -> Answer {
         let Some(zone) = self

@@ -6,98 +6,14 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use portcullis::acme::CertSource;
 use portcullis::runtime::{ConfigSource, Runtime};
 use rustls::RootCertStore;
-use support::{get, https, loopback, refused, wait_until, TestCa, TestOrigin};
-
-/// pebble on its own loopback address, killed when dropped.
-struct Pebble {
-    child: Child,
-    addr: Ipv4Addr,
-    ca: PathBuf,
-}
-
-impl Drop for Pebble {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Pebble {
-    /// Starts pebble validating TLS-ALPN-01 on `tls_port`, resolving names through `dns`.
-    /// Pebble's default nonce rejection stays on: the client must retry `badNonce`.
-    async fn start(dir: &Path, tls_port: u16, dns: SocketAddr) -> Pebble {
-        let addr = loopback();
-        let ca = TestCa::new();
-        let (cert, key) = ca.issue(dir, "pebble", &[&addr.to_string()]);
-        let config = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("{addr}:14000"),
-                "managementListenAddress": format!("{addr}:15000"),
-                "certificate": cert,
-                "privateKey": key,
-                "httpPort": 5002,
-                "tlsPort": tls_port,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false
-            }
-        });
-        let path = dir.join("pebble.json");
-        std::fs::write(&path, config.to_string()).expect("pebble config");
-        let log = std::fs::File::create(dir.join("pebble.log")).expect("pebble log");
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(&path)
-            .arg("-dnsserver")
-            .arg(dns.to_string())
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("pebble runs (apt-get install pebble)");
-        let p = Pebble {
-            child,
-            addr,
-            ca: ca.write_ca(dir),
-        };
-        let api = SocketAddr::from((addr, 14000));
-        wait_until("pebble listens", || async move {
-            tokio::net::TcpStream::connect(api).await.is_ok()
-        })
-        .await;
-        p
-    }
-
-    fn directory(&self) -> String {
-        format!("https://{}:14000/dir", self.addr)
-    }
-
-    /// The root that signs what pebble issues (a new one at every pebble start).
-    async fn root(&self) -> RootCertStore {
-        let got = https(
-            SocketAddr::from((self.addr, 15000)),
-            &self.addr.to_string(),
-            support::roots_from(&self.ca),
-            false,
-            get(&format!("https://{}:15000/roots/0", self.addr)),
-        )
-        .await;
-        assert_eq!(got.status, 200, "{}", got.body);
-        let mut roots = RootCertStore::empty();
-        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(got.body.as_bytes()) {
-            let c: rustls_pki_types::CertificateDer = c.expect("root pem");
-            roots.add(c).expect("root");
-        }
-        roots
-    }
-}
+use support::pebble::Pebble;
+use support::{get, https, loopback, refused, wait_until, TestOrigin};
 
 fn config(
     closed: Ipv4Addr,
@@ -105,6 +21,17 @@ fn config(
     origin: &str,
     pebble: &Pebble,
     state: &Path,
+) -> String {
+    site_config(closed, dns, origin, pebble, state, "www.acme.test")
+}
+
+fn site_config(
+    closed: Ipv4Addr,
+    dns: SocketAddr,
+    origin: &str,
+    pebble: &Pebble,
+    state: &Path,
+    host: &str,
 ) -> String {
     format!(
         r#"
@@ -122,7 +49,7 @@ name = "closed"
 addresses = ["{closed}"]
 tls_ports = [8443]
 [[site]]
-host = "www.acme.test"
+host = "{host}"
 pool = "closed"
 origin = "{origin}"
 cert = "acme"
@@ -156,7 +83,8 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
     let origin = TestOrigin::start().await;
     let (closed, dns_addr) = (loopback(), loopback());
     let dns = SocketAddr::from((dns_addr, 5353));
-    let pebble = Pebble::start(dir.path(), 8443, dns).await;
+    let mut pebble = Pebble::new(dir.path());
+    pebble.start(8443, dns).await;
     let state = dir.path().join("state");
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, config(closed, dns, &origin.url(), &pebble, &state)).expect("write");
@@ -230,5 +158,72 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let st = rt.acme().status()[0].clone();
     assert_eq!(st.failures, 0, "no order was attempted: {st:?}");
+    rt.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Waits until every ACME site is served with a CA-issued certificate.
+async fn issued(rt: &Runtime) {
+    wait_until("the ACME certificate is issued", || {
+        let done = rt
+            .acme()
+            .status()
+            .iter()
+            .all(|s| s.source == CertSource::Acme);
+        async move { done }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_01_through_the_built_in_dns_server_issues_a_wildcard_certificate() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let origin = TestOrigin::start().await;
+    let (closed, dns_addr) = (loopback(), loopback());
+    let dns = SocketAddr::from((dns_addr, 5353));
+    let mut pebble = Pebble::new(dir.path());
+    pebble.start(8443, dns).await;
+    let state = dir.path().join("state");
+    let path = dir.path().join("portcullis.toml");
+    let text = site_config(
+        closed,
+        dns,
+        &origin.url(),
+        &pebble,
+        &state,
+        "*.apps.acme.test",
+    );
+    std::fs::write(&path, text).expect("write");
+    let rt = start(&path).await;
+    assert_eq!(rt.acme().status()[0].challenge, "dns-01");
+    issued(&rt).await;
+    // The challenge's TXT record is gone once the order is done.
+    let txt = std::process::Command::new("dig")
+        .args(["+short", "-p", "5353", &format!("@{dns_addr}")])
+        .args(["TXT", "_acme-challenge.apps.acme.test"])
+        .output()
+        .expect("dig");
+    assert!(txt.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&txt.stdout).trim(),
+        "",
+        "no TXT left"
+    );
+    let roots = pebble.root().await;
+    let tls = SocketAddr::from((closed, 8443));
+    for name in ["a.apps.acme.test", "shop.apps.acme.test"] {
+        let got = https(
+            tls,
+            name,
+            roots.clone(),
+            false,
+            get(&format!("https://{name}/")),
+        )
+        .await;
+        assert_eq!(
+            got.status, 200,
+            "{name} is served with the wildcard certificate"
+        );
+    }
+    assert!(rt.acme().status()[0].last_error.is_none());
     rt.shutdown(Duration::from_secs(2)).await;
 }

@@ -17,7 +17,7 @@ use instant_acme::{
 };
 use rustls::sign::CertifiedKey;
 
-use super::{AcmeError, Issued};
+use super::{AcmeError, Issued, TxtSink};
 use crate::config::{AcmeChallenge, AcmeSettings};
 use crate::tls::{self, LiveCerts};
 
@@ -98,25 +98,22 @@ pub(super) async fn account(settings: &AcmeSettings, file: &Path) -> Result<Acco
     Ok(account)
 }
 
-/// Orders a certificate for `names` and answers its authorizations. Challenge certificates are
-/// served only while the validation runs.
+/// Orders a certificate for `names` and answers its authorizations: challenge certificates
+/// (TLS-ALPN-01) or TXT records (DNS-01) exist only while the validation runs.
 pub(super) async fn order(
     account: &Account,
     names: &[String],
     challenge: AcmeChallenge,
     live: &LiveCerts,
+    txt: &TxtSink,
 ) -> Result<Issued, AcmeError> {
-    if challenge != AcmeChallenge::TlsAlpn01 {
-        return Err(AcmeError::Setup(
-            "dns-01 is not answered by this version yet; use tls-alpn-01".into(),
-        ));
-    }
     let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account
         .new_order(&NewOrder::new(&ids))
         .await
         .map_err(AcmeError::from_acme)?;
     let mut answering: Vec<String> = Vec::new();
+    let mut records: Vec<(String, String)> = Vec::new();
     let result = async {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
@@ -130,24 +127,42 @@ pub(super) async fn order(
                     )))
                 }
             }
-            let mut ch = authz.challenge(ChallengeType::TlsAlpn01).ok_or_else(|| {
-                AcmeError::Refused("the CA offers no tls-alpn-01 challenge".into())
+            let kind = match challenge {
+                AcmeChallenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+                AcmeChallenge::Dns01 => ChallengeType::Dns01,
+            };
+            let mut ch = authz.challenge(kind).ok_or_else(|| {
+                AcmeError::Refused(format!("the CA offers no {} challenge", challenge.as_str()))
             })?;
             let Identifier::Dns(name) = ch.identifier().identifier.clone() else {
                 return Err(AcmeError::Refused(
                     "an identifier that is not a DNS name".into(),
                 ));
             };
-            let digest: [u8; 32] = ch
-                .key_authorization()
-                .digest()
-                .as_ref()
-                .try_into()
-                .map_err(|_| AcmeError::Setup("key authorization digest is not 32 bytes".into()))?;
-            let cert = tls::acme_challenge_cert(&name, &digest)
-                .map_err(|e| AcmeError::Setup(e.to_string()))?;
-            live.begin_challenge(&name, cert);
-            answering.push(name);
+            match challenge {
+                AcmeChallenge::TlsAlpn01 => {
+                    let digest: [u8; 32] = ch
+                        .key_authorization()
+                        .digest()
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| {
+                            AcmeError::Setup("key authorization digest is not 32 bytes".into())
+                        })?;
+                    let cert = tls::acme_challenge_cert(&name, &digest)
+                        .map_err(|e| AcmeError::Setup(e.to_string()))?;
+                    live.begin_challenge(&name, cert);
+                    answering.push(name);
+                }
+                AcmeChallenge::Dns01 => {
+                    // A wildcard and its apex share one owner name: both values stay up.
+                    records.push((
+                        format!("_acme-challenge.{name}"),
+                        ch.key_authorization().dns_value(),
+                    ));
+                    txt(records.clone());
+                }
+            }
             ch.set_ready().await.map_err(AcmeError::from_acme)?;
         }
         let retry = RetryPolicy::default().timeout(VALIDATION_TIMEOUT);
@@ -165,6 +180,9 @@ pub(super) async fn order(
     .await;
     for name in &answering {
         live.end_challenge(name);
+    }
+    if !records.is_empty() {
+        txt(Vec::new());
     }
     result?;
     let (key_pem, csr) = tls::key_and_csr(names).map_err(|e| AcmeError::Setup(e.to_string()))?;

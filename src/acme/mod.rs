@@ -1,5 +1,6 @@
 //! Certificates from an ACME CA (RFC 8555) for sites with `cert = "acme"`, validated without
-//! any cleartext port: TLS-ALPN-01 (RFC 8737) on the edge's own TLS listeners.
+//! any cleartext port: TLS-ALPN-01 (RFC 8737) on the edge's own TLS listeners, or DNS-01
+//! through the built-in DNS server (the only way to a wildcard certificate).
 //!
 //! Owns: the account (`STATE/acme/account.json`, 0600), each site's certificate and key
 //! (`STATE/acme/NAME.pem` and `NAME.key`, the key 0600), and one background task that loads
@@ -34,6 +35,9 @@ use crate::tls::{self, LiveCerts};
 pub const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 /// The first wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_secs(30);
+/// The shortest time from one issuance to the next renewal, even when `renew_before` is longer
+/// than what the CA issues: renewing in a loop would only run into its rate limits.
+const MIN_RENEWAL_GAP: Duration = Duration::from_secs(3600);
 /// How often the schedule is looked at even when nothing is due (so a clock moved by a test,
 /// or a changed config, is seen).
 const TICK: Duration = Duration::from_secs(1);
@@ -75,6 +79,10 @@ impl AcmeError {
         }
     }
 }
+
+/// Where DNS-01 TXT records go: the whole set of `(owner name, value)` to publish now, empty
+/// once validation is over.
+pub type TxtSink = Arc<dyn Fn(Vec<(String, String)>) + Send + Sync>;
 
 /// A certificate just issued.
 pub(crate) struct Issued {
@@ -143,6 +151,7 @@ pub struct Acme {
     status: Mutex<HashMap<String, CertStatus>>,
     dir: PathBuf,
     live: Arc<LiveCerts>,
+    txt: TxtSink,
     failures_total: std::sync::atomic::AtomicU64,
     wake: Notify,
     stop: CancellationToken,
@@ -152,13 +161,14 @@ pub struct Acme {
 impl Acme {
     /// Loads the stored certificates of `config`'s ACME sites into `live` and starts the task
     /// that orders and renews them.
-    pub fn start(config: &Config, live: Arc<LiveCerts>) -> Arc<Acme> {
+    pub fn start(config: &Config, live: Arc<LiveCerts>, txt: TxtSink) -> Arc<Acme> {
         let a = Arc::new(Acme {
             settings: Mutex::new(config.acme.clone()),
             sites: Mutex::new(Vec::new()),
             status: Mutex::new(HashMap::new()),
             dir: config.state_dir.join("acme"),
             live,
+            txt,
             failures_total: Default::default(),
             wake: Notify::new(),
             stop: CancellationToken::new(),
@@ -286,7 +296,12 @@ impl Acme {
         match result {
             Ok((info, issued)) => {
                 self.live.install(&w.site, issued.key);
-                st.next_attempt = self.renewal_time(&w.site, &info);
+                let renewal = self.renewal_time(&w.site, &info);
+                let earliest = now() + MIN_RENEWAL_GAP.as_secs();
+                if renewal < earliest {
+                    tracing::warn!(site = %w.site, not_after = %crate::clock::http_date(info.not_after), "renew_before is longer than what is left of the new certificate; renewing in an hour");
+                }
+                st.next_attempt = renewal.max(earliest);
                 st.source = CertSource::Acme;
                 st.issuer = Some(info.issuer);
                 st.not_after = Some(info.not_after);
@@ -321,7 +336,7 @@ impl Acme {
         w: &Wanted,
     ) -> Result<(tls::CertInfo, Issued), AcmeError> {
         let account = client::account(settings, &self.dir.join("account.json")).await?;
-        let issued = client::order(&account, &w.names, w.challenge, &self.live).await?;
+        let issued = client::order(&account, &w.names, w.challenge, &self.live, &self.txt).await?;
         let info = tls::cert_info(&issued.key).map_err(|e| AcmeError::Refused(e.to_string()))?;
         let (pem, key) = self.files(&w.site);
         let write = |path: &Path, text: &str| {
@@ -385,6 +400,7 @@ mod tests {
             status: Mutex::new(HashMap::new()),
             dir: dir.path().join("acme"),
             live: Arc::new(LiveCerts::default()),
+            txt: Arc::new(|_| {}),
             failures_total: Default::default(),
             wake: Notify::new(),
             stop: CancellationToken::new(),

@@ -92,7 +92,7 @@ struct Inner {
     analytics: Option<Arc<Analytics>>,
     responder: Option<Arc<Responder>>,
     /// DNS answers of the applied config, read by the DNS server per query.
-    zones: Arc<ArcSwapOption<Zones>>,
+    zones: Arc<ZoneView>,
     /// Caps of the listeners started beside the edge (DNS over TCP, metrics), for `/metrics`.
     side_limits: Mutex<Vec<(&'static str, Arc<Limits>)>>,
     /// Serialises applies: each reconciles drains and listeners against the one before.
@@ -148,7 +148,13 @@ impl Runtime {
         // Stored ACME certificates go into the slots before the first snapshot is built, so a
         // restart serves them from its first handshake.
         let live = Arc::new(LiveCerts::default());
-        let acme = Acme::start(&config, live.clone());
+        let zones = Arc::new(ZoneView::default());
+        let txt = zones.clone();
+        let acme = Acme::start(
+            &config,
+            live.clone(),
+            Arc::new(move |records| txt.set_txt(records)),
+        );
         let edge = Edge::start(EdgeParts {
             settings: &config.edge,
             analytics: analytics.clone(),
@@ -167,7 +173,7 @@ impl Runtime {
             acme,
             analytics,
             responder,
-            zones: Arc::new(ArcSwapOption::empty()),
+            zones,
             side_limits: Mutex::new(Vec::new()),
             applying: tokio::sync::Mutex::new(()),
             stop: CancellationToken::new(),
@@ -181,7 +187,7 @@ impl Runtime {
         }
         if let Some(d) = &config.dns {
             let zones = rt.inner.zones.clone();
-            let handler = DnsHandler::new(Arc::new(move || zones.load_full()));
+            let handler = DnsHandler::new(Arc::new(move || zones.live.load_full()));
             let limits = crate::dns::start(d.listen, handler, rt.inner.stop.child_token()).await?;
             crate::lock(&rt.inner.side_limits).push(("dns", limits));
         }
@@ -296,6 +302,42 @@ impl Runtime {
     }
 }
 
+/// The DNS answers: the applied config's, plus the TXT records of DNS-01 challenges in
+/// progress, which come and go between applies.
+#[derive(Default)]
+struct ZoneView {
+    base: Mutex<Option<Arc<Zones>>>,
+    txt: Mutex<Vec<(String, String)>>,
+    /// What the DNS server answers from.
+    live: ArcSwapOption<Zones>,
+}
+
+impl ZoneView {
+    fn base(&self) -> Option<Arc<Zones>> {
+        crate::lock(&self.base).clone()
+    }
+
+    fn set_base(&self, zones: Option<Zones>) {
+        let mut base = crate::lock(&self.base);
+        *base = zones.map(Arc::new);
+        self.publish(&base, &crate::lock(&self.txt));
+    }
+
+    fn set_txt(&self, records: Vec<(String, String)>) {
+        let base = crate::lock(&self.base);
+        let mut txt = crate::lock(&self.txt);
+        *txt = records;
+        self.publish(&base, &txt);
+    }
+
+    fn publish(&self, base: &Option<Arc<Zones>>, txt: &[(String, String)]) {
+        self.live.store(match base {
+            Some(b) if !txt.is_empty() => Some(Arc::new(b.with_txt(txt))),
+            b => b.clone(),
+        });
+    }
+}
+
 impl Inner {
     async fn apply(&self, config: Config) -> Result<(), RuntimeError> {
         let _serial = self.applying.lock().await;
@@ -330,7 +372,7 @@ impl Inner {
         let drains = drain::reconcile(old, &config, &kept, crate::clock::now(), ttl);
         let zones = Zones::build(
             &config,
-            self.zones.load().as_deref(),
+            self.zones.base().as_deref(),
             crate::clock::now() as u32,
         )?;
         if config.manage_firewall {
@@ -346,7 +388,7 @@ impl Inner {
             }
             return Err(e.into());
         }
-        self.zones.store(zones.map(Arc::new));
+        self.zones.set_base(zones);
         self.acme.configure(&config);
         self.config.store(config);
         if drains != kept {

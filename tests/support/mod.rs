@@ -6,6 +6,8 @@
 // Each test file uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod pebble;
+
 use std::collections::hash_map::RandomState;
 use std::convert::Infallible;
 use std::hash::{BuildHasher, Hasher};
