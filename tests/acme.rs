@@ -227,3 +227,46 @@ async fn dns_01_through_the_built_in_dns_server_issues_a_wildcard_certificate() 
     assert!(rt.acme().status()[0].last_error.is_none());
     rt.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_refuses_the_validation_is_reported_and_the_site_stays_served() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let origin = TestOrigin::start().await;
+    let (closed, dns_addr) = (loopback(), loopback());
+    let dns = SocketAddr::from((dns_addr, 5353));
+    // pebble validates on 9443, where nothing listens: the pool serves 8443 only.
+    let mut pebble = Pebble::new(dir.path());
+    pebble.start(9443, dns).await;
+    let state = dir.path().join("state");
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, config(closed, dns, &origin.url(), &pebble, &state)).expect("write");
+    let rt = start(&path).await;
+    wait_until("the order fails", || {
+        let f = rt.acme().status()[0].failures;
+        async move { f >= 1 }
+    })
+    .await;
+    let st = rt.acme().status()[0].clone();
+    assert_eq!(st.source, CertSource::Development);
+    let error = st.last_error.clone().expect("reported");
+    assert!(error.starts_with("CA refused"), "{error}");
+    assert!(
+        st.next_attempt > portcullis::clock::now() + 20,
+        "backs off: {st:?}"
+    );
+    let dev = support::roots_from(&state.join("dev-ca.pem"));
+    let tls = SocketAddr::from((closed, 8443));
+    let got = https(
+        tls,
+        "www.acme.test",
+        dev,
+        false,
+        get("https://www.acme.test/"),
+    )
+    .await;
+    assert_eq!(
+        got.status, 200,
+        "still served, with the development certificate"
+    );
+    rt.shutdown(Duration::from_secs(2)).await;
+}
