@@ -72,6 +72,16 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Every site's certificate: source (file, acme, development), issuer, expiry, next
+    /// renewal and the last ACME error, as `serve` keeps them in the state dir.
+    ///
+    /// Example: portcullis certs -c /etc/portcullis/portcullis.toml
+    Certs {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The exposure response queue: events per credential, delivery state, dropped counts.
     ///
     /// Example: portcullis exposures -c portcullis.toml --site api.example.com

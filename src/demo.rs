@@ -275,6 +275,9 @@ curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' https://{c}:{a}/
 curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' -X PATCH -d '{{"cleartext":"reject"}}' https://{c}:{a}/api/sites/www.demo.test
 curl -sS -i --resolve www.demo.test:{p}:{op} http://www.demo.test:{p}/
 curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' https://{c}:{a}/api/audit
+#     every site's certificate (all from the development CA here; cert = "acme" gets them from
+#     an ACME CA with no cleartext port, see the README)
+curl -sS --cacert {ca} -H 'Authorization: Bearer {admin_token}' https://{c}:{a}/api/certs
 #     the same from the command line: {exe} sites --admin https://{c}:{a} --token {admin_token} --ca {ca}
 #     and in a browser: https://{c}:{a}/ (log in with the token; trust {ca} or accept the warning)
 

@@ -81,6 +81,12 @@ fn run() -> anyhow::Result<ExitCode> {
             output::mode_set(&v, &host);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Certs { config, json } => {
+            let c = portcullis::runtime::load(&config)?;
+            let status = portcullis::acme::saved_status(&c.state_dir);
+            output::certs(&portcullis::acme::report(&c, &status), json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Exposures {
             config,
             state_dir,
@@ -240,7 +246,9 @@ fn impact(args: &ImpactArgs) -> anyhow::Result<ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match portcullis::runtime::load(path) {
         Ok(c) => {
-            output::check_ok(path, &c, &portcullis::runtime::foreign_listeners(&c));
+            let mut warnings = c.warnings();
+            warnings.extend(portcullis::runtime::foreign_listeners(&c));
+            output::check_ok(path, &c, &warnings);
             ExitCode::SUCCESS
         }
         Err(portcullis::runtime::RuntimeError::Config(e)) => {

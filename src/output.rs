@@ -103,6 +103,37 @@ pub fn exposures(events: &[EventRow], counters: &Counters, json: bool) -> anyhow
     Ok(())
 }
 
+/// `portcullis certs`: every site's certificate source, issuer, expiry and next renewal.
+pub fn certs(certs: &[portcullis::tls::SiteCert], json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(&certs);
+    }
+    let date = |t: Option<u64>| t.map_or("-".to_owned(), portcullis::clock::http_date);
+    let mut out = format!(
+        "{:<28} {:<12} {:<32} {:<30} {:<30}  {}\n",
+        "SITE", "SOURCE", "ISSUER", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR"
+    );
+    for c in certs {
+        let source = match &c.acme_challenge {
+            Some(ch) if c.source == "development" => {
+                format!("development (acme {ch}, not issued yet)")
+            }
+            _ => c.source.to_owned(),
+        };
+        out.push_str(&format!(
+            "{:<28} {:<12} {:<32} {:<30} {:<30}  {}\n",
+            c.site,
+            source,
+            c.issuer.as_deref().unwrap_or("-"),
+            date(c.not_after),
+            date(c.next_renewal),
+            c.last_error.as_deref().unwrap_or("")
+        ));
+    }
+    emit(&out);
+    Ok(())
+}
+
 /// `portcullis check` of a valid config: a summary, a note per site without a certificate,
 /// and the `warnings` (listeners of other programs).
 pub fn check_ok(path: &Path, c: &Config, warnings: &[String]) {
@@ -115,8 +146,12 @@ pub fn check_ok(path: &Path, c: &Config, warnings: &[String]) {
         listeners
     ));
     for s in c.sites.iter().filter(|s| s.cert.is_none()) {
+        let note = match s.acme {
+            Some(ch) => format!("gets its certificate from the ACME CA through {}; a development certificate (untrusted by clients) is served until the first issuance", ch.as_str()),
+            None => "has no cert; a development certificate (untrusted by clients) will be issued".to_owned(),
+        };
         emit(&format!(
-            "{}: note: site {} has no cert; a development certificate (untrusted by clients) will be issued\n",
+            "{}: note: site {} {note}\n",
             path.display(),
             s.host
         ));

@@ -411,6 +411,24 @@ pub fn key_and_csr(names: &[String]) -> Result<(String, Vec<u8>), TlsError> {
     Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
+/// Where a site's certificate comes from, with what it says of itself: `portcullis certs`,
+/// `GET /api/certs`, the dashboard and `/metrics` show this.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SiteCert {
+    pub site: String,
+    /// `file` (PEM files in the config), `acme` (issued by the ACME CA) or `development` (the
+    /// development CA's: no configured certificate, or an ACME site before its first issuance).
+    pub source: &'static str,
+    /// `tls-alpn-01` or `dns-01` for `cert = "acme"` sites.
+    pub acme_challenge: Option<String>,
+    pub issuer: Option<String>,
+    /// Seconds since the epoch.
+    pub not_after: Option<u64>,
+    /// ACME sites: when the next order is due (renewal, or retry after a failure).
+    pub next_renewal: Option<u64>,
+    pub last_error: Option<String>,
+}
+
 /// What a served certificate says of itself: its issuer and validity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {

@@ -87,7 +87,10 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
     pebble.start(8443, dns).await;
     let state = dir.path().join("state");
     let path = dir.path().join("portcullis.toml");
-    std::fs::write(&path, config(closed, dns, &origin.url(), &pebble, &state)).expect("write");
+    let admin = SocketAddr::from((loopback(), 9443));
+    let text = config(closed, dns, &origin.url(), &pebble, &state)
+        + &format!("[admin]\nlisten = \"{admin}\"\n");
+    std::fs::write(&path, text).expect("write");
 
     let started = tokio::time::Instant::now();
     let rt = start(&path).await;
@@ -145,6 +148,57 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
         assert_eq!(mode & 0o077, 0, "{f} is readable by its owner only");
     }
     eprintln!("issued in {took:?}");
+
+    // Visible everywhere: the admin API, /metrics and `portcullis certs`.
+    let token = rt.admin().expect("admin").new_token.clone().expect("token");
+    let mut req = get(&format!("https://{admin}/api/certs"));
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let dev = support::roots_from(&state.join("dev-ca.pem"));
+    let got = https(admin, &admin.ip().to_string(), dev, false, req).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let certs: serde_json::Value = serde_json::from_str(&got.body).expect("json");
+    let c = &certs[0];
+    assert_eq!(c["site"], "www.acme.test");
+    assert_eq!(c["source"], "acme", "{c}");
+    assert_eq!(c["acme_challenge"], "tls-alpn-01");
+    assert_eq!(c["not_after"], not_after);
+    assert!(
+        c["issuer"].as_str().is_some_and(|i| i.contains("Pebble")),
+        "{c}"
+    );
+    assert!(c["last_error"].is_null());
+    let metrics = rt.metrics();
+    assert!(
+        metrics.contains("portcullis_cert_source{site=\"www.acme.test\",source=\"acme\"} 1"),
+        "{metrics}"
+    );
+    let left: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_cert_expiry_seconds{site=\"www.acme.test\"} "))
+        .expect("expiry series")
+        .parse()
+        .expect("number");
+    let expected = not_after as i64 - portcullis::clock::now() as i64;
+    assert!((expected - left).abs() <= 1, "{left} against {expected}");
+    assert!(
+        metrics.contains("portcullis_acme_failures_total 0"),
+        "{metrics}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["certs", "--json", "-c"])
+        .arg(&path)
+        .output()
+        .expect("certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(cli, certs, "the CLI reads what the running edge reports");
 
     // A restart serves the stored certificate from its first handshake, with the CA gone:
     // nothing is ordered again.
@@ -268,5 +322,25 @@ async fn a_ca_that_refuses_the_validation_is_reported_and_the_site_stays_served(
         got.status, 200,
         "still served, with the development certificate"
     );
+    let metrics = rt.metrics();
+    assert!(
+        metrics.contains("portcullis_cert_source{site=\"www.acme.test\",source=\"development\"} 1"),
+        "marked as not yet issued: {metrics}"
+    );
+    assert!(
+        !metrics.contains("portcullis_acme_failures_total 0"),
+        "{metrics}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["certs", "-c"])
+        .arg(&path)
+        .output()
+        .expect("certs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("development (acme tls-alpn-01, not issued yet)"),
+        "{text}"
+    );
+    assert!(text.contains("CA refused"), "{text}");
     rt.shutdown(Duration::from_secs(2)).await;
 }

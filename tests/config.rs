@@ -325,3 +325,127 @@ fn hash_token_prints_the_digest_the_config_expects() {
         .collect();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
 }
+
+#[test]
+fn check_refuses_acme_sites_that_cannot_be_validated_and_names_each() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad = write(
+        dir.path(),
+        r#"
+[dns]
+listen = "192.0.2.53:53"
+zones = ["served.test"]
+[[pool]]
+name = "closed"
+addresses = ["192.0.2.10"]
+tls_ports = [443]
+[[site]]
+host = "*.wild.served.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "acme"
+acme_challenge = "tls-alpn-01"
+[[site]]
+host = "www.elsewhere.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "acme"
+acme_challenge = "dns-01"
+[[site]]
+host = "keyed.served.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "acme"
+key = "k.pem"
+acme_challenge = "http-01"
+"#,
+    );
+    let (ok, _, stderr) = check(&bad);
+    assert!(!ok);
+    for (key, what) in [
+        (
+            r#"site[0] ("*.wild.served.test").acme_challenge"#,
+            "dns-01 only",
+        ),
+        (
+            r#"site[0] ("*.wild.served.test").cert"#,
+            "needs an [acme] section",
+        ),
+        (
+            r#"site[1] ("www.elsewhere.test").acme_challenge"#,
+            "_acme-challenge.www.elsewhere.test",
+        ),
+        (r#"site[2] ("keyed.served.test").key"#, "remove key"),
+        (
+            r#"site[2] ("keyed.served.test").acme_challenge"#,
+            "no challenge that needs cleartext",
+        ),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.contains(key) && l.contains(what)),
+            "{key}: {what}\n{stderr}"
+        );
+    }
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        r#"
+[acme]
+directory = "https://acme-staging-v02.api.letsencrypt.org/directory"
+contact = ["mailto:ops@served.test"]
+renew_before = "30d"
+[dns]
+listen = "192.0.2.53:53"
+zones = ["served.test"]
+[[pool]]
+name = "closed"
+addresses = ["192.0.2.10"]
+tls_ports = [8443]
+[[site]]
+host = "*.wild.served.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "acme"
+[[site]]
+host = "www.served.test"
+pool = "closed"
+origin = "http://127.0.0.1:9000"
+cert = "acme"
+"#,
+    )
+    .expect("write");
+    let (ok, stdout, stderr) = check(&good);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(
+            "site *.wild.served.test gets its certificate from the ACME CA through dns-01"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("warning: site www.served.test") && l.contains("port 443 only")),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("warning: site *.wild"),
+        "dns-01 needs no port: {stdout}"
+    );
+
+    let cleartext = dir.path().join("cleartext.toml");
+    std::fs::write(
+        &cleartext,
+        std::fs::read_to_string(&good)
+            .expect("read")
+            .replace("https://acme-staging", "http://acme-staging"),
+    )
+    .expect("write");
+    let (ok, _, stderr) = check(&cleartext);
+    assert!(!ok);
+    assert!(
+        stderr.contains("acme.directory") && stderr.contains("https://"),
+        "{stderr}"
+    );
+}

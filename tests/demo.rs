@@ -49,7 +49,7 @@ fn every_printed_curl_line_works_when_pasted() {
         .iter()
         .filter(|l| l.starts_with("curl ") || l.starts_with("dig ") || l.starts_with(exe))
         .collect();
-    assert_eq!(curls.len(), 17, "{printed:#?}");
+    assert_eq!(curls.len(), 18, "{printed:#?}");
     let run = |line: &str| {
         let out = Command::new("sh")
             .args(["-c", line])
@@ -66,7 +66,7 @@ fn every_printed_curl_line_works_when_pasted() {
         );
         (out.status.code(), text.to_ascii_lowercase())
     };
-    let expectations: [(Option<i32>, &[&str]); 17] = [
+    let expectations: [(Option<i32>, &[&str]); 18] = [
         (Some(7), &["failed to connect"]),
         (
             Some(0),
@@ -124,6 +124,7 @@ fn every_printed_curl_line_works_when_pasted() {
         (Some(0), &["\"host\":\"www.demo.test\"", "\"cleartext\":\"reject\"", "\"overridden\":true"]),
         (Some(0), &["403 forbidden"]),
         (Some(0), &["\"who\":\"admin\"", "\"before\":{\"cleartext\":\"redirect\""]),
+        (Some(0), &["\"site\":\"api.demo.test\"", "\"source\":\"development\""]),
     ];
     for (i, (line, (code, fragments))) in curls.iter().zip(expectations).enumerate() {
         // Lines 7, 7b and 8 show what background work wrote: the counts (stored every second),

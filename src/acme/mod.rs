@@ -92,7 +92,7 @@ pub(crate) struct Issued {
 }
 
 /// Where a site's certificate comes from now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CertSource {
     /// Issued by the ACME CA.
@@ -101,11 +101,12 @@ pub enum CertSource {
     Development,
 }
 
-/// What `portcullis certs`, `GET /api/certs` and `/metrics` show for an ACME site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The state of an ACME site's certificate, kept in `STATE/acme/status.json` after every
+/// attempt (no key material in it) for `portcullis certs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CertStatus {
     pub site: String,
-    pub challenge: &'static str,
+    pub challenge: String,
     pub source: CertSource,
     pub issuer: Option<String>,
     pub not_after: Option<Timestamp>,
@@ -232,7 +233,7 @@ impl Acme {
     fn load_stored(&self, w: &Wanted) -> CertStatus {
         let mut st = CertStatus {
             site: w.site.clone(),
-            challenge: w.challenge.as_str(),
+            challenge: w.challenge.as_str().to_owned(),
             source: CertSource::Development,
             issuer: None,
             not_after: None,
@@ -330,6 +331,17 @@ impl Acme {
         }
     }
 
+    /// Writes the status of every site for `portcullis certs` (best effort: it is a report).
+    fn save_status(&self) {
+        let text = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
+        let path = self.dir.join("status.json");
+        let written = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| tls::write_private_atomic(&path, &text));
+        if let Err(e) = written {
+            tracing::debug!(file = %path.display(), error = %e, "cannot write the ACME status");
+        }
+    }
+
     async fn order(
         &self,
         settings: &AcmeSettings,
@@ -348,6 +360,60 @@ impl Acme {
         write(&pem, &issued.chain_pem)?;
         Ok((info, issued))
     }
+}
+
+/// Every site's certificate, as `portcullis certs`, `GET /api/certs`, the dashboard and
+/// `/metrics` show it: `status` gives the ACME sites' state (the running client's, or the one
+/// it saved last); PEM files are read for the others.
+pub fn report(config: &Config, status: &[CertStatus]) -> Vec<tls::SiteCert> {
+    config
+        .sites
+        .iter()
+        .map(|s| {
+            let site = s.host.to_string();
+            let mut out = tls::SiteCert {
+                site: site.clone(),
+                source: "development",
+                acme_challenge: s.acme.map(|c| c.as_str().to_owned()),
+                issuer: Some("portcullis development CA".into()),
+                not_after: None,
+                next_renewal: None,
+                last_error: None,
+            };
+            if let Some(files) = &s.cert {
+                out.source = "file";
+                match tls::load_cert_files(files).and_then(|ck| tls::cert_info(&ck)) {
+                    Ok(info) => {
+                        out.issuer = Some(info.issuer);
+                        out.not_after = Some(info.not_after);
+                    }
+                    Err(e) => {
+                        out.issuer = None;
+                        out.last_error = Some(e.to_string());
+                    }
+                }
+            } else if s.acme.is_some() {
+                if let Some(st) = status.iter().find(|st| st.site == site) {
+                    if st.source == CertSource::Acme {
+                        out.source = "acme";
+                        out.issuer = st.issuer.clone();
+                        out.not_after = st.not_after;
+                    }
+                    out.next_renewal = Some(st.next_attempt);
+                    out.last_error = st.last_error.clone();
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// The ACME state `serve` saved last in `state_dir` (empty if it never ran an ACME site).
+pub fn saved_status(state_dir: &Path) -> Vec<CertStatus> {
+    std::fs::read(state_dir.join("acme").join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// FNV-1a, for a jitter that is stable per site.
@@ -372,7 +438,7 @@ async fn run(a: Arc<Acme>) {
         for w in &due {
             tokio::select! {
                 _ = a.stop.cancelled() => return,
-                _ = a.attempt(w) => {}
+                _ = a.attempt(w) => a.save_status(),
             }
         }
         tokio::select! {

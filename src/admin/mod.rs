@@ -70,6 +70,8 @@ pub trait Control: Send + Sync {
     async fn listening(&self) -> Vec<(SocketAddr, ListenerKind)>;
     /// The `/metrics` exposition text.
     fn metrics(&self) -> String;
+    /// Every site's certificate (source, issuer, expiry, next renewal, last error).
+    fn certs(&self) -> Vec<crate::tls::SiteCert>;
     /// Validates the config with `overrides` on top of its source, applies it and keeps the
     /// overrides. On error nothing changes.
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError>;

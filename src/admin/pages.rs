@@ -140,10 +140,32 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
         .iter()
         .map(|s| s.host.to_string())
         .collect();
+    let certs = ctx.control.certs();
+    let now = crate::clock::now();
     let mut rows = String::new();
     for h in &hosts {
         let Some(v) = site_view(&ctx, h).await else {
             continue;
+        };
+        let cert = match certs.iter().find(|c| &c.site == h) {
+            None => String::new(),
+            Some(c) => {
+                let left = c.not_after.map_or(String::new(), |t| {
+                    format!(", {} days left", (t as i64 - now as i64) / 86_400)
+                });
+                let class = if c.source == "development" {
+                    "bad"
+                } else {
+                    "good"
+                };
+                let error = c.last_error.as_deref().map_or(String::new(), |e| {
+                    format!(
+                        " <span class=bad title=\"{}\">(last order failed)</span>",
+                        esc(e)
+                    )
+                });
+                format!("<span class={class}>{}</span>{left}{error}", c.source)
+            }
         };
         let share = v
             .tls_percent_24h
@@ -156,7 +178,7 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
             None => "<span class=muted>no data</span>",
         };
         rows.push_str(&format!(
-            "<tr><td><a href=\"/ui/site/{h}\">{h}</a></td><td>{mode}</td><td>{pool}{closed}</td><td>{req}</td><td>{share}</td><td>{verdict}</td></tr>",
+            "<tr><td><a href=\"/ui/site/{h}\">{h}</a></td><td>{mode}</td><td>{pool}{closed}</td><td>{req}</td><td>{share}</td><td>{verdict}</td><td class=cert>{cert}</td></tr>",
             h = esc(&v.host),
             mode = v.cleartext,
             pool = esc(&v.pool),
@@ -166,7 +188,7 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
     }
     page(
         "Sites",
-        &format!("<table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th></tr></thead><tbody>{rows}</tbody></table>"),
+        &format!("<table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th><th>certificate</th></tr></thead><tbody>{rows}</tbody></table>"),
     )
 }
 

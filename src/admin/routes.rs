@@ -32,6 +32,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/sites/{host}/impact"),
     ("GET", "/api/sites/{host}/exposures"),
     ("GET", "/api/pools"),
+    ("GET", "/api/certs"),
     ("GET", "/api/audit"),
     ("GET", "/api/exposure-events"),
     ("POST", "/api/sites/{host}/stage"),
@@ -56,6 +57,10 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/sites/{host}/impact", get(site_impact))
         .route("/api/sites/{host}/exposures", get(exposures))
         .route("/api/pools", get(pools))
+        .route(
+            "/api/certs",
+            get(|State(ctx): State<Arc<Ctx>>| async move { Json(ctx.control.certs()) }),
+        )
         .route("/api/audit", get(audit))
         .route("/api/exposure-events", get(exposure_events))
         .route("/api/sites/{host}/stage", axum::routing::post(stage_change))

@@ -33,6 +33,10 @@ pub trait Counters: Send + Sync {
     fn refusals(&self) -> Vec<(&'static str, &'static str, u64)>;
     /// The analytics, when enabled.
     fn analytics(&self) -> Option<&Analytics>;
+    /// Every site's certificate: where it comes from and when it expires.
+    fn certs(&self) -> Vec<crate::tls::SiteCert>;
+    /// ACME orders that failed since start.
+    fn acme_failures(&self) -> u64;
 }
 
 /// A point-in-time copy of the edge's pre-request counters.
@@ -226,6 +230,36 @@ pub fn render(edge: &dyn Counters) -> String {
                 .inc_by(log.dropped.load(std::sync::atomic::Ordering::Relaxed));
         }
     }
+    let expiry = Family::<Labels, Gauge<i64, AtomicI64>>::default();
+    reg.register(
+        "cert_expiry_seconds",
+        "Seconds until the certificate served for the site expires (negative: expired)",
+        expiry.clone(),
+    );
+    let source = Family::<Labels, Gauge<i64, AtomicI64>>::default();
+    reg.register(
+        "cert_source",
+        "1 for the source of the site's certificate: file, acme or development (not trusted by clients)",
+        source.clone(),
+    );
+    let now = crate::clock::now() as i64;
+    for c in edge.certs() {
+        source
+            .get_or_create(&labels(&[("site", &c.site), ("source", c.source)]))
+            .set(1);
+        if let Some(t) = c.not_after {
+            expiry
+                .get_or_create(&labels(&[("site", &c.site)]))
+                .set(t as i64 - now);
+        }
+    }
+    counter(
+        &mut reg,
+        "acme_failures",
+        "ACME orders that failed (the CA unreachable, refusing or rate limiting)",
+    )
+    .get_or_create(&vec![])
+    .inc_by(edge.acme_failures());
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);

@@ -357,7 +357,11 @@ impl Inner {
 
     /// The apply itself; the caller holds `applying`.
     async fn apply_locked(&self, config: Config) -> Result<(), RuntimeError> {
-        for warning in foreign_listeners(&config) {
+        for warning in config
+            .warnings()
+            .into_iter()
+            .chain(foreign_listeners(&config))
+        {
             tracing::warn!("{warning}");
         }
         let config = Arc::new(config);
@@ -415,6 +419,14 @@ async fn firewall(config: Arc<Config>) -> Result<(), crate::firewall::FirewallEr
 }
 
 impl Counters for Inner {
+    fn certs(&self) -> Vec<crate::tls::SiteCert> {
+        crate::acme::report(&self.config.load(), &self.acme.status())
+    }
+
+    fn acme_failures(&self) -> u64 {
+        self.acme.failures_total()
+    }
+
     fn edge(&self) -> StatsSnapshot {
         self.edge.stats()
     }
@@ -466,6 +478,10 @@ impl Control for Inner {
 
     fn metrics(&self) -> String {
         crate::analytics::metrics::render(self)
+    }
+
+    fn certs(&self) -> Vec<crate::tls::SiteCert> {
+        Counters::certs(self)
     }
 
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError> {
