@@ -94,6 +94,13 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
 
     let started = tokio::time::Instant::now();
     let rt = start(&path).await;
+    // Nothing but TLS is ever bound: not before the first issuance, not after.
+    let cleartext = |l: Vec<(SocketAddr, portcullis::config::ListenerKind)>| {
+        l.into_iter()
+            .filter(|(_, k)| *k == portcullis::config::ListenerKind::Cleartext)
+            .count()
+    };
+    assert_eq!(cleartext(rt.listening().await), 0);
     // Until the CA issues, the development certificate is served, and the status says so.
     let st = &rt.acme().status()[0];
     assert_eq!(st.site, "www.acme.test");
@@ -131,8 +138,9 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
     );
     let not_after = st.not_after.expect("not after");
     assert!(st.next_attempt < not_after && st.next_attempt > portcullis::clock::now());
-    // No cleartext listener at any time: the closed pool refuses port 80 and 443's cleartext
-    // twin, and the state dir keeps the key to its owner.
+    assert_eq!(cleartext(rt.listening().await), 0);
+    // The closed pool refuses cleartext ports in the kernel, and the state dir keeps the keys
+    // to their owner.
     for port in [80, 8080] {
         assert!(
             refused(SocketAddr::from((closed, port))).await,
@@ -247,9 +255,11 @@ async fn dns_01_through_the_built_in_dns_server_issues_a_wildcard_certificate() 
         "*.apps.acme.test",
     );
     std::fs::write(&path, text).expect("write");
+    let started = tokio::time::Instant::now();
     let rt = start(&path).await;
     assert_eq!(rt.acme().status()[0].challenge, "dns-01");
     issued(&rt).await;
+    eprintln!("wildcard issued through dns-01 in {:?}", started.elapsed());
     // The challenge's TXT record is gone once the order is done.
     let txt = std::process::Command::new("dig")
         .args(["+short", "-p", "5353", &format!("@{dns_addr}")])
@@ -342,5 +352,95 @@ async fn a_ca_that_refuses_the_validation_is_reported_and_the_site_stays_served(
         "{text}"
     );
     assert!(text.contains("CA refused"), "{text}");
+    rt.shutdown(Duration::from_secs(2)).await;
+}
+
+/// An HTTPS server at `addr` that answers every request 503 with `Retry-After: 7200`, as a CA
+/// in maintenance does.
+async fn overloaded_ca(addr: SocketAddr, dir: &Path) -> std::path::PathBuf {
+    let ca = support::TestCa::new();
+    let (cert, key) = ca.issue(dir, "busy", &[&addr.ip().to_string()]);
+    let ck = portcullis::tls::load_certified_key(&cert, &key).expect("cert");
+    let cfg = rustls::ServerConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_cert_resolver(std::sync::Arc::new(portcullis::tls::SingleCert(ck)));
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(t) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async {
+                    let resp = http::Response::builder()
+                        .status(503)
+                        .header("retry-after", "7200")
+                        .header("content-type", "application/problem+json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                            br#"{"type":"urn:ietf:params:acme:error:serverInternal","detail":"down for maintenance"}"#,
+                        )))
+                        .expect("response");
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(t), svc)
+                    .await;
+            });
+        }
+    });
+    ca.write_ca(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_asking_to_come_back_later_is_not_asked_again_before_its_retry_after() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let origin = TestOrigin::start().await;
+    let (closed, ca_addr) = (loopback(), loopback());
+    let busy = SocketAddr::from((ca_addr, 14000));
+    let ca = overloaded_ca(busy, dir.path()).await;
+    let state = dir.path().join("state");
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[state]
+dir = "{state}"
+[acme]
+directory = "https://{busy}/dir"
+directory_ca = "{ca}"
+[[pool]]
+name = "closed"
+addresses = ["{closed}"]
+tls_ports = [8443]
+[[site]]
+host = "www.acme.test"
+pool = "closed"
+origin = "{origin}"
+cert = "acme"
+"#,
+            state = state.display(),
+            ca = ca.display(),
+            origin = origin.url(),
+        ),
+    )
+    .expect("write");
+    let rt = start(&path).await;
+    wait_until("the order fails", || {
+        let f = rt.acme().status()[0].failures;
+        async move { f >= 1 }
+    })
+    .await;
+    let st = rt.acme().status()[0].clone();
+    let wait = st.next_attempt.saturating_sub(portcullis::clock::now());
+    // Retry-After: 7200, not the 30 s of a first failure.
+    assert!(
+        (7190..=7200).contains(&wait),
+        "next attempt in {wait} s: {st:?}"
+    );
     rt.shutdown(Duration::from_secs(2)).await;
 }

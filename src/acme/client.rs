@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,18 +24,51 @@ use crate::tls::{self, LiveCerts};
 /// How long a validation may take before the order is given up (and retried later).
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The longest `Retry-After` of the CA's error answers in one conversation.
+pub(super) type RetryAfter = Arc<Mutex<Option<Duration>>>;
+
 /// The HTTPS client of the conversation: the system's roots plus `directory_ca`, HTTP/1.1.
-struct Https(Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>);
+/// It notes the `Retry-After` of error answers, which the problem documents do not carry.
+struct Https {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
+    retry_after: RetryAfter,
+}
+
+/// A `Retry-After` value (seconds or an HTTP-date) as a wait from now.
+pub(super) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
 
 impl HttpClient for Https {
     fn request(
         &self,
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
-        let fut = self.0.request(req);
+        let fut = self.client.request(req);
+        let noted = self.retry_after.clone();
         Box::pin(async move {
             match tokio::time::timeout(Duration::from_secs(30), fut).await {
-                Ok(Ok(rsp)) => Ok(BytesResponse::from(rsp)),
+                Ok(Ok(rsp)) => {
+                    if !rsp.status().is_success() {
+                        if let Some(wait) = retry_after(rsp.headers()) {
+                            let mut n = crate::lock(&noted);
+                            *n = Some(n.map_or(wait, |w| w.max(wait)));
+                        }
+                    }
+                    Ok(BytesResponse::from(rsp))
+                }
                 Ok(Err(e)) => Err(instant_acme::Error::Other(Box::new(e))),
                 Err(_) => Err(instant_acme::Error::Str(
                     "the ACME server did not answer in 30 s",
@@ -45,7 +78,10 @@ impl HttpClient for Https {
     }
 }
 
-fn http_client(settings: &AcmeSettings) -> Result<Box<dyn HttpClient>, AcmeError> {
+fn http_client(
+    settings: &AcmeSettings,
+    retry_after: &RetryAfter,
+) -> Result<Box<dyn HttpClient>, AcmeError> {
     let extra = match &settings.directory_ca {
         Some(path) => tls::load_certs(path).map_err(|e| AcmeError::Setup(e.to_string()))?,
         None => Vec::new(),
@@ -56,13 +92,18 @@ fn http_client(settings: &AcmeSettings) -> Result<Box<dyn HttpClient>, AcmeError
         .https_only()
         .enable_http1()
         .build();
-    Ok(Box::new(Https(
-        Client::builder(TokioExecutor::new()).build(connector),
-    )))
+    Ok(Box::new(Https {
+        client: Client::builder(TokioExecutor::new()).build(connector),
+        retry_after: retry_after.clone(),
+    }))
 }
 
 /// The account of `settings.directory`: read from `file`, or created there (0600) once.
-pub(super) async fn account(settings: &AcmeSettings, file: &Path) -> Result<Account, AcmeError> {
+pub(super) async fn account(
+    settings: &AcmeSettings,
+    file: &Path,
+    retry_after: &RetryAfter,
+) -> Result<Account, AcmeError> {
     if let Ok(text) = std::fs::read_to_string(file) {
         let creds: AccountCredentials = serde_json::from_str(&text).map_err(|e| {
             AcmeError::Setup(format!(
@@ -70,13 +111,13 @@ pub(super) async fn account(settings: &AcmeSettings, file: &Path) -> Result<Acco
                 file.display()
             ))
         })?;
-        return Account::builder_with_http(http_client(settings)?)
+        return Account::builder_with_http(http_client(settings, retry_after)?)
             .from_credentials(creds)
             .await
             .map_err(AcmeError::from_acme);
     }
     let contact: Vec<&str> = settings.contact.iter().map(String::as_str).collect();
-    let (account, creds) = Account::builder_with_http(http_client(settings)?)
+    let (account, creds) = Account::builder_with_http(http_client(settings, retry_after)?)
         .create(
             &NewAccount {
                 contact: &contact,

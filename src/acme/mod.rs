@@ -286,9 +286,10 @@ impl Acme {
     /// One attempt for `w`; updates its status.
     async fn attempt(&self, w: &Wanted) {
         let settings = crate::lock(&self.settings).clone();
+        let retry_after = client::RetryAfter::default();
         let result = match settings {
             None => Err(AcmeError::Setup("no [acme] section".into())),
-            Some(settings) => self.order(&settings, w).await,
+            Some(settings) => self.order(&settings, w, &retry_after).await,
         };
         let mut status = crate::lock(&self.status);
         let Some(st) = status.get_mut(&w.site) else {
@@ -320,6 +321,11 @@ impl Acme {
                 if matches!(e, AcmeError::RateLimited(_)) {
                     wait = wait.max(Duration::from_secs(3600));
                 }
+                // The CA's own word on when to come back wins over a shorter backoff (but not
+                // beyond the cap: a CA asking for days is asked again in six hours).
+                if let Some(asked) = *crate::lock(&retry_after) {
+                    wait = wait.max(asked.min(MAX_BACKOFF));
+                }
                 st.next_attempt = now() + wait.as_secs();
                 st.last_error = Some(e.to_string());
                 let serving = match st.source {
@@ -346,8 +352,10 @@ impl Acme {
         &self,
         settings: &AcmeSettings,
         w: &Wanted,
+        retry_after: &client::RetryAfter,
     ) -> Result<(tls::CertInfo, Issued), AcmeError> {
-        let account = client::account(settings, &self.dir.join("account.json")).await?;
+        let account =
+            client::account(settings, &self.dir.join("account.json"), retry_after).await?;
         let issued = client::order(&account, &w.names, w.challenge, &self.live, &self.txt).await?;
         let info = tls::cert_info(&issued.key).map_err(|e| AcmeError::Refused(e.to_string()))?;
         let (pem, key) = self.files(&w.site);
@@ -452,6 +460,26 @@ async fn run(a: Arc<Acme>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_in_seconds_or_as_a_date() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(client::retry_after(&h), None);
+        h.insert(http::header::RETRY_AFTER, "120".parse().expect("v"));
+        assert_eq!(client::retry_after(&h), Some(Duration::from_secs(120)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+        h.insert(
+            http::header::RETRY_AFTER,
+            httpdate::fmt_http_date(later).parse().expect("v"),
+        );
+        let d = client::retry_after(&h).expect("date");
+        assert!(
+            d > Duration::from_secs(3590) && d <= Duration::from_secs(3600),
+            "{d:?}"
+        );
+        h.insert(http::header::RETRY_AFTER, "soon".parse().expect("v"));
+        assert_eq!(client::retry_after(&h), None);
+    }
 
     #[test]
     fn renewal_comes_before_expiry_by_the_margin_with_a_bounded_jitter() {

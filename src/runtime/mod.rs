@@ -263,12 +263,12 @@ impl Runtime {
         self.inner.edge.listening().await
     }
 
-    /// The analytics, when enabled.
     /// The certificate state of every `cert = "acme"` site.
     pub fn acme(&self) -> &Acme {
         &self.inner.acme
     }
 
+    /// The analytics, when enabled.
     pub fn analytics(&self) -> Option<&Analytics> {
         self.inner.analytics.as_deref()
     }
