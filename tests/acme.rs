@@ -148,7 +148,13 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
         );
     }
     use std::os::unix::fs::PermissionsExt;
-    for f in ["account.json", "www.acme.test.key"] {
+    let account = std::fs::read_dir(state.join("acme"))
+        .expect("acme dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("account-") && n.ends_with(".json"))
+        .expect("an account file");
+    for f in [account.as_str(), "www.acme.test.key"] {
         let mode = std::fs::metadata(state.join("acme").join(f))
             .expect(f)
             .permissions()
@@ -220,6 +226,35 @@ async fn tls_alpn_01_on_a_closed_pool_issues_a_certificate_that_a_restart_serves
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let st = rt.acme().status()[0].clone();
     assert_eq!(st.failures, 0, "no order was attempted: {st:?}");
+
+    // Another CA in the config (staging to production, say): reloaded, the certificate in
+    // service stays until the new CA has issued one, ordered at once with a new account.
+    let dir2 = tempfile::tempdir().expect("tmp");
+    let mut other = Pebble::new(dir2.path());
+    other.start(8443, dns).await;
+    let text = config(closed, dns, &origin.url(), &other, &state)
+        + &format!("[admin]\nlisten = \"{admin}\"\n");
+    std::fs::write(&path, &text).expect("write");
+    rt.apply(portcullis::config::Config::from_file(&path).expect("config"))
+        .await
+        .expect("reload");
+    let other_roots = other.root().await;
+    wait_until("the new CA's certificate is served", || {
+        let roots = other_roots.clone();
+        async move {
+            let cfg = support::client_config(roots, &[b"http/1.1"]);
+            support::tls_connect(tls, "www.acme.test", cfg)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let accounts = std::fs::read_dir(state.join("acme"))
+        .expect("acme dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("account-"))
+        .count();
+    assert_eq!(accounts, 2, "one account per directory");
     rt.shutdown(Duration::from_secs(2)).await;
 }
 

@@ -2,8 +2,9 @@
 //! any cleartext port: TLS-ALPN-01 (RFC 8737) on the edge's own TLS listeners, or DNS-01
 //! through the built-in DNS server (the only way to a wildcard certificate).
 //!
-//! Owns: the account (`STATE/acme/account.json`, 0600), each site's certificate and key
-//! (`STATE/acme/NAME.pem` and `NAME.key`, the key 0600), and one background task that loads
+//! Owns: one account per directory (`STATE/acme/account-HASH.json`, 0600), each site's
+//! certificate and key (`STATE/acme/NAME.pem` and `NAME.key`, the key 0600, and the directory
+//! it came from in `NAME.directory`), and one background task that loads
 //! them at start (a restart serves at once and never re-orders a valid certificate), orders
 //! what is missing or due, and renews at `renew_before` (default: a third of the lifetime)
 //! with jitter, backing off exponentially up to [`MAX_BACKOFF`] while the CA fails. New
@@ -184,9 +185,21 @@ impl Acme {
     /// removed are forgotten.
     pub fn configure(&self, config: &Config) {
         let want = wanted(config);
-        *crate::lock(&self.settings) = config.acme.clone();
+        let directory = config.acme.as_ref().map(|a| a.directory.clone());
+        let previous = std::mem::replace(&mut *crate::lock(&self.settings), config.acme.clone());
+        let switched = previous.map(|a| a.directory) != directory;
         {
             let mut status = crate::lock(&self.status);
+            if switched {
+                // Another CA: what it did not issue is ordered from it now, and served until then.
+                for st in status.values_mut() {
+                    let from = std::fs::read_to_string(self.origin_file(&st.site)).ok();
+                    if from != directory {
+                        st.next_attempt = now();
+                        st.failures = 0;
+                    }
+                }
+            }
             status.retain(|site, _| want.iter().any(|w| &w.site == site));
             for w in &want {
                 if status.contains_key(&w.site) {
@@ -228,6 +241,18 @@ impl Acme {
         )
     }
 
+    /// Beside a site's certificate: the directory URL it was ordered from.
+    fn origin_file(&self, site: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.directory", site.replace('*', "_wildcard")))
+    }
+
+    /// The account of one directory: switching CAs (staging to production) makes a new one.
+    fn account_file(&self, directory: &str) -> PathBuf {
+        self.dir
+            .join(format!("account-{:016x}.json", fnv(directory)))
+    }
+
     /// The status of `w` from its stored certificate, installed in the edge when it still
     /// covers the site's names and has not expired.
     fn load_stored(&self, w: &Wanted) -> CertStatus {
@@ -251,10 +276,20 @@ impl Acme {
             tls::check_covers(&ck, &host)?;
             Ok((tls::cert_info(&ck)?, ck))
         });
+        let directory = crate::lock(&self.settings)
+            .as_ref()
+            .map(|s| s.directory.clone());
+        let ordered_from = std::fs::read_to_string(self.origin_file(&w.site)).ok();
+        let other_ca = directory.is_some() && ordered_from.as_deref() != directory.as_deref();
         match loaded {
             Ok((info, ck)) if info.not_after > now() => {
                 self.live.install(&w.site, ck);
                 st.next_attempt = self.renewal_time(&w.site, &info);
+                if other_ca {
+                    // Served until the configured CA issues one, which is ordered now.
+                    st.next_attempt = now();
+                    tracing::info!(site = %w.site, "the stored ACME certificate comes from another directory; ordering from the configured one");
+                }
                 st.source = CertSource::Acme;
                 st.issuer = Some(info.issuer);
                 st.not_after = Some(info.not_after);
@@ -354,8 +389,12 @@ impl Acme {
         w: &Wanted,
         retry_after: &client::RetryAfter,
     ) -> Result<(tls::CertInfo, Issued), AcmeError> {
-        let account =
-            client::account(settings, &self.dir.join("account.json"), retry_after).await?;
+        let account = client::account(
+            settings,
+            &self.account_file(&settings.directory),
+            retry_after,
+        )
+        .await?;
         let issued = client::order(&account, &w.names, w.challenge, &self.live, &self.txt).await?;
         let info = tls::cert_info(&issued.key).map_err(|e| AcmeError::Refused(e.to_string()))?;
         let (pem, key) = self.files(&w.site);
@@ -366,6 +405,7 @@ impl Acme {
         // The key first: a chain on disk always has its key beside it.
         write(&key, &issued.key_pem)?;
         write(&pem, &issued.chain_pem)?;
+        write(&self.origin_file(&w.site), &settings.directory)?;
         Ok((info, issued))
     }
 }
