@@ -324,6 +324,49 @@ async fn dns_01_through_the_built_in_dns_server_issues_a_wildcard_certificate() 
         );
     }
     assert!(rt.acme().status()[0].last_error.is_none());
+
+    // A site added by a reload gets its own certificate; the wildcard's stays as it is.
+    let text = site_config(
+        closed,
+        dns,
+        &origin.url(),
+        &pebble,
+        &state,
+        "*.apps.acme.test",
+    ) + &format!(
+        "[[site]]\nhost = \"www.acme.test\"\npool = \"closed\"\norigin = \"{}\"\ncert = \"acme\"\n",
+        origin.url()
+    );
+    std::fs::write(&path, &text).expect("write");
+    let wildcard = rt.acme().status()[0].clone();
+    rt.apply(portcullis::config::Config::from_file(&path).expect("config"))
+        .await
+        .expect("reload");
+    assert_eq!(rt.acme().status().len(), 2);
+    issued(&rt).await;
+    let got = https(
+        tls,
+        "www.acme.test",
+        roots.clone(),
+        false,
+        get("https://www.acme.test/"),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let st = rt.acme().status();
+    assert_eq!(
+        st.iter()
+            .find(|s| s.site == "www.acme.test")
+            .expect("new")
+            .challenge,
+        "tls-alpn-01"
+    );
+    assert_eq!(
+        st.iter()
+            .find(|s| s.site == "*.apps.acme.test")
+            .expect("kept"),
+        &wildcard
+    );
     rt.shutdown(Duration::from_secs(2)).await;
 }
 

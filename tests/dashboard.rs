@@ -201,6 +201,17 @@ origin = "{o}"
         .await
         .expect("text");
     assert!(row.contains("redirect") && row.contains("65.00%"), "{row}");
+    // Its certificate column says it is not a trusted one (no cert configured).
+    let cert = c
+        .find(Locator::XPath(
+            "//tr[td/a[text()='shop.test']]/td[@class='cert']",
+        ))
+        .await
+        .expect("certificate cell")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(cert, "development", "{cert}");
     // The session cookie has the right flags.
     let cookie = c
         .get_named_cookie("portcullis_session")
