@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, every test binary even when an earlier one fails. Installs the
 # Debian packages the tests use (curl, dig, named-checkzone, chromium and chromedriver, nft, ip,
-# pebble)
+# pebble, postgresql)
 # when run as root; otherwise names what is missing and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,7 @@ command -v ip >/dev/null || [[ -x /usr/sbin/ip ]] || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v pebble >/dev/null || need+=(pebble)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 if ((${#need[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "installing test dependencies: ${need[*]}"

@@ -4,14 +4,16 @@
 //! state files earlier versions kept, which loses nothing, happens once, and refuses a damaged
 //! file without taking any of it.
 
+mod support;
+
 use portcullis::config::{CleartextMode, HstsOverride, Overrides, SiteOverride};
 use portcullis::observe::{ClientFamily, DimKind, HttpVersion, Outcome, Scheme, TlsVersion};
 use portcullis::stages::drain::Drain;
 use portcullis::stages::{Brownout, Plan, Plans, Stage};
 use portcullis::store::{
     Attempt, AuditEntry, AuditEvent, DeliveryState, DimCount, EventQueue, ExposureRow, NewEvent,
-    OverflowCount, PolicyStore, QueueCounters, Repeat, RollupBatch, Rollups, SeriesPoint,
-    SiteState, SqliteStore, StageStep, StoreError, TrafficCount, TrafficRow,
+    OverflowCount, PgSettings, PgStore, PolicyStore, QueueCounters, Repeat, RollupBatch, Rollups,
+    SeriesPoint, SiteState, SqliteStore, StageStep, StoreError, TrafficCount, TrafficRow,
 };
 
 fn overrides() -> Overrides {
@@ -895,4 +897,95 @@ async fn the_analytics_database_of_an_earlier_version_is_imported() {
     let store = SqliteStore::open(dir.path()).expect("reopen");
     let rows = store.traffic("legacy.test", 0).await.expect("traffic");
     assert_eq!(rows.iter().map(|r| r.count).sum::<u64>(), 42);
+}
+
+/// A PgStore on a fresh database of the test process's PostgreSQL server.
+async fn pg() -> PgStore {
+    let url = support::postgres::Postgres::shared().database().await;
+    PgStore::connect(&PgSettings {
+        url,
+        pool_size: 4,
+        ca: Vec::new(),
+        node: "node-a".into(),
+    })
+    .await
+    .expect("connect")
+}
+
+#[tokio::test]
+async fn the_postgres_store_meets_the_contract() {
+    let store = pg().await;
+    contract(&store).await;
+}
+
+#[tokio::test]
+async fn the_postgres_store_meets_the_queue_contract() {
+    let store = pg().await;
+    queue_contract(&store).await;
+}
+
+#[tokio::test]
+async fn the_postgres_store_meets_the_rollups_contract() {
+    let store = pg().await;
+    rollups_contract(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_migrate_once_and_sum_their_counts() {
+    let url = support::postgres::Postgres::shared().database().await;
+    let settings = |node: &str| PgSettings {
+        url: url.clone(),
+        pool_size: 2,
+        ca: Vec::new(),
+        node: node.into(),
+    };
+    // Eight nodes connect at once to an empty database: the advisory lock serialises their
+    // migrations, and every one of them starts.
+    let mut starts = Vec::new();
+    for i in 0..8 {
+        let s = settings(&format!("node-{i}"));
+        starts.push(tokio::spawn(async move { PgStore::connect(&s).await }));
+    }
+    let mut nodes = Vec::new();
+    for s in starts {
+        nodes.push(s.await.expect("task").expect("every node starts"));
+    }
+    // Each node counts its own requests in the same bucket; a read sums them.
+    for (i, n) in nodes.iter().enumerate() {
+        n.write_rollups(&RollupBatch {
+            traffic: vec![traffic(600, "s.test", Scheme::Cleartext, i as u64 + 1)],
+            ..RollupBatch::default()
+        })
+        .await
+        .expect("write");
+    }
+    let total: u64 = nodes[3]
+        .traffic("s.test", 0)
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| r.count)
+        .sum();
+    assert_eq!(total, (1..=8).sum::<u64>());
+    assert_eq!(
+        nodes[0].migrate().await.expect("again"),
+        nodes[7].migrate().await.expect("again")
+    );
+}
+
+#[tokio::test]
+async fn a_bad_store_url_is_refused_without_echoing_its_password() {
+    let err = match PgStore::connect(&PgSettings {
+        url: "postgres://app:s3cret-pw@127.0.0.1:1/nowhere?sslmode=disable".into(),
+        pool_size: 1,
+        ca: Vec::new(),
+        node: "n".into(),
+    })
+    .await
+    {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("nothing listens on port 1"),
+    };
+    assert!(!err.contains("s3cret-pw"), "{err}");
+    assert!(err.contains("127.0.0.1:1/nowhere"), "{err}");
 }

@@ -12,6 +12,7 @@
 //! their delivery state; [`Rollups`] the analytics counts and exposure records. [`Store`] is
 //! all three, as the composition root opens it.
 
+pub mod postgres;
 pub mod rollups;
 pub mod sqlite;
 
@@ -24,6 +25,7 @@ use crate::config::Overrides;
 use crate::stages::drain::Drain;
 use crate::stages::{Plan, Plans, Stage};
 
+pub use postgres::{PgSettings, PgStore};
 pub use rollups::{
     DimCount, ExposureRow, OverflowCount, RollupBatch, Rollups, SeriesPoint, TrafficCount,
     TrafficRow,
@@ -45,6 +47,10 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
+    /// The PostgreSQL store could not be reached, or refused a query. `db` is `host:port/name`:
+    /// never the password.
+    #[error("state store {db}: {reason}")]
+    Postgres { db: String, reason: String },
     /// A record in the database does not decode (written by a newer version, or damaged).
     #[error("state store {path}: {what} of {key:?} does not decode: {reason}")]
     Corrupt {

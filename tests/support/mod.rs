@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod pebble;
+pub mod postgres;
 
 use std::collections::hash_map::RandomState;
 use std::convert::Infallible;
