@@ -16,8 +16,8 @@ use super::{loopback, wait_until_blocking};
 pub struct Postgres {
     pub addr: SocketAddr,
     _dir: PathBuf,
-    /// Closed when the process exits, which stops the server.
-    _alive: std::sync::Mutex<std::process::ChildStdin>,
+    /// Its standard input closes when this process exits, which stops the server.
+    _server: std::sync::Mutex<std::process::Child>,
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -128,7 +128,7 @@ impl Postgres {
         }
         // The server dies with this test process: the shell kills it when its standard input,
         // held open by this process, closes.
-        let mut child = Command::new("sh")
+        let child = Command::new("sh")
             .arg("-c")
             .arg(r#"dir=$1; shift; "$@" & pid=$!; cat >/dev/null; kill -9 $pid; wait; rm -rf "$dir""#)
             .arg("sh")
@@ -139,14 +139,13 @@ impl Postgres {
             .stderr(log)
             .spawn()
             .expect("postgres runs");
-        let stdin = child.stdin.take().expect("stdin");
         wait_until_blocking("PostgreSQL accepts connections", || {
             std::net::TcpStream::connect(addr).is_ok()
         });
         Postgres {
             addr,
             _dir: dir,
-            _alive: std::sync::Mutex::new(stdin),
+            _server: std::sync::Mutex::new(child),
         }
     }
 
