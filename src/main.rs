@@ -93,16 +93,27 @@ fn run() -> anyhow::Result<ExitCode> {
             site,
             json,
         } => {
-            let dir = match (config, state_dir) {
-                (Some(c), None) => Config::from_file(&c)?.state_dir,
-                (None, Some(d)) => d,
-                (None, None) => Config::default().state_dir,
+            let source = match (config, state_dir) {
+                (Some(c), None) => portcullis::runtime::ConfigSource::File(c),
+                (None, d) => {
+                    let dir = d.unwrap_or_else(|| Config::default().state_dir);
+                    portcullis::runtime::ConfigSource::Text {
+                        text: format!("[state]\ndir = {:?}\n", dir.display().to_string()),
+                        label: "--state-dir".into(),
+                        base: PathBuf::from("."),
+                    }
+                }
                 (Some(_), Some(_)) => {
                     anyhow::bail!("give either --config or --state-dir, not both")
                 }
             };
             let site = site.map(|s| s.to_ascii_lowercase());
-            let (events, counters) = portcullis::exposure::queue::read(&dir, site.as_deref())?;
+            let (events, counters) = control_runtime()?.block_on(async {
+                match portcullis::runtime::open_store_read(&source).await? {
+                    None => Ok::<_, anyhow::Error>(Default::default()),
+                    Some(store) => Ok(store.events(site.as_deref()).await?),
+                }
+            })?;
             output::exposures(&events, &counters, json)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -222,19 +233,29 @@ fn impact(args: &ImpactArgs) -> anyhow::Result<ExitCode> {
         (Some(_), Some(_)) => anyhow::bail!("give either --config or --state-dir, not both"),
     };
     let window = args.window(readiness.window)?;
-    let Some(store) = portcullis::store::SqliteStore::open_read_only(&dir)? else {
-        anyhow::bail!(
-            "no store at {}: nothing has been recorded there yet (is this the state dir `portcullis serve` uses?)",
-            portcullis::store::SqliteStore::path(&dir).display()
-        );
+    let source = match &args.config {
+        Some(path) => portcullis::runtime::ConfigSource::File(path.clone()),
+        // A state dir alone: the embedded store in it.
+        None => portcullis::runtime::ConfigSource::Text {
+            text: format!("[state]\ndir = {:?}\n", dir.display().to_string()),
+            label: "--state-dir".into(),
+            base: PathBuf::from("."),
+        },
     };
     let now = portcullis::clock::now();
     let host = host.to_ascii_lowercase();
     let since = now.saturating_sub(window.as_secs());
-    let mut report =
-        control_runtime()?.block_on(impact::report(&store, &host, since, now, &readiness))?;
-    let drains = store.drains_now()?;
-    report.drain = drains.into_iter().find(|d| d.site == host);
+    let report = control_runtime()?.block_on(async {
+        let Some(store) = portcullis::runtime::open_store_read(&source).await? else {
+            anyhow::bail!(
+                "no store at {}: nothing has been recorded there yet (is this the state dir `portcullis serve` uses?)",
+                portcullis::store::SqliteStore::path(&dir).display()
+            );
+        };
+        let mut report = impact::report(&*store, &host, since, now, &readiness).await?;
+        report.drain = store.drains().await?.into_iter().find(|d| d.site == host);
+        Ok(report)
+    })?;
     if args.json {
         output::json(&report)?;
     } else {

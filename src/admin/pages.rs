@@ -352,7 +352,11 @@ pub(crate) async fn site(
             rows("networks", &r.by_network),
             rows("paths", &r.by_path),
         ));
-        let events = crate::exposure::queue::read(&ctx.state_dir, Some(&host))
+        let events = ctx
+            .control
+            .store()
+            .events(Some(&host))
+            .await
             .map(|(e, _)| e)
             .unwrap_or_default();
         let mut exp = String::from("<div class=card><h2>Credentials seen in cleartext</h2><table><thead><tr><th>fingerprint</th><th>where</th><th>seen</th><th>last from</th><th>issuer told</th></tr></thead><tbody>");

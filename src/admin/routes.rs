@@ -333,8 +333,12 @@ async fn exposure_events(
     Query(f): Query<SiteFilter>,
 ) -> Result<Response, ApiError> {
     let site = f.site.map(|s| s.to_ascii_lowercase());
-    let (events, counters) = crate::exposure::queue::read(&ctx.state_dir, site.as_deref())
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let (events, counters) = ctx
+        .control
+        .store()
+        .events(site.as_deref())
+        .await
+        .map_err(unavailable)?;
     Ok(Json(json!({ "events": events, "counters": counters })).into_response())
 }
 

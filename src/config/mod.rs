@@ -169,6 +169,10 @@ pub struct Config {
     pub manage_firewall: bool,
     /// `[acme]`, for sites with `cert = "acme"`.
     pub acme: Option<AcmeSettings>,
+    /// `[store]`: a shared PostgreSQL store; `None`: the embedded SQLite store in `state_dir`.
+    pub store: Option<StoreSettings>,
+    /// `[node] name`; `None`: the host name.
+    pub node: Option<String>,
     /// Every certificate and CA file named above, for the TLS layer to open and check.
     pub files: Vec<FileRef>,
 }
@@ -196,6 +200,28 @@ pub struct DnsSettings {
     pub nameservers: Vec<String>,
     /// SOA responsible mailbox as a name; default `hostmaster.ZONE`.
     pub hostmaster: Option<String>,
+}
+
+/// `[store]`: the PostgreSQL database a fleet of nodes shares.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// `postgres://user:password@host:port/db?sslmode=require`: may hold a password, so it is
+    /// never printed (see the `Debug` impl).
+    pub url: String,
+    /// Connections kept open to the database.
+    pub pool_size: usize,
+    /// Extra trust anchors (PEM) for the database server's certificate.
+    pub ca: Option<PathBuf>,
+}
+
+impl fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("url", &"<configured>")
+            .field("pool_size", &self.pool_size)
+            .field("ca", &self.ca)
+            .finish()
+    }
 }
 
 /// `[acme]`: the CA that issues certificates for `cert = "acme"` sites (RFC 8555).
@@ -695,6 +721,8 @@ impl Default for Config {
             exposure: ExposureSettings::default(),
             manage_firewall: false,
             acme: None,
+            store: None,
+            node: None,
             files: Vec::new(),
         }
     }
@@ -750,6 +778,35 @@ impl Config {
             .as_ref()
             .map(|d| v.path(d))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)))
+    }
+
+    /// The `[store]` and `[node] name` a config text names, read before the rest (the store
+    /// holds the overrides the rest is validated with).
+    pub fn store_in(
+        text: &str,
+        label: &str,
+        base: &Path,
+    ) -> Result<(Option<StoreSettings>, Option<String>), ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: label.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let mut v = Validator {
+            problems: Vec::new(),
+            files: Vec::new(),
+            base,
+        };
+        let store = raw.store.and_then(|s| v.store(s));
+        let node = v.node(raw.node);
+        if v.problems.is_empty() {
+            Ok((store, node))
+        } else {
+            Err(ConfigError::Invalid {
+                path: label.to_owned(),
+                problems: v.problems,
+                files: v.files,
+            })
+        }
     }
 
     /// Like [`Config::from_toml`], with site `overrides` (made through the admin plane, kept in

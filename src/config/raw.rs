@@ -33,6 +33,23 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) firewall: RawFirewall,
     pub(super) acme: Option<RawAcme>,
+    pub(super) store: Option<RawStore>,
+    #[serde(default)]
+    pub(super) node: RawNode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStore {
+    pub(super) url: String,
+    pub(super) pool_size: Option<i64>,
+    pub(super) ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNode {
+    pub(super) name: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use super::raw::{
     RawAcme, RawAdmin, RawAnalytics, RawConfig, RawDns, RawEdge, RawExposure, RawHsts, RawMetrics,
-    RawPool, RawReadiness, RawSite, RawWebhook,
+    RawNode, RawPool, RawReadiness, RawSite, RawStore, RawWebhook,
 };
 use super::{
     positions, validate_dns_name, AcmeChallenge, AcmeSettings, AdminSettings, AnalyticsSettings,
     CertFiles, CleartextMode, Config, DnsSettings, EdgeSettings, ExposureResponse,
     ExposureSettings, FileRef, HostPattern, Hsts, MetricsSettings, Origin, Pool, Problem,
-    Readiness, ResponseHeaders, Site, DEFAULT_HSTS_MAX_AGE,
+    Readiness, ResponseHeaders, Site, StoreSettings, DEFAULT_HSTS_MAX_AGE,
 };
 
 /// Collects the problems of one config text while converting it.
@@ -75,6 +75,8 @@ impl Validator<'_> {
         let admin = raw.admin.and_then(|a| self.admin(a));
         let exposure = self.exposure(raw.exposure);
         let manage_firewall = raw.firewall.manage.unwrap_or(false);
+        let store = raw.store.and_then(|s| self.store(s));
+        let node = self.node(raw.node);
         Config {
             state_dir,
             edge,
@@ -88,8 +90,64 @@ impl Validator<'_> {
             exposure,
             manage_firewall,
             acme,
+            store,
+            node,
             files: Vec::new(),
         }
+    }
+
+    pub(super) fn store(&mut self, raw: RawStore) -> Option<StoreSettings> {
+        let mut ok = true;
+        let scheme_ok = raw.url.starts_with("postgres://") || raw.url.starts_with("postgresql://");
+        if !scheme_ok {
+            // The value may hold a password: it is never echoed.
+            self.problem(
+                "store.url",
+                "(not shown)",
+                "a postgres:// URL, such as postgres://portcullis@db.internal/portcullis?sslmode=require",
+            );
+            ok = false;
+        }
+        let pool_size = match raw.pool_size {
+            None => 8,
+            Some(n) if (1..=1024).contains(&n) => n as usize,
+            Some(n) => {
+                self.problem("store.pool_size", n, "between 1 and 1024");
+                ok = false;
+                8
+            }
+        };
+        let ca = raw.ca.as_deref().map(|p| {
+            let path = self.path(p);
+            self.files.push(FileRef::Roots {
+                key: "store.ca".into(),
+                path: path.clone(),
+            });
+            path
+        });
+        ok.then_some(StoreSettings {
+            url: raw.url,
+            pool_size,
+            ca,
+        })
+    }
+
+    pub(super) fn node(&mut self, raw: RawNode) -> Option<String> {
+        let name = raw.name?;
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid {
+            self.problem(
+                "node.name",
+                format!("{name:?}"),
+                "1 to 64 letters, digits, '-', '_' or '.'",
+            );
+            return None;
+        }
+        Some(name)
     }
 
     fn acme(&mut self, raw: RawAcme) -> Option<AcmeSettings> {

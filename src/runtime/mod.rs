@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use serve::{foreign_listeners, run_until_signal, serve, Signals};
-pub use source::{load, ConfigSource};
+pub use source::{load, node_name, open_store, open_store_read, ConfigSource};
 
 use crate::acme::Acme;
 use crate::admin::{Admin, Control, ControlError};
@@ -34,7 +34,7 @@ use crate::exposure::queue::{PolicySource, Responder};
 use crate::net::{Limits, Workers};
 use crate::stages::drain::{self, Drain};
 use crate::stages::Plans;
-use crate::store::{EventQueue, SqliteStore, Store};
+use crate::store::{EventQueue, Store};
 use crate::tls::LiveCerts;
 
 /// Why the program could not start, or a config could not be applied.
@@ -114,13 +114,7 @@ impl Runtime {
         workers: Option<&Workers>,
     ) -> Result<Runtime, RuntimeError> {
         let state_dir = source.state_dir()?;
-        let store = {
-            let dir = state_dir.clone();
-            tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
-                .await
-                .map_err(|e| crate::store::StoreError::Task(e.to_string()))??
-        };
-        let store: Arc<dyn Store> = Arc::new(store);
+        let store = source::open_store(&source).await?;
         let overrides = store.overrides().await?;
         let config = source.load(&overrides)?;
         let config_cell = Arc::new(ArcSwap::from_pointee(config.clone()));

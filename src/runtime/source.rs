@@ -2,8 +2,10 @@
 //! from the admin plane. Every load goes through the validator and the TLS layer's file checks.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::{Config, ConfigError, Overrides, StoreSettings};
+use crate::store::{PgSettings, PgStore, SqliteStore, Store, StoreError};
 
 /// The origin of the running config.
 #[derive(Debug, Clone)]
@@ -43,6 +45,12 @@ impl ConfigSource {
         Config::state_dir_in(&text, &label, &base)
     }
 
+    /// The `[store]` and `[node] name` the config names.
+    pub fn store_settings(&self) -> Result<(Option<StoreSettings>, Option<String>), ConfigError> {
+        let (text, label, base) = self.text()?;
+        Config::store_in(&text, &label, &base)
+    }
+
     /// The config with `overrides` on top, checked like a file: the validator's problems and
     /// those of the certificate files it names, in one report.
     pub fn load(&self, overrides: &Overrides) -> Result<Config, ConfigError> {
@@ -54,13 +62,82 @@ impl ConfigSource {
     }
 }
 
+/// This node's name: `[node] name`, else the host name.
+pub fn node_name(configured: Option<String>) -> String {
+    configured.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "node".to_owned())
+    })
+}
+
+async fn connect(
+    settings: &StoreSettings,
+    node: Option<String>,
+) -> Result<PgStore, super::RuntimeError> {
+    let ca = match &settings.ca {
+        Some(p) => crate::tls::load_certs(p)?,
+        None => Vec::new(),
+    };
+    Ok(PgStore::connect(&PgSettings {
+        url: settings.url.clone(),
+        pool_size: settings.pool_size,
+        ca,
+        node: node_name(node),
+    })
+    .await?)
+}
+
+/// Opens the store the config names for the running program: the shared PostgreSQL store with
+/// `[store]`, else the SQLite store in the state dir (created, and earlier state files imported).
+pub async fn open_store(source: &ConfigSource) -> Result<Arc<dyn Store>, super::RuntimeError> {
+    match source.store_settings()? {
+        (Some(settings), node) => Ok(Arc::new(connect(&settings, node).await?)),
+        (None, _) => {
+            let dir = source.state_dir()?;
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))??;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The same store for a report (CLI): nothing is created; `None` when the embedded store was
+/// never created in the state dir.
+pub async fn open_store_read(
+    source: &ConfigSource,
+) -> Result<Option<Arc<dyn Store>>, super::RuntimeError> {
+    match source.store_settings()? {
+        (Some(settings), node) => Ok(Some(Arc::new(connect(&settings, node).await?))),
+        (None, _) => Ok(SqliteStore::open_read_only(&source.state_dir()?)?
+            .map(|s| Arc::new(s) as Arc<dyn Store>)),
+    }
+}
+
 /// Reads and validates a config file the way every apply does, with the overrides kept in its
-/// state directory's store (read-only: nothing is created).
+/// store (read-only: nothing is created).
 pub fn load(path: &Path) -> Result<Config, super::RuntimeError> {
     let source = ConfigSource::File(path.to_owned());
-    let overrides = match crate::store::SqliteStore::open_read_only(&source.state_dir()?)? {
-        Some(store) => store.overrides_now()?,
-        None => Overrides::new(),
+    let overrides = match source.store_settings()? {
+        (None, _) => match SqliteStore::open_read_only(&source.state_dir()?)? {
+            Some(store) => store.overrides_now()?,
+            None => Overrides::new(),
+        },
+        (Some(_), _) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Task(e.to_string()))?;
+            rt.block_on(async {
+                match open_store_read(&source).await? {
+                    Some(store) => Ok::<_, super::RuntimeError>(store.overrides().await?),
+                    None => Ok(Overrides::new()),
+                }
+            })?
+        }
     };
     Ok(source.load(&overrides)?)
 }

@@ -1,0 +1,185 @@
+//! A fleet on one PostgreSQL store: nodes with their own addresses and state dirs, one policy,
+//! counts that sum exactly, one audit log. PostgreSQL is Debian's, started by the tests.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
+use portcullis::runtime::{ConfigSource, Runtime};
+use support::{get, http, https, loopback, roots_from, wait_until, TestOrigin};
+
+struct Node {
+    rt: Runtime,
+    open: Ipv4Addr,
+    admin: SocketAddr,
+    token: Option<String>,
+    path: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+fn config(
+    name: &str,
+    url: &str,
+    open: Ipv4Addr,
+    admin: SocketAddr,
+    origin: &str,
+    state: &Path,
+) -> String {
+    format!(
+        r#"
+[state]
+dir = "{state}"
+[node]
+name = "{name}"
+[store]
+url = "{url}"
+pool_size = 4
+[analytics]
+flush_interval = "100ms"
+[admin]
+listen = "{admin}"
+[[pool]]
+name = "open"
+addresses = ["{open}"]
+tls_ports = [6443]
+cleartext_ports = [6080]
+[[site]]
+host = "legacy.test"
+pool = "open"
+origin = "{origin}"
+cleartext = "reject"
+"#,
+        state = state.display()
+    )
+}
+
+async fn node(dir: &Path, name: &str, url: &str, origin: &str) -> Node {
+    let (open, admin) = (loopback(), SocketAddr::from((loopback(), 6444)));
+    let state = dir.join(name);
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config(name, url, open, admin, origin, &state)).expect("write");
+    let rt = Runtime::start(ConfigSource::File(path.clone()), None)
+        .await
+        .unwrap_or_else(|e| panic!("node {name} starts: {e}"));
+    let token = rt.admin().and_then(|a| a.new_token.clone());
+    Node {
+        rt,
+        open,
+        admin,
+        token,
+        path,
+        state,
+    }
+}
+
+impl Node {
+    async fn api(&self, token: &str, method: Method, path: &str, body: &str) -> (u16, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", self.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .expect("request");
+        let got = https(
+            self.admin,
+            &self.admin.ip().to_string(),
+            roots_from(&self.state.join("dev-ca.pem")),
+            false,
+            req,
+        )
+        .await;
+        (got.status.as_u16(), got.body)
+    }
+
+    async fn cleartext(&self) -> u16 {
+        http(
+            SocketAddr::from((self.open, 6080)),
+            get("http://legacy.test/"),
+        )
+        .await
+        .status
+        .as_u16()
+    }
+}
+
+fn impact(config: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["impact", "legacy.test", "--json", "-c"])
+        .arg(config)
+        .output()
+        .expect("impact");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let origin = TestOrigin::start().await;
+    let url = support::postgres::Postgres::shared().database().await;
+    let a = node(dir.path(), "a", &url, &origin.url()).await;
+    let b = node(dir.path(), "b", &url, &origin.url()).await;
+
+    // Cleartext seen by each node, summed in either node's impact report.
+    for _ in 0..3 {
+        assert_eq!(a.cleartext().await, 403);
+    }
+    for _ in 0..4 {
+        assert_eq!(b.cleartext().await, 403);
+    }
+    let (pa, pb) = (a.path.clone(), b.path.clone());
+    wait_until("both nodes' counts reach the store", || {
+        let (pa, pb) = (pa.clone(), pb.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                impact(&pa)["cleartext_requests"] == 7 && impact(&pb)["cleartext_requests"] == 7
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+
+    // A change through node a is in the audit log node b serves.
+    let token_a = a.token.clone().expect("a's token");
+    let (status, body) = a
+        .api(
+            &token_a,
+            Method::PATCH,
+            "/api/sites/legacy.test",
+            r#"{"cleartext":"redirect"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.cleartext().await, 301, "applied on a at once");
+    let token_b = b.token.clone().expect("b's token");
+    let (status, audit) = b.api(&token_b, Method::GET, "/api/audit", "").await;
+    assert_eq!(status, 200, "{audit}");
+    let audit: serde_json::Value = serde_json::from_str(&audit).expect("json");
+    let last = audit.as_array().and_then(|v| v.last()).expect("an entry");
+    assert_eq!(last["site"], "legacy.test");
+    assert_eq!(last["after"]["cleartext"], "redirect", "{last}");
+
+    // A node started after the change starts from the shared policy.
+    b.rt.shutdown(Duration::from_secs(2)).await;
+    let b_path = b.path.clone();
+    let b_open = b.open;
+    drop(b);
+    let rt = Runtime::start(ConfigSource::File(b_path), None)
+        .await
+        .expect("b restarts");
+    let got = http(SocketAddr::from((b_open, 6080)), get("http://legacy.test/")).await;
+    assert_eq!(got.status, 301, "b serves the mode set through a");
+    rt.shutdown(Duration::from_secs(2)).await;
+    a.rt.shutdown(Duration::from_secs(2)).await;
+}
