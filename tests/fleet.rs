@@ -162,6 +162,17 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(a.cleartext().await, 301, "applied on a at once");
+    // ... and on b, which polls the store's generation, within 2 s.
+    let changed = tokio::time::Instant::now();
+    while b.cleartext().await != 301 {
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "b still answers the old mode after {:?}",
+            changed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("a change on a reached b in {:?}", changed.elapsed());
     let token_b = b.token.clone().expect("b's token");
     let (status, audit) = b.api(&token_b, Method::GET, "/api/audit", "").await;
     assert_eq!(status, 200, "{audit}");
@@ -170,7 +181,16 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
     assert_eq!(last["site"], "legacy.test");
     assert_eq!(last["after"]["cleartext"], "redirect", "{last}");
 
-    // A node started after the change starts from the shared policy.
+    // A node started after a change starts from the shared policy.
+    let (status, body) = a
+        .api(
+            &token_a,
+            Method::PATCH,
+            "/api/sites/legacy.test",
+            r#"{"cleartext":"allow"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     b.rt.shutdown(Duration::from_secs(2)).await;
     let b_path = b.path.clone();
     let b_open = b.open;
@@ -179,7 +199,10 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
         .await
         .expect("b restarts");
     let got = http(SocketAddr::from((b_open, 6080)), get("http://legacy.test/")).await;
-    assert_eq!(got.status, 301, "b serves the mode set through a");
+    assert_eq!(
+        got.status, 200,
+        "b, restarted, starts from the latest mode in the store"
+    );
     rt.shutdown(Duration::from_secs(2)).await;
     a.rt.shutdown(Duration::from_secs(2)).await;
 }

@@ -136,9 +136,22 @@ async fn contract(store: &dyn PolicyStore) {
     store.set_drains(&drains()).await.expect("write");
     assert_eq!(store.drains().await.expect("read"), drains());
 
+    // Every policy write moves the generation other nodes poll; appending to the log does not.
+    let mut g = store.generation().await.expect("generation");
+    for write in 0..3 {
+        match write {
+            0 => store.set_overrides(&fewer).await.expect("write"),
+            1 => store.set_stages(&Plans::new()).await.expect("write"),
+            _ => store.set_drains(&drains()).await.expect("write"),
+        }
+        let next = store.generation().await.expect("generation");
+        assert!(next > g, "write {write}: {next} after {g}");
+        g = next;
+    }
     for e in audit() {
         store.append_audit(&e).await.expect("append");
     }
+    assert_eq!(store.generation().await.expect("generation"), g);
     // Appended, in order, typed as written.
     assert_eq!(store.audit().await.expect("read"), audit());
     // Overrides, plans and drains are independent of each other and of the log.

@@ -203,6 +203,9 @@ impl Runtime {
                 rt.inner.stop.child_token(),
             ));
         }
+        rt.inner
+            .tasks
+            .spawn(follow_store(rt.inner.clone(), rt.inner.stop.child_token()));
         Ok(rt)
     }
 
@@ -332,7 +335,60 @@ impl ZoneView {
     }
 }
 
+/// How often the store's policy generation is read: a change made through another node (a
+/// fleet on one database) is applied here within this, plus the apply.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// Applies the policy other nodes write to the shared store: whenever the store's generation
+/// moves, the stored overrides and plans are compared with those applied here, and applied if
+/// they differ (a node's own writes compare equal and cost nothing more).
+async fn follow_store(inner: Arc<Inner>, stop: CancellationToken) {
+    let mut seen = inner.store.generation().await.ok();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+        let now = match inner.store.generation().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the store's policy generation");
+                continue;
+            }
+        };
+        if seen == Some(now) {
+            continue;
+        }
+        match inner.sync_from_store().await {
+            Ok(()) => seen = Some(now),
+            Err(e) => {
+                tracing::warn!(error = %e, "the store's policy changed but cannot be applied here; retrying")
+            }
+        }
+    }
+}
+
 impl Inner {
+    /// Applies the stored overrides and plans if they differ from those applied here.
+    async fn sync_from_store(&self) -> Result<(), RuntimeError> {
+        let _serial = self.applying.lock().await;
+        let overrides = self.store.overrides().await?;
+        let stages = self.store.stages().await?;
+        let same_overrides = *crate::lock(&self.overrides) == overrides;
+        let same_stages = *self.edge.stages() == stages;
+        if same_overrides && same_stages {
+            return Ok(());
+        }
+        if !same_stages {
+            self.edge.set_stages(stages);
+        }
+        let config = self.source.load(&overrides)?;
+        self.apply_locked(config).await?;
+        *crate::lock(&self.overrides) = overrides;
+        tracing::info!("applied the policy another node wrote to the store");
+        Ok(())
+    }
+
     async fn apply(&self, config: Config) -> Result<(), RuntimeError> {
         let _serial = self.applying.lock().await;
         self.apply_locked(config).await

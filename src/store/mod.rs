@@ -134,6 +134,9 @@ pub trait PolicyStore: Send + Sync {
     async fn set_drains(&self, drains: &[Drain]) -> Result<(), StoreError>;
     /// Appends to the audit log.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// A number that grows with every write of overrides, plans or drains (in the same
+    /// transaction), so a node polling it learns that the shared policy changed.
+    async fn generation(&self) -> Result<u64, StoreError>;
     /// The audit log, oldest first.
     async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError>;
 }

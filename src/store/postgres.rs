@@ -74,6 +74,8 @@ CREATE TABLE exposures (
     PRIMARY KEY (site, fingerprint)
 );
 CREATE TABLE rollup_counters (name TEXT PRIMARY KEY, count BIGINT NOT NULL);
+CREATE TABLE policy_generation (value BIGINT NOT NULL);
+INSERT INTO policy_generation VALUES (0);
 "];
 
 /// How to reach the database: `[store]`.
@@ -208,6 +210,7 @@ impl PgStore {
     async fn replace(&self, table: &str, rows: Vec<(String, String)>) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| self.err(e))?;
+        bump_generation(&tx).await.map_err(|e| self.err(e))?;
         tx.execute(&format!("DELETE FROM {table}"), &[])
             .await
             .map_err(|e| self.err(e))?;
@@ -261,6 +264,18 @@ impl PgStore {
             })
             .collect()
     }
+}
+
+/// Counts one more policy write (see [`PolicyStore::generation`]); the notification wakes the
+/// other nodes at once (it is only a wake-up: they poll the number too).
+async fn bump_generation(
+    tx: &deadpool_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute("UPDATE policy_generation SET value = value + 1", &[])
+        .await?;
+    tx.execute("NOTIFY portcullis_policy", &[])
+        .await
+        .map(|_| ())
 }
 
 fn ts(v: i64) -> Timestamp {
@@ -371,6 +386,7 @@ impl PolicyStore for PgStore {
     async fn set_drains(&self, drains: &[Drain]) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| self.err(e))?;
+        bump_generation(&tx).await.map_err(|e| self.err(e))?;
         tx.execute("DELETE FROM drains", &[])
             .await
             .map_err(|e| self.err(e))?;
@@ -401,6 +417,15 @@ impl PolicyStore for PgStore {
         .await
         .map(|_| ())
         .map_err(|e| self.err(e))
+    }
+
+    async fn generation(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT value FROM policy_generation", &[])
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(ts(row.get(0)))
     }
 
     async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError> {

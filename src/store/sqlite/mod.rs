@@ -218,6 +218,7 @@ impl SqliteStore {
             .map(|(k, v)| (k.clone(), json(v)))
             .collect();
         self.write(|tx| {
+            bump_generation(tx)?;
             tx.execute("DELETE FROM overrides", [])?;
             let mut ins = tx.prepare("INSERT INTO overrides VALUES (?1, ?2)")?;
             for (site, value) in &rows {
@@ -245,6 +246,7 @@ impl SqliteStore {
     pub fn set_stages_now(&self, plans: &Plans) -> Result<(), StoreError> {
         let rows: Vec<(String, String)> = plans.iter().map(|(k, v)| (k.clone(), json(v))).collect();
         self.write(|tx| {
+            bump_generation(tx)?;
             tx.execute("DELETE FROM stages", [])?;
             let mut ins = tx.prepare("INSERT INTO stages VALUES (?1, ?2)")?;
             for (site, plan) in &rows {
@@ -294,6 +296,7 @@ impl SqliteStore {
     /// Replaces every drain.
     pub fn set_drains_now(&self, drains: &[Drain]) -> Result<(), StoreError> {
         self.write(|tx| {
+            bump_generation(tx)?;
             tx.execute("DELETE FROM drains", [])?;
             let mut ins = tx.prepare("INSERT INTO drains VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
             for d in drains {
@@ -307,6 +310,19 @@ impl SqliteStore {
                 ])?;
             }
             Ok(())
+        })
+    }
+
+    /// See [`PolicyStore::generation`].
+    pub fn generation_now(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT COALESCE((SELECT value FROM meta WHERE key = 'generation'), 0)",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| sqlite(&self.path, e))
         })
     }
 
@@ -556,6 +572,10 @@ impl PolicyStore for SqliteStore {
     async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError> {
         self.blocking(|s| s.audit_now()).await
     }
+
+    async fn generation(&self) -> Result<u64, StoreError> {
+        self.blocking(|s| s.generation_now()).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -597,6 +617,15 @@ pub(super) fn sqlite(path: &Path, source: rusqlite::Error) -> StoreError {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// Counts one more policy write (see [`PolicyStore::generation`]).
+fn bump_generation(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta VALUES ('generation', 1) ON CONFLICT DO UPDATE SET value = value + 1",
+        [],
+    )
+    .map(|_| ())
 }
 
 /// Records are plain data: serialising them cannot fail.
