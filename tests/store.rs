@@ -328,14 +328,23 @@ async fn queue_contract(q: &dyn EventQueue) {
     );
     assert_eq!(a[0].state, DeliveryState::Pending);
 
-    // Due: pending and next attempt reached, soonest first.
-    let due = q.due(105, 10).await.expect("due");
+    // Claimed: pending, next attempt reached, soonest first, and held by one node at a time.
+    let due = q.claim(105, 10, 60, "node-a").await.expect("claim");
     assert_eq!(
         due.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["e1"]
     );
-    let due = q.due(200, 1).await.expect("due");
+    assert!(
+        q.claim(105, 10, 60, "node-b")
+            .await
+            .expect("claim")
+            .is_empty(),
+        "another node does not get an event under lease"
+    );
+    // The holder died: once the lease has run out, another node takes it.
+    let due = q.claim(200, 1, 60, "node-b").await.expect("claim");
     assert_eq!(due.len(), 1, "the limit holds");
+    assert_eq!(due[0].id, "e1", "the expired lease is taken over");
     // A failed attempt postpones it; a delivery ends it.
     q.record(&Attempt {
         id: "e1".into(),
@@ -348,9 +357,9 @@ async fn queue_contract(q: &dyn EventQueue) {
     .await
     .expect("record");
     let due: Vec<String> = q
-        .due(200, 10)
+        .claim(200, 10, 60, "node-a")
         .await
-        .expect("due")
+        .expect("claim")
         .into_iter()
         .map(|e| e.id)
         .collect();
@@ -517,12 +526,14 @@ impl EventQueue for Refusing {
     ) -> Result<(std::collections::HashSet<(String, String)>, u32), StoreError> {
         self.inner.known().await
     }
-    async fn due(
+    async fn claim(
         &self,
         now: u64,
         limit: u32,
+        lease: u64,
+        holder: &str,
     ) -> Result<Vec<portcullis::store::QueuedEvent>, StoreError> {
-        self.inner.due(now, limit).await
+        self.inner.claim(now, limit, lease, holder).await
     }
     async fn record(&self, attempt: &Attempt) -> Result<(), StoreError> {
         self.inner.record(attempt).await
@@ -549,6 +560,7 @@ async fn events_the_queue_could_not_write_are_kept_and_written_on_the_next_try()
         portcullis::config::ExposureSettings::default(),
         queue,
         std::sync::Arc::new(|_: &str| None),
+        "node-a".into(),
     );
     let fp = portcullis::exposure::Fingerprinter::open(dir.path()).expect("key");
     let policy = portcullis::config::ExposureResponse {
@@ -1001,4 +1013,88 @@ async fn a_bad_store_url_is_refused_without_echoing_its_password() {
     };
     assert!(!err.contains("s3cret-pw"), "{err}");
     assert!(err.contains("127.0.0.1:1/nowhere"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_claiming_at_once_take_each_due_event_exactly_once() {
+    let url = support::postgres::Postgres::shared().database().await;
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        nodes.push(std::sync::Arc::new(
+            PgStore::connect(&PgSettings {
+                url: url.clone(),
+                pool_size: 2,
+                ca: Vec::new(),
+                node: format!("node-{i}"),
+            })
+            .await
+            .expect("connect"),
+        ));
+    }
+    let new: Vec<NewEvent> = (0..20)
+        .map(|i| event(&format!("e{i}"), "s.test", &format!("fp{i}"), 100))
+        .collect();
+    nodes[0]
+        .enqueue(&new, &[], &QueueCounters::default())
+        .await
+        .expect("enqueue");
+    // Four nodes claim five each, at the same moment: twenty distinct events between them.
+    let mut claims = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let n = n.clone();
+        claims.push(tokio::spawn(async move {
+            n.claim(150, 5, 60, &format!("node-{i}")).await
+        }));
+    }
+    let mut ids = Vec::new();
+    for c in claims {
+        ids.extend(
+            c.await
+                .expect("task")
+                .expect("claim")
+                .into_iter()
+                .map(|e| e.id),
+        );
+    }
+    ids.sort();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!((before, ids.len()), (20, 20), "{ids:?}");
+    assert!(nodes[1]
+        .claim(150, 20, 60, "late")
+        .await
+        .expect("claim")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_store_of_the_previous_version_gets_delivery_leases() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        // portcullis.db as the previous version left it: events without lease columns.
+        let c = rusqlite::Connection::open(SqliteStore::path(dir.path())).expect("db");
+        c.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO meta VALUES ('schema', 1);
+             CREATE TABLE events (
+                id TEXT PRIMARY KEY, site TEXT NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL,
+                name TEXT NOT NULL, policy TEXT NOT NULL, first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL,
+                count INTEGER NOT NULL, network TEXT NOT NULL, family TEXT NOT NULL, path TEXT NOT NULL,
+                state TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt INTEGER NOT NULL,
+                last_error TEXT, delivered_at INTEGER, created_at INTEGER NOT NULL,
+                UNIQUE (site, fingerprint));
+             INSERT INTO events VALUES ('old1', 'legacy.test', 'ab12', 'header', 'x-api-key', 'notify',
+                10, 20, 3, '198.51.100.0/24', 'curl', '/', 'pending', 1, 50, NULL, NULL, 10);",
+        )
+        .expect("old schema");
+    }
+    let store = SqliteStore::open(dir.path()).expect("open upgrades");
+    let claimed = store.claim(60, 10, 60, "node-a").await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].id.as_str(), claimed[0].count), ("old1", 3));
+    assert!(store
+        .claim(60, 10, 60, "node-b")
+        .await
+        .expect("claim")
+        .is_empty());
 }

@@ -59,6 +59,8 @@ struct State {
 pub struct Responder {
     settings: ExposureSettings,
     queue: Arc<dyn EventQueue>,
+    /// This node's name: the holder of the delivery leases it takes.
+    holder: String,
     state: Mutex<State>,
     wake: Notify,
     stop: CancellationToken,
@@ -94,10 +96,12 @@ impl Responder {
         settings: ExposureSettings,
         queue: Arc<dyn EventQueue>,
         policies: PolicySource,
+        holder: String,
     ) -> Arc<Responder> {
         let r = Arc::new(Responder {
             settings,
             queue,
+            holder,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             stop: CancellationToken::new(),
@@ -305,8 +309,17 @@ struct EventBody<'a> {
     withheld: Option<&'static str>,
 }
 
+/// Events claimed per round, and how long a claim holds: long enough for each of them to time
+/// out once (10 s per delivery), after which another node may take what a dead one held.
+const CLAIM_BATCH: u32 = 8;
+const CLAIM_LEASE: u64 = 120;
+
 async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
-    let Ok(due) = r.queue.due(now(), 32).await else {
+    let Ok(due) = r
+        .queue
+        .claim(now(), CLAIM_BATCH, CLAIM_LEASE, &r.holder)
+        .await
+    else {
         return;
     };
     for ev in due {

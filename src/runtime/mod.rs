@@ -137,6 +137,7 @@ impl Runtime {
                 config.exposure.clone(),
                 store.clone() as Arc<dyn EventQueue>,
                 policies,
+                source::node_name(config.node.clone()),
             )
         });
         // Stored ACME certificates go into the slots before the first snapshot is built, so a

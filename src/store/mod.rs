@@ -268,9 +268,18 @@ pub trait EventQueue: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Every (site, fingerprint) with an event, and how many events are pending.
     async fn known(&self) -> Result<(HashSet<(String, String)>, u32), StoreError>;
-    /// Pending events whose next attempt is due at `now`, soonest first, at most `limit`.
-    async fn due(&self, now: Timestamp, limit: u32) -> Result<Vec<QueuedEvent>, StoreError>;
-    /// Records an attempt's outcome.
+    /// Claims pending events whose next attempt is due at `now` and that no one holds, soonest
+    /// first, at most `limit`: each is leased to `holder` until `now + lease` seconds, so no
+    /// other node takes it meanwhile. A holder that dies leaves the lease to run out, and the
+    /// event is claimed again after it.
+    async fn claim(
+        &self,
+        now: Timestamp,
+        limit: u32,
+        lease: u64,
+        holder: &str,
+    ) -> Result<Vec<QueuedEvent>, StoreError>;
+    /// Records an attempt's outcome, ending the lease.
     async fn record(&self, attempt: &Attempt) -> Result<(), StoreError>;
     /// Events (of one site, or all), newest first, with the counters.
     async fn events(

@@ -45,6 +45,7 @@ CREATE TABLE events (
     count BIGINT NOT NULL, network TEXT NOT NULL, family TEXT NOT NULL, path TEXT NOT NULL,
     state TEXT NOT NULL, attempts BIGINT NOT NULL, next_attempt BIGINT NOT NULL,
     last_error TEXT, delivered_at BIGINT, created_at BIGINT NOT NULL, seq BIGSERIAL,
+    lease_until BIGINT, lease_holder TEXT,
     UNIQUE (site, fingerprint)
 );
 CREATE INDEX events_due ON events (state, next_attempt);
@@ -508,19 +509,46 @@ impl EventQueue for PgStore {
         Ok((pairs.into_iter().collect(), pending.max(0) as u32))
     }
 
-    async fn due(&self, now: Timestamp, limit: u32) -> Result<Vec<QueuedEvent>, StoreError> {
-        self.events_where(
-            "state = 'pending' AND next_attempt <= $1 ORDER BY next_attempt, seq LIMIT $2",
-            &[&(now as i64), &i64::from(limit)],
-        )
-        .await
+    async fn claim(
+        &self,
+        now: Timestamp,
+        limit: u32,
+        lease: u64,
+        holder: &str,
+    ) -> Result<Vec<QueuedEvent>, StoreError> {
+        let c = self.client().await?;
+        // SKIP LOCKED: nodes claiming at the same moment take different events, none waits.
+        let rows = c
+            .query(
+                "WITH c AS (
+                    SELECT id FROM events WHERE state = 'pending' AND next_attempt <= $1
+                      AND (lease_until IS NULL OR lease_until <= $1)
+                    ORDER BY next_attempt, seq LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 UPDATE events e SET lease_until = $3, lease_holder = $4 FROM c WHERE e.id = c.id
+                 RETURNING e.id",
+                &[
+                    &(now as i64),
+                    &i64::from(limit),
+                    &(now.saturating_add(lease) as i64),
+                    &holder,
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.events_where("id = ANY($1) ORDER BY next_attempt, seq", &[&ids])
+            .await
     }
 
     async fn record(&self, a: &Attempt) -> Result<(), StoreError> {
         let c = self.client().await?;
         c.execute(
             "UPDATE events SET state = $2, attempts = $3, next_attempt = $4, last_error = $5,
-                delivered_at = CASE WHEN $2 = 'delivered' THEN $6 ELSE delivered_at END
+                delivered_at = CASE WHEN $2 = 'delivered' THEN $6 ELSE delivered_at END,
+                lease_until = NULL, lease_holder = NULL
              WHERE id = $1",
             &[
                 &a.id,

@@ -36,7 +36,7 @@ const DATABASES: &[Legacy] = &[
                 here: "events",
                 columns: "id, site, fingerprint, kind, name, policy, first_seen, last_seen, count,
                     network, family, path, state, attempts, next_attempt, last_error, delivered_at,
-                    created_at",
+                    created_at, NULL, NULL",
             },
             Table {
                 there: "counters",

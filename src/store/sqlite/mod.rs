@@ -30,7 +30,7 @@ mod import;
 mod rollups;
 
 /// Bumped with every change to [`SCHEMA`]; kept in `meta`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS events (
     count INTEGER NOT NULL, network TEXT NOT NULL, family TEXT NOT NULL, path TEXT NOT NULL,
     state TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt INTEGER NOT NULL,
     last_error TEXT, delivered_at INTEGER, created_at INTEGER NOT NULL,
+    lease_until INTEGER, lease_holder TEXT,
     UNIQUE (site, fingerprint)
 );
 CREATE INDEX IF NOT EXISTS events_due ON events (state, next_attempt);
@@ -99,6 +100,22 @@ impl SqliteStore {
             let tx = conn.transaction().map_err(err)?;
             tx.execute_batch(SCHEMA).map_err(err)?;
             tx.execute_batch(rollups::SCHEMA).map_err(err)?;
+            // Version 3: delivery leases, on an events table an earlier version created.
+            let leased: bool = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info('events') WHERE name = 'lease_until'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(err)?
+                > 0;
+            if !leased {
+                tx.execute_batch(
+                    "ALTER TABLE events ADD COLUMN lease_until INTEGER;
+                     ALTER TABLE events ADD COLUMN lease_holder TEXT;",
+                )
+                .map_err(err)?;
+            }
             tx.execute(
                 "INSERT INTO meta VALUES ('schema', ?1) ON CONFLICT DO UPDATE SET value = excluded.value",
                 params![SCHEMA_VERSION],
@@ -409,13 +426,30 @@ impl SqliteStore {
         })
     }
 
-    /// Pending events due at `now`, soonest first.
-    pub fn due_now(&self, now: Timestamp, limit: u32) -> Result<Vec<QueuedEvent>, StoreError> {
+    /// Claims due events no one holds (see [`EventQueue::claim`]).
+    pub fn claim_now(
+        &self,
+        now: Timestamp,
+        limit: u32,
+        lease: u64,
+        holder: &str,
+    ) -> Result<Vec<QueuedEvent>, StoreError> {
+        let until = now.saturating_add(lease) as i64;
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE events SET lease_until = ?3, lease_holder = ?4 WHERE id IN (
+                    SELECT id FROM events WHERE state = 'pending' AND next_attempt <= ?1
+                      AND (lease_until IS NULL OR lease_until <= ?1)
+                    ORDER BY next_attempt LIMIT ?2)",
+                params![now as i64, limit, until, holder],
+            )
+            .map(|_| ())
+        })?;
         self.read(|c| {
             self.events_where(
                 c,
-                "state = 'pending' AND next_attempt <= ?1 ORDER BY next_attempt LIMIT ?2",
-                params![now as i64, limit],
+                "state = 'pending' AND lease_holder = ?1 AND lease_until = ?2 ORDER BY next_attempt",
+                params![holder, until],
             )
         })
     }
@@ -425,7 +459,8 @@ impl SqliteStore {
         self.write(|tx| {
             tx.execute(
                 "UPDATE events SET state = ?2, attempts = ?3, next_attempt = ?4, last_error = ?5,
-                    delivered_at = CASE WHEN ?2 = 'delivered' THEN ?6 ELSE delivered_at END WHERE id = ?1",
+                    delivered_at = CASE WHEN ?2 = 'delivered' THEN ?6 ELSE delivered_at END,
+                    lease_until = NULL, lease_holder = NULL WHERE id = ?1",
                 params![
                     a.id,
                     a.state.as_str(),
@@ -594,8 +629,16 @@ impl EventQueue for SqliteStore {
         self.blocking(|s| s.known_now()).await
     }
 
-    async fn due(&self, now: Timestamp, limit: u32) -> Result<Vec<QueuedEvent>, StoreError> {
-        self.blocking(move |s| s.due_now(now, limit)).await
+    async fn claim(
+        &self,
+        now: Timestamp,
+        limit: u32,
+        lease: u64,
+        holder: &str,
+    ) -> Result<Vec<QueuedEvent>, StoreError> {
+        let holder = holder.to_owned();
+        self.blocking(move |s| s.claim_now(now, limit, lease, &holder))
+            .await
     }
 
     async fn record(&self, attempt: &Attempt) -> Result<(), StoreError> {
