@@ -206,3 +206,128 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
     rt.shutdown(Duration::from_secs(2)).await;
     a.rt.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_serve_on_while_the_database_is_down_and_catch_up_when_it_returns() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let origin = TestOrigin::start().await;
+    let pg = support::postgres::Postgres::start();
+    let url = pg.database().await;
+    let a = node(dir.path(), "a", &url, &origin.url()).await;
+    let b = node(dir.path(), "b", &url, &origin.url()).await;
+    let token_a = a.token.clone().expect("a's token");
+    let (status, body) = a
+        .api(
+            &token_a,
+            Method::PATCH,
+            "/api/sites/legacy.test",
+            r#"{"cleartext":"redirect"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let lkg = b.state.join("last-known-good.json");
+    wait_until("b applies the change and keeps a copy of it", || {
+        let lkg = lkg.clone();
+        let b_open = b.open;
+        async move {
+            let copy = std::fs::read_to_string(&lkg).unwrap_or_default();
+            copy.contains("redirect")
+                && http(SocketAddr::from((b_open, 6080)), get("http://legacy.test/"))
+                    .await
+                    .status
+                    == 301
+        }
+    })
+    .await;
+
+    // Every count so far is in the store (the flushes run every 100 ms).
+    let a_path = a.path.clone();
+    let total = move || {
+        let p = a_path.clone();
+        async move {
+            tokio::task::spawn_blocking(move || impact(&p)["cleartext_requests"].as_u64())
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        }
+    };
+    let mut before = total().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let again = total().await;
+        if again == before {
+            break;
+        }
+        before = again;
+    }
+
+    // The database goes away: both nodes keep serving the policy they have, and say so.
+    pg.stop();
+    wait_until("the nodes see the store down", || {
+        let down = !a.rt.store_up() && !b.rt.store_up();
+        async move { down }
+    })
+    .await;
+    assert_eq!(a.cleartext().await, 301);
+    assert!(a.rt.metrics().contains("portcullis_store_up 0"));
+    let (status, ready) = a.api(&token_a, Method::GET, "/readyz", "").await;
+    assert_eq!(status, 200);
+    assert!(ready.contains("\"store\":\"down\""), "{ready}");
+
+    // b restarts meanwhile: it starts from its last-known-good copy, not the file's reject.
+    b.rt.shutdown(Duration::from_secs(2)).await;
+    let (b_path, b_open, b_state) = (b.path.clone(), b.open, b.state.clone());
+    drop(b);
+    let b = Runtime::start(ConfigSource::File(b_path.clone()), None)
+        .await
+        .expect("b starts without its database");
+    assert!(!b.store_up());
+    let clear = SocketAddr::from((b_open, 6080));
+    for _ in 0..3 {
+        assert_eq!(http(clear, get("http://legacy.test/")).await.status, 301);
+    }
+
+    // The database is back: b catches up, and changes flow to it again.
+    pg.resume();
+    wait_until("b sees the store again", || {
+        let up = b.store_up();
+        async move { up }
+    })
+    .await;
+    let (status, body) = a
+        .api(
+            &token_a,
+            Method::PATCH,
+            "/api/sites/legacy.test",
+            r#"{"cleartext":"allow"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let changed = tokio::time::Instant::now();
+    let mut polls = 1;
+    while http(clear, get("http://legacy.test/")).await.status != 200 {
+        polls += 1;
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "not applied on b"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // What the nodes counted while the database was down reached it, exactly: one request on
+    // a, three on the restarted b; then the polls above.
+    let _ = b_state;
+    wait_until("the counts from the outage are in the store", || {
+        let total = total.clone();
+        async move { total().await >= before + 4 + polls }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        total().await,
+        before + 4 + polls,
+        "nothing lost, nothing counted twice"
+    );
+    b.shutdown(Duration::from_secs(2)).await;
+    a.rt.shutdown(Duration::from_secs(2)).await;
+}

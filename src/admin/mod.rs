@@ -72,6 +72,8 @@ pub trait Control: Send + Sync {
     fn metrics(&self) -> String;
     /// Every site's certificate (source, issuer, expiry, next renewal, last error).
     fn certs(&self) -> Vec<crate::tls::SiteCert>;
+    /// Whether the store answered its last query (a node serves on while it does not).
+    fn store_up(&self) -> bool;
     /// Validates the config with `overrides` on top of its source, applies it and keeps the
     /// overrides. On error nothing changes.
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError>;

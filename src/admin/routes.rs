@@ -102,9 +102,12 @@ impl IntoResponse for ApiError {
 }
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> Json<Value> {
-    Json(
-        json!({ "ready": true, "generation": ctx.control.generation(), "sites": ctx.control.config().sites.len() }),
-    )
+    Json(json!({
+        "ready": true,
+        "generation": ctx.control.generation(),
+        "sites": ctx.control.config().sites.len(),
+        "store": if ctx.control.store_up() { "up" } else { "down" },
+    }))
 }
 
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {

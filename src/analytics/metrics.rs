@@ -37,6 +37,8 @@ pub trait Counters: Send + Sync {
     fn certs(&self) -> Vec<crate::tls::SiteCert>;
     /// ACME orders that failed since start.
     fn acme_failures(&self) -> u64;
+    /// Whether the store answered its last query.
+    fn store_up(&self) -> bool;
 }
 
 /// A point-in-time copy of the edge's pre-request counters.
@@ -260,6 +262,12 @@ pub fn render(edge: &dyn Counters) -> String {
     )
     .get_or_create(&vec![])
     .inc_by(edge.acme_failures());
+    gauge(
+        &mut reg,
+        "store_up",
+        "1 when the store (SQLite, or the fleet's PostgreSQL) answered its last query; 0 while the node serves its last-known-good policy",
+    )
+    .set(i64::from(edge.store_up()));
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);

@@ -97,6 +97,12 @@ struct Inner {
     side_limits: Mutex<Vec<(&'static str, Arc<Limits>)>>,
     /// Serialises applies: each reconciles drains and listeners against the one before.
     applying: tokio::sync::Mutex<()>,
+    /// The drains read at start (from the store, or the last-known-good copy), for the first apply.
+    start_drains: Mutex<Option<Vec<crate::stages::drain::Drain>>>,
+    /// Whether the store is shared (PostgreSQL): then a last-known-good copy is kept locally.
+    shared_store: bool,
+    /// Whether the store answered its last query.
+    store_up: std::sync::atomic::AtomicBool,
     /// Cancelled at shutdown: DNS, metrics, the admin plane and background tasks stop.
     stop: CancellationToken,
     /// The metrics and admin listeners and the background tasks, so shutdown can wait until
@@ -115,7 +121,26 @@ impl Runtime {
     ) -> Result<Runtime, RuntimeError> {
         let state_dir = source.state_dir()?;
         let store = source::open_store(&source).await?;
-        let overrides = store.overrides().await?;
+        let shared = source.store_settings()?.0.is_some();
+        // A shared store may be down: the node then starts from the policy it applied last.
+        let policy = async {
+            Ok::<_, crate::store::StoreError>(source::LastKnownGood {
+                overrides: store.overrides().await?,
+                stages: store.stages().await?,
+                drains: store.drains().await?,
+            })
+        }
+        .await;
+        let (policy, store_up) = match policy {
+            Ok(p) => (p, true),
+            Err(e @ crate::store::StoreError::Postgres { .. }) if shared => {
+                let lkg = source::LastKnownGood::read(&state_dir);
+                tracing::warn!(error = %e, last_known_good = lkg.is_some(), "the shared store is unreachable: serving the last-known-good policy until it is back");
+                (lkg.unwrap_or_default(), false)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let overrides = policy.overrides.clone();
         let config = source.load(&overrides)?;
         let config_cell = Arc::new(ArcSwap::from_pointee(config.clone()));
         let analytics = match config.analytics.enabled {
@@ -154,7 +179,7 @@ impl Runtime {
             settings: &config.edge,
             analytics: analytics.clone(),
             responder: responder.clone(),
-            stages: store.stages().await?,
+            stages: policy.stages.clone(),
             workers,
             live,
         })?;
@@ -171,6 +196,9 @@ impl Runtime {
             zones,
             side_limits: Mutex::new(Vec::new()),
             applying: tokio::sync::Mutex::new(()),
+            start_drains: Mutex::new(Some(policy.drains.clone())),
+            shared_store: shared,
+            store_up: std::sync::atomic::AtomicBool::new(store_up),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             admin: OnceLock::new(),
@@ -261,6 +289,11 @@ impl Runtime {
         self.inner.edge.listening().await
     }
 
+    /// Whether the store answered its last query.
+    pub fn store_up(&self) -> bool {
+        Counters::store_up(&*self.inner)
+    }
+
     /// The certificate state of every `cert = "acme"` site.
     pub fn acme(&self) -> &Acme {
         &self.inner.acme
@@ -344,7 +377,11 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 /// moves, the stored overrides and plans are compared with those applied here, and applied if
 /// they differ (a node's own writes compare equal and cost nothing more).
 async fn follow_store(inner: Arc<Inner>, stop: CancellationToken) {
+    use std::sync::atomic::Ordering;
     let mut seen = inner.store.generation().await.ok();
+    if seen.is_some() && inner.shared_store {
+        inner.save_last_known_good().await;
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -353,15 +390,25 @@ async fn follow_store(inner: Arc<Inner>, stop: CancellationToken) {
         let now = match inner.store.generation().await {
             Ok(g) => g,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read the store's policy generation");
+                if inner.store_up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "the store is unreachable: serving the policy applied last; counts and events are kept in memory until it is back");
+                }
                 continue;
             }
         };
+        if !inner.store_up.swap(true, Ordering::Relaxed) {
+            tracing::info!("the store is reachable again");
+        }
         if seen == Some(now) {
             continue;
         }
         match inner.sync_from_store().await {
-            Ok(()) => seen = Some(now),
+            Ok(()) => {
+                seen = Some(now);
+                if inner.shared_store {
+                    inner.save_last_known_good().await;
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the store's policy changed but cannot be applied here; retrying")
             }
@@ -370,6 +417,23 @@ async fn follow_store(inner: Arc<Inner>, stop: CancellationToken) {
 }
 
 impl Inner {
+    /// Keeps a local copy of the shared policy, to start from while the store is down.
+    async fn save_last_known_good(&self) {
+        let copy = async {
+            Ok::<_, crate::store::StoreError>(source::LastKnownGood {
+                overrides: self.store.overrides().await?,
+                stages: self.store.stages().await?,
+                drains: self.store.drains().await?,
+            })
+        }
+        .await;
+        match copy.map(|c| c.write(&self.state_dir)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the last-known-good policy"),
+            Err(e) => tracing::debug!(error = %e, "cannot read the policy to keep a copy"),
+        }
+    }
+
     /// Applies the stored overrides and plans if they differ from those applied here.
     async fn sync_from_store(&self) -> Result<(), RuntimeError> {
         let _serial = self.applying.lock().await;
@@ -419,7 +483,13 @@ impl Inner {
         let previous = self.edge.snapshot();
         let first = previous.generation == 0;
         let kept = match first {
-            true => self.store.drains().await?,
+            true => {
+                let read_at_start = crate::lock(&self.start_drains).take();
+                match read_at_start {
+                    Some(d) => d,
+                    None => self.store.drains().await?,
+                }
+            }
             false => previous.drains().to_vec(),
         };
         let ttl = config.dns.as_ref().map_or(DEFAULT_DRAIN_TTL, |d| d.ttl);
@@ -478,6 +548,10 @@ impl Counters for Inner {
         self.acme.failures_total()
     }
 
+    fn store_up(&self) -> bool {
+        self.store_up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn edge(&self) -> StatsSnapshot {
         self.edge.stats()
     }
@@ -533,6 +607,10 @@ impl Control for Inner {
 
     fn certs(&self) -> Vec<crate::tls::SiteCert> {
         Counters::certs(self)
+    }
+
+    fn store_up(&self) -> bool {
+        Counters::store_up(self)
     }
 
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError> {

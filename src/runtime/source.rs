@@ -90,11 +90,49 @@ async fn connect(
     .await?)
 }
 
+/// The policy a node applied last, kept in its state dir when the store is shared, so that it
+/// starts from it while the database is down.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LastKnownGood {
+    pub(crate) overrides: Overrides,
+    pub(crate) stages: crate::stages::Plans,
+    pub(crate) drains: Vec<crate::stages::drain::Drain>,
+}
+
+impl LastKnownGood {
+    pub(crate) fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("last-known-good.json")
+    }
+
+    pub(crate) fn read(state_dir: &Path) -> Option<LastKnownGood> {
+        let text = std::fs::read(Self::path(state_dir)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub(crate) fn write(&self, state_dir: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(self).unwrap_or_default();
+        std::fs::create_dir_all(state_dir)?;
+        crate::tls::write_private_atomic(&Self::path(state_dir), &text)
+    }
+}
+
 /// Opens the store the config names for the running program: the shared PostgreSQL store with
-/// `[store]`, else the SQLite store in the state dir (created, and earlier state files imported).
+/// `[store]` (not reached yet: a node starts while the database is down), else the SQLite
+/// store in the state dir (created, and earlier state files imported).
 pub async fn open_store(source: &ConfigSource) -> Result<Arc<dyn Store>, super::RuntimeError> {
     match source.store_settings()? {
-        (Some(settings), node) => Ok(Arc::new(connect(&settings, node).await?)),
+        (Some(settings), node) => {
+            let ca = match &settings.ca {
+                Some(p) => crate::tls::load_certs(p)?,
+                None => Vec::new(),
+            };
+            Ok(Arc::new(PgStore::new(&PgSettings {
+                url: settings.url.clone(),
+                pool_size: settings.pool_size,
+                ca,
+                node: node_name(node),
+            })?))
+        }
         (None, _) => {
             let dir = source.state_dir()?;
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))

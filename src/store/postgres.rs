@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::types::ToSql;
@@ -98,16 +99,30 @@ pub struct PgStore {
     /// `host:port/db`, for errors: never the password.
     name: String,
     node: String,
+    /// Set once the schema is known to be current: until then every use tries the migration
+    /// first, so a node that started while the database was down catches up when it returns.
+    migrated: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl PgStore {
     /// Connects, checks the database answers, and brings its schema up to date.
     pub async fn connect(settings: &PgSettings) -> Result<PgStore, StoreError> {
-        let cfg =
+        let store = PgStore::new(settings)?;
+        store.migrated().await?;
+        Ok(store)
+    }
+
+    /// The store, without reaching the database yet (a node may start while it is down).
+    pub fn new(settings: &PgSettings) -> Result<PgStore, StoreError> {
+        let mut cfg =
             tokio_postgres::Config::from_str(&settings.url).map_err(|e| StoreError::Postgres {
                 db: "[store] url".into(),
                 reason: format!("does not parse: {}", redact(&e.to_string(), &settings.url)),
             })?;
+        if cfg.get_connect_timeout().is_none() {
+            // An unreachable database must fail a query in seconds, not wait for TCP's minutes.
+            cfg.connect_timeout(std::time::Duration::from_secs(5));
+        }
         let name = describe(&cfg);
         let tls = crate::tls::client_config(&settings.ca).map_err(|e| StoreError::Postgres {
             db: name.clone(),
@@ -122,18 +137,27 @@ impl PgStore {
         );
         let pool = Pool::builder(mgr)
             .max_size(settings.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(std::time::Duration::from_secs(10)))
+            .create_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Postgres {
                 db: name.clone(),
                 reason: e.to_string(),
             })?;
-        let store = PgStore {
+        Ok(PgStore {
             pool,
             name,
             node: settings.node.clone(),
-        };
-        store.migrate().await?;
-        Ok(store)
+            migrated: Arc::new(tokio::sync::OnceCell::new()),
+        })
+    }
+
+    async fn migrated(&self) -> Result<(), StoreError> {
+        self.migrated
+            .get_or_try_init(|| async { self.migrate().await.map(|_| ()) })
+            .await
+            .map(|_| ())
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -153,12 +177,17 @@ impl PgStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.migrated().await?;
+        self.raw_client().await
+    }
+
+    async fn raw_client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|e| self.err(e))
     }
 
     /// The schema version now, after applying what is missing.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
-        let mut c = self.client().await?;
+        let mut c = self.raw_client().await?;
         let tx = c.transaction().await.map_err(|e| self.err(e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await

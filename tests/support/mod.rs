@@ -177,6 +177,11 @@ pub fn pause(d: Duration) {
     std::thread::sleep(d);
 }
 
+/// Pushes onto a vector behind a mutex, poisoned or not.
+pub fn lock_push<T>(m: &std::sync::Mutex<Vec<T>>, v: T) {
+    m.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+}
+
 /// A random address in 127.0.0.0/8, away from 127.0.0.x which people use by hand.
 pub fn loopback() -> Ipv4Addr {
     static N: AtomicU64 = AtomicU64::new(0);

@@ -15,9 +15,14 @@ use super::{loopback, wait_until_blocking};
 /// The running server of this test process.
 pub struct Postgres {
     pub addr: SocketAddr,
-    _dir: PathBuf,
-    /// Its standard input closes when this process exits, which stops the server.
-    _server: std::sync::Mutex<std::process::Child>,
+    dir: PathBuf,
+    data: PathBuf,
+    owner: Option<(u32, u32)>,
+    /// The command line of the server.
+    server: Vec<String>,
+    /// Their standard input closes when this is dropped or the process exits, which stops the
+    /// server and removes its directory.
+    servers: std::sync::Mutex<Vec<std::process::Child>>,
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -66,9 +71,15 @@ impl Postgres {
         PG.get_or_init(Postgres::start)
     }
 
-    fn start() -> Postgres {
+    /// A server of the caller's own, which it may stop and resume; gone when dropped.
+    pub fn start() -> Postgres {
+        static N: AtomicU64 = AtomicU64::new(0);
         let owner = owner();
-        let dir = std::env::temp_dir().join(format!("portcullis-pg-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-pg-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("pg dir");
         if let Some((uid, gid)) = owner {
@@ -91,7 +102,6 @@ impl Postgres {
         .expect("pg_hba");
         let ip: Ipv4Addr = loopback();
         let addr = SocketAddr::from((ip, 5432));
-        let log = std::fs::File::create(dir.join("postgres.log")).expect("log");
         let mut server = vec![bin("postgres").display().to_string()];
         server.extend(
             [
@@ -126,27 +136,59 @@ impl Postgres {
             as_postgres.extend(server);
             server = as_postgres;
         }
+        let pg = Postgres {
+            addr,
+            dir,
+            data,
+            owner,
+            server,
+            servers: std::sync::Mutex::new(Vec::new()),
+        };
+        pg.resume();
+        pg
+    }
+
+    /// Starts the server (again); returns once it accepts connections.
+    pub fn resume(&self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("postgres.log"))
+            .expect("log");
         // The server dies with this test process: the shell kills it when its standard input,
         // held open by this process, closes.
         let child = Command::new("sh")
             .arg("-c")
             .arg(r#"dir=$1; shift; "$@" & pid=$!; cat >/dev/null; kill -9 $pid; wait; rm -rf "$dir""#)
             .arg("sh")
-            .arg(&dir)
-            .args(&server)
+            .arg(&self.dir)
+            .args(&self.server)
             .stdin(Stdio::piped())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("postgres runs");
+        crate::support::lock_push(&self.servers, child);
+        let addr = self.addr;
         wait_until_blocking("PostgreSQL accepts connections", || {
             std::net::TcpStream::connect(addr).is_ok()
         });
-        Postgres {
-            addr,
-            _dir: dir,
-            _server: std::sync::Mutex::new(child),
-        }
+    }
+
+    /// Stops the server at once (clients see their connections drop), keeping its data.
+    pub fn stop(&self) {
+        let out = as_owner(
+            Command::new(bin("pg_ctl")).arg("-D").arg(&self.data),
+            self.owner,
+        )
+        .args(["stop", "-m", "immediate", "-w"])
+        .output()
+        .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// A new, empty database; its URL.
