@@ -150,6 +150,49 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
     })
     .await;
 
+    // A credential sent in cleartext to b is recorded as a fingerprint only: a dump of the
+    // whole database holds no raw secret.
+    const KEY: &str = "fleet-secret-key-4b1c9e77";
+    let mut req = get("http://legacy.test/v1");
+    req.headers_mut()
+        .insert("x-api-key", KEY.parse().expect("header"));
+    assert_eq!(
+        http(SocketAddr::from((b.open, 6080)), req).await.status,
+        403
+    );
+    let pb2 = b.path.clone();
+    wait_until("the exposure reaches the store", || {
+        let p = pb2.clone();
+        async move {
+            tokio::task::spawn_blocking(move || impact(&p)["exposed_credentials"] == 1)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let dump = std::process::Command::new(support::postgres::bin("pg_dump"))
+        .arg(&url)
+        .output()
+        .expect("pg_dump");
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    let fingerprint = impact(&b.path)["exposures"][0]["fingerprint"]
+        .as_str()
+        .expect("fingerprint")
+        .to_owned();
+    assert!(
+        dump.contains(&fingerprint),
+        "the dump holds the exposure record"
+    );
+    assert!(
+        !dump.contains(KEY),
+        "a raw credential is in the database dump"
+    );
+
     // A change through node a is in the audit log node b serves.
     let token_a = a.token.clone().expect("a's token");
     let (status, body) = a
@@ -180,6 +223,10 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
     let last = audit.as_array().and_then(|v| v.last()).expect("an entry");
     assert_eq!(last["site"], "legacy.test");
     assert_eq!(last["after"]["cleartext"], "redirect", "{last}");
+    assert_eq!(
+        last["node"], "a",
+        "the entry names the node that took the change"
+    );
 
     // A node started after a change starts from the shared policy.
     let (status, body) = a

@@ -88,6 +88,7 @@ fn audit() -> Vec<AuditEntry> {
         AuditEntry {
             at: 1_800_000_000,
             who: "admin".into(),
+            node: None,
             site: "www.test".into(),
             event: AuditEvent::Site {
                 change: serde_json::json!({ "cleartext": "reject" }),
@@ -98,6 +99,7 @@ fn audit() -> Vec<AuditEntry> {
         AuditEntry {
             at: 1_800_000_050,
             who: "admin".into(),
+            node: None,
             site: "www.test".into(),
             event: AuditEvent::Stage {
                 stage: StageStep {

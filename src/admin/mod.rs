@@ -74,6 +74,8 @@ pub trait Control: Send + Sync {
     fn certs(&self) -> Vec<crate::tls::SiteCert>;
     /// Whether the store answered its last query (a node serves on while it does not).
     fn store_up(&self) -> bool;
+    /// This node's name in the fleet.
+    fn node(&self) -> &str;
     /// Validates the config with `overrides` on top of its source, applies it and keeps the
     /// overrides. On error nothing changes.
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError>;

@@ -266,6 +266,7 @@ async fn finish(
     let entry = AuditEntry {
         at: crate::clock::now(),
         who: role.as_str().to_owned(),
+        node: Some(ctx.control.node().to_owned()),
         site: host.to_owned(),
         event: AuditEvent::Stage {
             stage: StageStep {

@@ -103,6 +103,8 @@ struct Inner {
     shared_store: bool,
     /// Whether the store answered its last query.
     store_up: std::sync::atomic::AtomicBool,
+    /// `[node] name`, or the host name.
+    node: String,
     /// Cancelled at shutdown: DNS, metrics, the admin plane and background tasks stop.
     stop: CancellationToken,
     /// The metrics and admin listeners and the background tasks, so shutdown can wait until
@@ -199,6 +201,7 @@ impl Runtime {
             start_drains: Mutex::new(Some(policy.drains.clone())),
             shared_store: shared,
             store_up: std::sync::atomic::AtomicBool::new(store_up),
+            node: source::node_name(config.node.clone()),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             admin: OnceLock::new(),
@@ -611,6 +614,10 @@ impl Control for Inner {
 
     fn store_up(&self) -> bool {
         Counters::store_up(self)
+    }
+
+    fn node(&self) -> &str {
+        &self.node
     }
 
     async fn apply_overrides(&self, overrides: Overrides) -> Result<(), ControlError> {

@@ -114,6 +114,10 @@ pub struct AuditEntry {
     pub at: Timestamp,
     /// The role of the token that made it (`admin`).
     pub who: String,
+    /// The node whose admin plane took the change (`[node] name`); absent in entries written
+    /// before fleets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub site: String,
     #[serde(flatten)]
     pub event: AuditEvent,

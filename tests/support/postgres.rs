@@ -25,7 +25,8 @@ pub struct Postgres {
     servers: std::sync::Mutex<Vec<std::process::Child>>,
 }
 
-fn bin(name: &str) -> PathBuf {
+/// A PostgreSQL program (`initdb`, `postgres`, `pg_dump`) of the newest version installed.
+pub fn bin(name: &str) -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .expect("PostgreSQL is not installed: apt-get install postgresql (scripts/test.sh does it)")
         .filter_map(|e| e.ok())
