@@ -378,3 +378,88 @@ async fn nodes_serve_on_while_the_database_is_down_and_catch_up_when_it_returns(
     b.shutdown(Duration::from_secs(2)).await;
     a.rt.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_credential_seen_by_two_nodes_reaches_the_webhook_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = support::TestCa::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let (got, _receiver) = support::webhook::receiver(&ca, port).await;
+    let ca_path = ca.write_ca(dir.path());
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "webhook-signing-secret-for-tests").expect("secret");
+    let url = support::postgres::Postgres::shared().database().await;
+    // One fingerprint key for the fleet, so one credential has one fingerprint on every node.
+    let key: Vec<u8> = (0..32u8).collect();
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let state = dir.path().join(name);
+        std::fs::create_dir_all(&state).expect("state");
+        std::fs::write(state.join("fingerprint.key"), &key).expect("key");
+        let open = loopback();
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+[state]
+dir = "{state}"
+[node]
+name = "{name}"
+[store]
+url = "{url}"
+[analytics]
+flush_interval = "100ms"
+[[pool]]
+name = "open"
+addresses = ["{open}"]
+tls_ports = [6443]
+cleartext_ports = [6080]
+[[site]]
+host = "legacy.test"
+pool = "open"
+origin = "http://127.0.0.1:9"
+cleartext = "reject"
+exposure_response = "notify"
+webhook = {{ url = "https://localhost:{port}/hook", secret_file = "{secret}", ca = "{ca}" }}
+"#,
+                state = state.display(),
+                secret = secret.display(),
+                ca = ca_path.display(),
+            ),
+        )
+        .expect("write");
+        let rt = Runtime::start(ConfigSource::File(path), None)
+            .await
+            .unwrap_or_else(|e| panic!("node {name} starts: {e}"));
+        nodes.push((rt, open));
+    }
+    for (_, open) in &nodes {
+        let mut req = get("http://legacy.test/v1");
+        req.headers_mut().insert(
+            "x-api-key",
+            "shared-key-seen-by-both-nodes".parse().expect("h"),
+        );
+        assert_eq!(http(SocketAddr::from((*open, 6080)), req).await.status, 403);
+    }
+    wait_until("the event is delivered", || {
+        let n = got.lock().expect("lock").len();
+        async move { n >= 1 }
+    })
+    .await;
+    // Both nodes' responders keep claiming: still one delivery after a few of their rounds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deliveries = got.lock().expect("lock").clone();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    let body = &deliveries[0].1;
+    assert_eq!(body["site"], "legacy.test");
+    assert!(body["count"].as_u64().is_some_and(|c| c >= 1), "{body}");
+    assert!(deliveries[0].0.get("idempotency-key").is_some());
+    for (rt, _) in nodes {
+        rt.shutdown(Duration::from_secs(2)).await;
+    }
+}

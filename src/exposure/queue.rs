@@ -334,7 +334,7 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
                     s.raw.clone().filter(|_| policy.include_raw),
                     None,
                 ),
-                None => (None, None, Some("portcullis restarted before delivery; the credential's hashes and value are kept in memory only")),
+                None => (None, None, Some("the credential's hashes and value are kept in memory only, by the node that saw it: it restarted before delivery, or another node of the fleet delivers")),
             }
         };
         let body = EventBody {

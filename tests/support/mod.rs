@@ -8,6 +8,7 @@
 
 pub mod pebble;
 pub mod postgres;
+pub mod webhook;
 
 use std::collections::hash_map::RandomState;
 use std::convert::Infallible;
