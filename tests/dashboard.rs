@@ -212,6 +212,17 @@ origin = "{o}"
         .await
         .expect("text");
     assert_eq!(cert, "development", "{cert}");
+    // The nodes panel shows this node, alive.
+    let nodes = c
+        .wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Id("nodes"))
+        .await
+        .expect("nodes panel")
+        .text()
+        .await
+        .expect("text");
+    assert!(nodes.contains("(this node)") && nodes.contains("alive"), "{nodes}");
     // The session cookie has the right flags.
     let cookie = c
         .get_named_cookie("portcullis_session")

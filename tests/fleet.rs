@@ -227,6 +227,27 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
         last["node"], "a",
         "the entry names the node that took the change"
     );
+    // Every node is listed with its heartbeat, from either node.
+    let (status, nodes) = b.api(&token_b, Method::GET, "/api/nodes", "").await;
+    assert_eq!(status, 200, "{nodes}");
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).expect("json");
+    let names: Vec<&str> = nodes
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|n| n["alive"] == true)
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{nodes}");
+    assert!(
+        nodes[1]["this_node"] == true && nodes[0]["this_node"] == false,
+        "{nodes}"
+    );
+    assert_eq!(nodes[0]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        nodes[0]["generation"].as_u64().is_some_and(|g| g >= 1),
+        "{nodes}"
+    );
 
     // A node started after a change starts from the shared policy.
     let (status, body) = a

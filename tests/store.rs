@@ -12,8 +12,8 @@ use portcullis::stages::drain::Drain;
 use portcullis::stages::{Brownout, Plan, Plans, Stage};
 use portcullis::store::{
     Attempt, AuditEntry, AuditEvent, DeliveryState, DimCount, EventQueue, ExposureRow, NewEvent,
-    OverflowCount, PgSettings, PgStore, PolicyStore, QueueCounters, Repeat, RollupBatch, Rollups,
-    SeriesPoint, SiteState, SqliteStore, StageStep, StoreError, TrafficCount, TrafficRow,
+    NodeInfo, OverflowCount, PgSettings, PgStore, PolicyStore, QueueCounters, Repeat, RollupBatch,
+    Rollups, SeriesPoint, SiteState, SqliteStore, StageStep, StoreError, TrafficCount, TrafficRow,
 };
 
 fn overrides() -> Overrides {
@@ -154,6 +154,31 @@ async fn contract(store: &dyn PolicyStore) {
         store.append_audit(&e).await.expect("append");
     }
     assert_eq!(store.generation().await.expect("generation"), g);
+
+    // Heartbeats: one row per node, the latest wins.
+    let node = |name: &str, generation: u64, at: u64| NodeInfo {
+        name: name.into(),
+        version: "0.1.0".into(),
+        generation,
+        started_at: 100,
+        last_heartbeat: at,
+    };
+    store
+        .heartbeat(&node("edge-2", 1, 110))
+        .await
+        .expect("beat");
+    store
+        .heartbeat(&node("edge-1", 1, 110))
+        .await
+        .expect("beat");
+    store
+        .heartbeat(&node("edge-1", 3, 120))
+        .await
+        .expect("beat");
+    assert_eq!(
+        store.nodes().await.expect("nodes"),
+        vec![node("edge-1", 3, 120), node("edge-2", 1, 110)]
+    );
     // Appended, in order, typed as written.
     assert_eq!(store.audit().await.expect("read"), audit());
     // Overrides, plans and drains are independent of each other and of the log.

@@ -186,9 +186,28 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
             req = v.requests_24h,
         ));
     }
+    let mut nodes = String::new();
+    if let Ok(list) = ctx.control.store().nodes().await {
+        for n in &list {
+            let alive = now.saturating_sub(n.last_heartbeat) <= super::routes::NODE_SILENCE;
+            nodes.push_str(&format!(
+                "<tr><td>{name}{this}</td><td class={class}>{state}</td><td>{ago} s ago</td><td>{gen}</td><td>{ver}</td></tr>",
+                name = esc(&n.name),
+                this = if n.name == ctx.control.node() { " (this node)" } else { "" },
+                class = if alive { "good" } else { "bad" },
+                state = if alive { "alive" } else { "silent" },
+                ago = now.saturating_sub(n.last_heartbeat),
+                gen = n.generation,
+                ver = esc(&n.version),
+            ));
+        }
+    }
+    let nodes = format!(
+        "<div class=card id=nodes><h2>Nodes</h2><table><thead><tr><th>node</th><th>state</th><th>last heartbeat</th><th>config generation</th><th>version</th></tr></thead><tbody>{nodes}</tbody></table></div>"
+    );
     page(
         "Sites",
-        &format!("<table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th><th>certificate</th></tr></thead><tbody>{rows}</tbody></table>"),
+        &format!("<table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th><th>certificate</th></tr></thead><tbody>{rows}</tbody></table>{nodes}"),
     )
 }
 

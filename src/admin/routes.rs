@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/sites/{host}/exposures"),
     ("GET", "/api/pools"),
     ("GET", "/api/certs"),
+    ("GET", "/api/nodes"),
     ("GET", "/api/audit"),
     ("GET", "/api/exposure-events"),
     ("POST", "/api/sites/{host}/stage"),
@@ -61,6 +62,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
             "/api/certs",
             get(|State(ctx): State<Arc<Ctx>>| async move { Json(ctx.control.certs()) }),
         )
+        .route("/api/nodes", get(nodes))
         .route("/api/audit", get(audit))
         .route("/api/exposure-events", get(exposure_events))
         .route("/api/sites/{host}/stage", axum::routing::post(stage_change))
@@ -187,6 +189,24 @@ async fn drop_overrides(
         drop_site_overrides(&ctx, role, &host.to_ascii_lowercase()).await,
         "without its overrides the config breaks; nothing was applied",
     )
+}
+
+/// A node that missed this many seconds of heartbeats is shown as gone.
+pub(crate) const NODE_SILENCE: u64 = 15;
+
+async fn nodes(State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
+    let nodes = ctx.control.store().nodes().await.map_err(unavailable)?;
+    let now = crate::clock::now();
+    let rows: Vec<Value> = nodes
+        .iter()
+        .map(|n| {
+            let mut v = json!(n);
+            v["alive"] = json!(now.saturating_sub(n.last_heartbeat) <= NODE_SILENCE);
+            v["this_node"] = json!(n.name == ctx.control.node());
+            v
+        })
+        .collect();
+    Ok(Json(Value::Array(rows)))
 }
 
 async fn audit(State(ctx): State<Arc<Ctx>>) -> Result<Json<Vec<AuditEntry>>, ApiError> {

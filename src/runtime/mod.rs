@@ -105,6 +105,7 @@ struct Inner {
     store_up: std::sync::atomic::AtomicBool,
     /// `[node] name`, or the host name.
     node: String,
+    started_at: crate::clock::Timestamp,
     /// Cancelled at shutdown: DNS, metrics, the admin plane and background tasks stop.
     stop: CancellationToken,
     /// The metrics and admin listeners and the background tasks, so shutdown can wait until
@@ -202,6 +203,7 @@ impl Runtime {
             shared_store: shared,
             store_up: std::sync::atomic::AtomicBool::new(store_up),
             node: source::node_name(config.node.clone()),
+            started_at: crate::clock::now(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             admin: OnceLock::new(),
@@ -376,6 +378,9 @@ impl ZoneView {
 /// fleet on one database) is applied here within this, plus the apply.
 const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 
+/// A heartbeat every this many follower rounds (5 s); a node silent for three is shown as gone.
+const HEARTBEAT_TICKS: u32 = 10;
+
 /// Applies the policy other nodes write to the shared store: whenever the store's generation
 /// moves, the stored overrides and plans are compared with those applied here, and applied if
 /// they differ (a node's own writes compare equal and cost nothing more).
@@ -385,7 +390,12 @@ async fn follow_store(inner: Arc<Inner>, stop: CancellationToken) {
     if seen.is_some() && inner.shared_store {
         inner.save_last_known_good().await;
     }
+    let mut ticks: u32 = 0;
     loop {
+        if ticks % HEARTBEAT_TICKS == 0 {
+            inner.heartbeat().await;
+        }
+        ticks = ticks.wrapping_add(1);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
@@ -420,6 +430,20 @@ async fn follow_store(inner: Arc<Inner>, stop: CancellationToken) {
 }
 
 impl Inner {
+    /// Tells the store this node is alive and what it runs (best effort).
+    async fn heartbeat(&self) {
+        let info = crate::store::NodeInfo {
+            name: self.node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            generation: self.edge.snapshot().generation,
+            started_at: self.started_at,
+            last_heartbeat: crate::clock::now(),
+        };
+        if let Err(e) = self.store.heartbeat(&info).await {
+            tracing::debug!(error = %e, "heartbeat not recorded");
+        }
+    }
+
     /// Keeps a local copy of the shared policy, to start from while the store is down.
     async fn save_last_known_good(&self) {
         let copy = async {

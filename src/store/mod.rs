@@ -108,6 +108,18 @@ pub enum AuditEvent {
     },
 }
 
+/// A node of the fleet as its heartbeats describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// The portcullis version it runs.
+    pub version: String,
+    /// The config generation it has applied (counts applies since its start).
+    pub generation: u64,
+    pub started_at: Timestamp,
+    pub last_heartbeat: Timestamp,
+}
+
 /// One change, who made it and when.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -141,6 +153,10 @@ pub trait PolicyStore: Send + Sync {
     /// A number that grows with every write of overrides, plans or drains (in the same
     /// transaction), so a node polling it learns that the shared policy changed.
     async fn generation(&self) -> Result<u64, StoreError>;
+    /// Records that `node` is alive, with what it runs (one row per node name).
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError>;
+    /// Every node that ever sent a heartbeat, by name.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
     /// The audit log, oldest first.
     async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError>;
 }

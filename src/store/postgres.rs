@@ -15,9 +15,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Attempt, AuditEntry, DeliveryState, DimCount, EventQueue, ExposureRow, NewEvent, OverflowCount,
-    PolicyStore, QueueCounters, QueuedEvent, Repeat, RollupBatch, Rollups, SeriesPoint, StoreError,
-    TrafficCount, TrafficRow,
+    Attempt, AuditEntry, DeliveryState, DimCount, EventQueue, ExposureRow, NewEvent, NodeInfo,
+    OverflowCount, PolicyStore, QueueCounters, QueuedEvent, Repeat, RollupBatch, Rollups,
+    SeriesPoint, StoreError, TrafficCount, TrafficRow,
 };
 use crate::clock::Timestamp;
 use crate::config::{CleartextMode, Overrides, SiteOverride};
@@ -77,6 +77,7 @@ CREATE TABLE exposures (
 );
 CREATE TABLE rollup_counters (name TEXT PRIMARY KEY, count BIGINT NOT NULL);
 CREATE TABLE policy_generation (value BIGINT NOT NULL);
+CREATE TABLE nodes (name TEXT PRIMARY KEY, info TEXT NOT NULL);
 INSERT INTO policy_generation VALUES (0);
 "];
 
@@ -456,6 +457,27 @@ impl PolicyStore for PgStore {
             .await
             .map_err(|e| self.err(e))?;
         Ok(ts(row.get(0)))
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO nodes VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET info = EXCLUDED.info",
+            &[&node.name, &json(node)],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| self.err(e))
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        self.pairs("SELECT name, info FROM nodes ORDER BY name")
+            .await?
+            .into_iter()
+            .map(|(name, info)| {
+                serde_json::from_str(&info).map_err(|e| self.corrupt("node", &name, e))
+            })
+            .collect()
     }
 
     async fn audit(&self) -> Result<Vec<AuditEntry>, StoreError> {

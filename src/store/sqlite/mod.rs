@@ -18,7 +18,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, Transaction};
 
 use super::{
-    Attempt, AuditEntry, DeliveryState, EventQueue, NewEvent, PolicyStore, QueueCounters,
+    Attempt, AuditEntry, DeliveryState, EventQueue, NewEvent, NodeInfo, PolicyStore, QueueCounters,
     QueuedEvent, Repeat, StoreError,
 };
 use crate::clock::Timestamp;
@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_due ON events (state, next_attempt);
 CREATE TABLE IF NOT EXISTS queue_counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, info TEXT NOT NULL) WITHOUT ROWID;
 ";
 
 /// The columns of a [`QueuedEvent`], in the order [`SqliteStore::event`] reads them.
@@ -610,6 +611,34 @@ impl PolicyStore for SqliteStore {
 
     async fn generation(&self) -> Result<u64, StoreError> {
         self.blocking(|s| s.generation_now()).await
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError> {
+        let (name, info) = (node.name.clone(), json(node));
+        self.blocking(move |s| {
+            s.write(|tx| {
+                tx.execute(
+                    "INSERT INTO nodes VALUES (?1, ?2) ON CONFLICT DO UPDATE SET info = excluded.info",
+                    params![name, info],
+                )
+                .map(|_| ())
+            })
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        self.blocking(|s| {
+            s.read(|c| {
+                let rows = s.rows(c, "SELECT name, info FROM nodes ORDER BY name")?;
+                rows.into_iter()
+                    .map(|(name, info)| {
+                        serde_json::from_str(&info).map_err(|e| s.corrupt("node", &name, e))
+                    })
+                    .collect()
+            })
+        })
+        .await
     }
 }
 
