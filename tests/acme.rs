@@ -10,9 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use portcullis::acme::CertSource;
-use portcullis::runtime::{ConfigSource, Runtime};
-use rustls::RootCertStore;
-use support::pebble::Pebble;
+use portcullis::runtime::Runtime;
+use support::pebble::{acme_config, served, start, Pebble};
 use support::{get, https, loopback, refused, wait_until, TestOrigin};
 
 fn config(
@@ -33,48 +32,7 @@ fn site_config(
     state: &Path,
     host: &str,
 ) -> String {
-    format!(
-        r#"
-[state]
-dir = "{state}"
-[acme]
-directory = "{dir}"
-contact = ["mailto:ops@acme.test"]
-directory_ca = "{ca}"
-[dns]
-listen = "{dns}"
-zones = ["acme.test"]
-[[pool]]
-name = "closed"
-addresses = ["{closed}"]
-tls_ports = [8443]
-[[site]]
-host = "{host}"
-pool = "closed"
-origin = "{origin}"
-cert = "acme"
-"#,
-        state = state.display(),
-        dir = pebble.directory(),
-        ca = pebble.ca.display(),
-    )
-}
-
-async fn start(path: &Path) -> Runtime {
-    Runtime::start(ConfigSource::File(path.to_owned()), None)
-        .await
-        .unwrap_or_else(|e| panic!("portcullis starts: {e}"))
-}
-
-/// The DER of the certificate served for `name` at `addr`, verified against `roots`.
-async fn served(addr: SocketAddr, name: &str, roots: RootCertStore) -> Vec<u8> {
-    let tls = support::tls_connect(addr, name, support::client_config(roots, &[b"http/1.1"]))
-        .await
-        .expect("a handshake verified against pebble's root");
-    let (_, conn) = tls.get_ref();
-    conn.peer_certificates().expect("certs")[0]
-        .as_ref()
-        .to_vec()
+    acme_config(pebble, state, closed, dns, origin, host, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use portcullis::acme::CertSource;
 use portcullis::clock;
-use portcullis::runtime::{ConfigSource, Runtime};
-use support::pebble::Pebble;
+use support::pebble::{acme_config, start, Pebble};
 use support::{get, https, loopback, roots_from, wait_until, TestOrigin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,36 +26,18 @@ async fn an_unreachable_ca_backs_off_keeps_serving_and_recovers_when_it_returns(
     let path = dir.path().join("portcullis.toml");
     std::fs::write(
         &path,
-        format!(
-            r#"
-[state]
-dir = "{state}"
-[acme]
-directory = "{directory}"
-directory_ca = "{ca}"
-[dns]
-listen = "{dns}"
-zones = ["acme.test"]
-[[pool]]
-name = "closed"
-addresses = ["{closed}"]
-tls_ports = [8443]
-[[site]]
-host = "www.acme.test"
-pool = "closed"
-origin = "{origin}"
-cert = "acme"
-"#,
-            state = state.display(),
-            directory = pebble.directory(),
-            ca = pebble.ca.display(),
-            origin = origin.url(),
+        acme_config(
+            &pebble,
+            &state,
+            closed,
+            dns,
+            &origin.url(),
+            "www.acme.test",
+            "",
         ),
     )
     .expect("write");
-    let rt = Runtime::start(ConfigSource::File(path), None)
-        .await
-        .unwrap_or_else(|e| panic!("portcullis starts: {e}"));
+    let rt = start(&path).await;
     let status = || rt.acme().status()[0].clone();
     let tls = SocketAddr::from((closed, 8443));
     let dev_roots = || roots_from(&state.join("dev-ca.pem"));

@@ -12,19 +12,8 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use portcullis::acme::CertSource;
 use portcullis::clock;
-use portcullis::runtime::{ConfigSource, Runtime};
-use rustls::RootCertStore;
-use support::pebble::Pebble;
+use support::pebble::{acme_config, served, start, Pebble};
 use support::{get, loopback, wait_until, TestOrigin};
-
-async fn served(addr: SocketAddr, name: &str, roots: RootCertStore) -> Vec<u8> {
-    let tls = support::tls_connect(addr, name, support::client_config(roots, &[b"http/1.1"]))
-        .await
-        .expect("a handshake verified against pebble's root");
-    tls.get_ref().1.peer_certificates().expect("certs")[0]
-        .as_ref()
-        .to_vec()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_due_certificate_is_renewed_in_place_and_a_failed_renewal_keeps_the_old_one() {
@@ -38,37 +27,18 @@ async fn a_due_certificate_is_renewed_in_place_and_a_failed_renewal_keeps_the_ol
     let path = dir.path().join("portcullis.toml");
     std::fs::write(
         &path,
-        format!(
-            r#"
-[state]
-dir = "{state}"
-[acme]
-directory = "{directory}"
-directory_ca = "{ca}"
-renew_before = "30d"
-[dns]
-listen = "{dns}"
-zones = ["acme.test"]
-[[pool]]
-name = "closed"
-addresses = ["{closed}"]
-tls_ports = [8443]
-[[site]]
-host = "www.acme.test"
-pool = "closed"
-origin = "{origin}"
-cert = "acme"
-"#,
-            state = state.display(),
-            directory = pebble.directory(),
-            ca = pebble.ca.display(),
-            origin = origin.url(),
+        acme_config(
+            &pebble,
+            &state,
+            closed,
+            dns,
+            &origin.url(),
+            "www.acme.test",
+            "renew_before = \"30d\"",
         ),
     )
     .expect("write");
-    let rt = Runtime::start(ConfigSource::File(path), None)
-        .await
-        .unwrap_or_else(|e| panic!("portcullis starts: {e}"));
+    let rt = start(&path).await;
     let status = || rt.acme().status()[0].clone();
     wait_until("the first certificate is issued", || {
         let st = status();

@@ -222,7 +222,10 @@ origin = "{o}"
         .text()
         .await
         .expect("text");
-    assert!(nodes.contains("(this node)") && nodes.contains("alive"), "{nodes}");
+    assert!(
+        nodes.contains("(this node)") && nodes.contains("alive"),
+        "{nodes}"
+    );
     // The session cookie has the right flags.
     let cookie = c
         .get_named_cookie("portcullis_session")

@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use portcullis::runtime::{ConfigSource, Runtime};
 use rustls::RootCertStore;
 
 use super::{get, https, loopback, roots_from, wait_until, TestCa};
@@ -109,4 +110,60 @@ impl Pebble {
         }
         roots
     }
+}
+
+/// A config with one `cert = "acme"` site `host` on a closed pool (`closed`:8443) whose CA is
+/// `pebble`, with the zone `acme.test` served at `dns`; `acme_extra` goes into `[acme]`.
+pub fn acme_config(
+    pebble: &Pebble,
+    state: &Path,
+    closed: Ipv4Addr,
+    dns: SocketAddr,
+    origin: &str,
+    host: &str,
+    acme_extra: &str,
+) -> String {
+    format!(
+        r#"
+[state]
+dir = "{state}"
+[acme]
+directory = "{dir}"
+contact = ["mailto:ops@acme.test"]
+directory_ca = "{ca}"
+{acme_extra}
+[dns]
+listen = "{dns}"
+zones = ["acme.test"]
+[[pool]]
+name = "closed"
+addresses = ["{closed}"]
+tls_ports = [8443]
+[[site]]
+host = "{host}"
+pool = "closed"
+origin = "{origin}"
+cert = "acme"
+"#,
+        state = state.display(),
+        dir = pebble.directory(),
+        ca = pebble.ca.display(),
+    )
+}
+
+/// Starts portcullis on the config file at `path`.
+pub async fn start(path: &Path) -> Runtime {
+    Runtime::start(ConfigSource::File(path.to_owned()), None)
+        .await
+        .unwrap_or_else(|e| panic!("portcullis starts: {e}"))
+}
+
+/// The DER of the certificate served for `name` at `addr`, verified against `roots`.
+pub async fn served(addr: SocketAddr, name: &str, roots: RootCertStore) -> Vec<u8> {
+    let tls = super::tls_connect(addr, name, super::client_config(roots, &[b"http/1.1"]))
+        .await
+        .expect("a handshake verified against pebble's root");
+    tls.get_ref().1.peer_certificates().expect("certs")[0]
+        .as_ref()
+        .to_vec()
 }
