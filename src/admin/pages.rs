@@ -189,7 +189,7 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
     let mut nodes = String::new();
     if let Ok(list) = ctx.control.store().nodes().await {
         for n in &list {
-            let alive = now.saturating_sub(n.last_heartbeat) <= super::routes::NODE_SILENCE;
+            let alive = now.saturating_sub(n.last_heartbeat) <= super::service::NODE_SILENCE;
             nodes.push_str(&format!(
                 "<tr><td>{name}{this}</td><td class={class}>{state}</td><td>{ago} s ago</td><td>{gen}</td><td>{ver}</td></tr>",
                 name = esc(&n.name),

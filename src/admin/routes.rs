@@ -191,9 +191,6 @@ async fn drop_overrides(
     )
 }
 
-/// A node that missed this many seconds of heartbeats is shown as gone.
-pub(crate) const NODE_SILENCE: u64 = 15;
-
 async fn nodes(State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
     let nodes = ctx.control.store().nodes().await.map_err(unavailable)?;
     let now = crate::clock::now();
@@ -201,7 +198,8 @@ async fn nodes(State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
         .iter()
         .map(|n| {
             let mut v = json!(n);
-            v["alive"] = json!(now.saturating_sub(n.last_heartbeat) <= NODE_SILENCE);
+            v["alive"] =
+                json!(now.saturating_sub(n.last_heartbeat) <= super::service::NODE_SILENCE);
             v["this_node"] = json!(n.name == ctx.control.node());
             v
         })

@@ -33,6 +33,9 @@ pub(crate) struct SiteView {
     pub(crate) stage: Option<crate::stages::Plan>,
 }
 
+/// A node that missed this many seconds of heartbeats is shown as gone.
+pub(crate) const NODE_SILENCE: u64 = 15;
+
 pub(crate) async fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
     let c = ctx.control.config();
     let s = c.sites.iter().find(|s| s.host.to_string() == host)?;
