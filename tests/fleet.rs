@@ -343,10 +343,15 @@ async fn nodes_serve_on_while_the_database_is_down_and_catch_up_when_it_returns(
     assert_eq!(status, 200);
     assert!(ready.contains("\"store\":\"down\""), "{ready}");
 
-    // b restarts meanwhile: it starts from its last-known-good copy, not the file's reject.
+    // b counts two requests, then restarts meanwhile: the counts it could not write are kept
+    // in its state dir, and it starts from its last-known-good copy, not the file's reject.
+    assert_eq!(b.cleartext().await, 301);
+    assert_eq!(b.cleartext().await, 301);
     b.rt.shutdown(Duration::from_secs(2)).await;
     let (b_path, b_open, b_state) = (b.path.clone(), b.open, b.state.clone());
     drop(b);
+    let spill = b_state.join("analytics-spill.json");
+    assert!(spill.exists(), "b kept its unwritten counts");
     let b = Runtime::start(ConfigSource::File(b_path.clone()), None)
         .await
         .expect("b starts without its database");
@@ -383,18 +388,21 @@ async fn nodes_serve_on_while_the_database_is_down_and_catch_up_when_it_returns(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // What the nodes counted while the database was down reached it, exactly: one request on
-    // a, three on the restarted b; then the polls above.
-    let _ = b_state;
+    // a, two on b before its restart (kept in its state dir), three after; then the polls.
     wait_until("the counts from the outage are in the store", || {
         let total = total.clone();
-        async move { total().await >= before + 4 + polls }
+        async move { total().await >= before + 6 + polls }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
         total().await,
-        before + 4 + polls,
+        before + 6 + polls,
         "nothing lost, nothing counted twice"
+    );
+    assert!(
+        !spill.exists(),
+        "the kept counts are in the store, and the file is gone"
     );
     b.shutdown(Duration::from_secs(2)).await;
     a.rt.shutdown(Duration::from_secs(2)).await;

@@ -90,6 +90,8 @@ pub struct Analytics {
     /// reload still land on the right name.
     names: RwLock<Vec<String>>,
     store: Arc<dyn Rollups>,
+    /// Where counts the store could not take at shutdown wait for the next start.
+    spill: std::path::PathBuf,
     totals: Mutex<Totals>,
     /// When the oldest drained-but-unstored counts were drained (0: none pending).
     pending_since: AtomicU64,
@@ -124,6 +126,7 @@ impl Analytics {
             fingerprinter,
             names: RwLock::new(vec!["unknown".to_owned()]),
             store,
+            spill: config.state_dir.join("analytics-spill.json"),
             totals: Mutex::new(Totals::default()),
             pending_since: AtomicU64::new(0),
             access_log,
@@ -249,8 +252,22 @@ impl Analytics {
 
 /// Drains every second, writes every `flush_interval`, rolls up hourly, and flushes once more
 /// on shutdown.
+/// Counts kept in the state dir at a shutdown the store did not let write them.
+fn read_spill(path: &std::path::Path) -> Option<crate::store::RollupBatch> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "cannot read the counts kept at the last shutdown; the file is left as it is");
+            None
+        }
+    }
+}
+
 async fn flusher(a: Arc<Analytics>) {
     let mut pending = Aggregate::default();
+    // Counts the last run could not write: written first, once the store takes them.
+    let mut spilled = read_spill(&a.spill);
     let drain_every = a.settings.flush_interval.min(Duration::from_secs(1));
     let mut last_write = tokio::time::Instant::now();
     let mut last_rollup: Option<tokio::time::Instant> = None;
@@ -271,6 +288,21 @@ async fn flusher(a: Arc<Analytics>) {
             pending.coarsen(a.settings.top_k);
         }
         let due = stopping || last_write.elapsed() >= a.settings.flush_interval;
+        if due {
+            if let Some(batch) = &spilled {
+                if a.store.write_rollups(batch).await.is_ok() {
+                    match std::fs::remove_file(&a.spill) {
+                        Ok(()) => {
+                            tracing::info!(file = %a.spill.display(), "counts kept at the last shutdown are in the store")
+                        }
+                        Err(e) => {
+                            tracing::error!(file = %a.spill.display(), error = %e, "counts kept at the last shutdown are in the store, but the file cannot be removed: remove it, or they are counted again at the next start")
+                        }
+                    }
+                    spilled = None;
+                }
+            }
+        }
         if due && !pending.is_empty() {
             last_write = tokio::time::Instant::now();
             let batch = std::mem::take(&mut pending);
@@ -310,12 +342,27 @@ async fn flusher(a: Arc<Analytics>) {
             }
         }
         if stopping {
+            let mut keep = spilled.take().unwrap_or_default();
             if !pending.is_empty() {
-                let lost: u64 = pending.traffic.values().sum();
-                tracing::error!(
-                    requests = lost,
-                    "analytics store unavailable at shutdown: these counts are lost"
-                );
+                let names = a.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+                keep.append(pending.to_batch(&|id| {
+                    names
+                        .get(id as usize)
+                        .cloned()
+                        .unwrap_or_else(|| "unknown".to_owned())
+                }));
+            }
+            if !keep.is_empty() {
+                let requests: u64 = keep.traffic.iter().map(|t| t.count).sum();
+                let text = serde_json::to_vec(&keep).unwrap_or_default();
+                match crate::tls::write_private_atomic(&a.spill, &text) {
+                    Ok(()) => {
+                        tracing::warn!(requests, file = %a.spill.display(), "analytics store unavailable at shutdown: counts kept in the state dir, written at the next start")
+                    }
+                    Err(e) => {
+                        tracing::error!(requests, error = %e, "analytics store unavailable at shutdown and the state dir not writable: these counts are lost")
+                    }
+                }
             }
             return;
         }

@@ -7,24 +7,54 @@
 //! batch until the store took all of it (one transaction) and never sends it again after.
 //! Nothing here is a raw credential: exposures arrive as fingerprints.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use crate::clock::Timestamp;
 use crate::observe::{ClientFamily, DimKind, HttpVersion, Outcome, Scheme, TlsVersion};
 
+/// `serde` for the observation enums, as the labels they are stored under.
+macro_rules! as_label {
+    ($($m:ident: $t:ty),* $(,)?) => {$(
+        mod $m {
+            use serde::Deserialize;
+            pub fn serialize<S: serde::Serializer>(v: &$t, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(v.as_str())
+            }
+            pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                let s = String::deserialize(d)?;
+                <$t>::parse(&s)
+                    .ok_or_else(|| serde::de::Error::custom(format!("unknown value {s:?}")))
+            }
+        }
+    )*};
+}
+
+as_label! {
+    outcome_label: crate::observe::Outcome,
+    scheme_label: crate::observe::Scheme,
+    tls_label: crate::observe::TlsVersion,
+    http_label: crate::observe::HttpVersion,
+    dim_label: crate::observe::DimKind,
+    family_label: crate::observe::ClientFamily,
+}
+
 /// Requests (or connections) counted in one bucket of `span` seconds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrafficCount {
     /// Start of the bucket.
     pub bucket: Timestamp,
     /// 60 (minute) or 3600 (hour).
     pub span: u32,
     pub site: String,
+    #[serde(with = "outcome_label")]
     pub outcome: Outcome,
+    #[serde(with = "scheme_label")]
     pub scheme: Scheme,
     pub port: u16,
+    #[serde(with = "tls_label")]
     pub tls: TlsVersion,
+    #[serde(with = "http_label")]
     pub http: HttpVersion,
     /// 1 to 5; 0 when no response was sent.
     pub status_class: u8,
@@ -32,12 +62,14 @@ pub struct TrafficCount {
 }
 
 /// Requests from one value of a capped dimension in one bucket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DimCount {
     pub bucket: Timestamp,
     pub span: u32,
     pub site: String,
+    #[serde(with = "scheme_label")]
     pub scheme: Scheme,
+    #[serde(with = "dim_label")]
     pub kind: DimKind,
     /// The network (`192.0.2.0/24`), family (`curl`) or path template (`/v1/users/:id`).
     pub value: String,
@@ -45,18 +77,20 @@ pub struct DimCount {
 }
 
 /// Requests whose value did not fit under the cap of a dimension in one bucket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OverflowCount {
     pub bucket: Timestamp,
     pub span: u32,
     pub site: String,
+    #[serde(with = "scheme_label")]
     pub scheme: Scheme,
+    #[serde(with = "dim_label")]
     pub kind: DimKind,
     pub count: u64,
 }
 
 /// One credential seen in cleartext on a site: fingerprint only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExposureRow {
     pub site: String,
     pub fingerprint: String,
@@ -68,17 +102,13 @@ pub struct ExposureRow {
     pub count: u64,
     /// Of the last sighting.
     pub network: String,
-    #[serde(serialize_with = "label")]
+    #[serde(with = "family_label")]
     pub family: ClientFamily,
     pub path: String,
 }
 
-fn label<S: serde::Serializer>(f: &ClientFamily, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(f.as_str())
-}
-
 /// What one flush of the analytics adds, in one transaction.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RollupBatch {
     pub traffic: Vec<TrafficCount>,
     pub dims: Vec<DimCount>,
@@ -91,6 +121,15 @@ pub struct RollupBatch {
 }
 
 impl RollupBatch {
+    /// Adds `other`'s rows (a store adds counts of equal keys up when it takes them).
+    pub fn append(&mut self, other: RollupBatch) {
+        self.traffic.extend(other.traffic);
+        self.dims.extend(other.dims);
+        self.overflow.extend(other.overflow);
+        self.exposures.extend(other.exposures);
+        self.exposures_dropped += other.exposures_dropped;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.traffic.is_empty()
             && self.dims.is_empty()
