@@ -20,10 +20,10 @@ use super::{
     SeriesPoint, StoreError, TrafficCount, TrafficRow,
 };
 use crate::clock::Timestamp;
-use crate::config::{CleartextMode, Overrides, SiteOverride};
+use crate::config::{CleartextMode, Overrides};
 use crate::observe::{ClientFamily, DimKind, Outcome, Scheme, TlsVersion};
 use crate::stages::drain::Drain;
-use crate::stages::{Plan, Plans};
+use crate::stages::Plans;
 
 /// Any number will do, as long as every node takes the same one.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
@@ -237,6 +237,22 @@ impl PgStore {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Rows of (site, JSON) decoded by site; `what` names a record that does not decode.
+    async fn decoded<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        what: &'static str,
+    ) -> Result<std::collections::BTreeMap<String, T>, StoreError> {
+        self.pairs(sql)
+            .await?
+            .into_iter()
+            .map(|(site, v)| {
+                let t = serde_json::from_str(&v).map_err(|e| self.corrupt(what, &site, e))?;
+                Ok((site, t))
+            })
+            .collect()
+    }
+
     /// Replaces every row of `table` with `rows` of (site, text), in one transaction.
     async fn replace(&self, table: &str, rows: Vec<(String, String)>) -> Result<(), StoreError> {
         let mut c = self.client().await?;
@@ -350,15 +366,8 @@ fn redact(text: &str, url: &str) -> String {
 #[async_trait::async_trait]
 impl PolicyStore for PgStore {
     async fn overrides(&self) -> Result<Overrides, StoreError> {
-        self.pairs("SELECT site, value FROM overrides")
-            .await?
-            .into_iter()
-            .map(|(site, v)| {
-                let o: SiteOverride =
-                    serde_json::from_str(&v).map_err(|e| self.corrupt("override", &site, e))?;
-                Ok((site, o))
-            })
-            .collect()
+        self.decoded("SELECT site, value FROM overrides", "override")
+            .await
     }
 
     async fn set_overrides(&self, overrides: &Overrides) -> Result<(), StoreError> {
@@ -370,15 +379,8 @@ impl PolicyStore for PgStore {
     }
 
     async fn stages(&self) -> Result<Plans, StoreError> {
-        self.pairs("SELECT site, plan FROM stages")
-            .await?
-            .into_iter()
-            .map(|(site, v)| {
-                let p: Plan =
-                    serde_json::from_str(&v).map_err(|e| self.corrupt("stage plan", &site, e))?;
-                Ok((site, p))
-            })
-            .collect()
+        self.decoded("SELECT site, plan FROM stages", "stage plan")
+            .await
     }
 
     async fn set_stages(&self, plans: &Plans) -> Result<(), StoreError> {
