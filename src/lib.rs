@@ -15,6 +15,7 @@
 //! - [`net`]: accept loops that back off, connection caps, the descriptor limit.
 //! - [`firewall`]: the nftables table that refuses cleartext on closed addresses in the kernel.
 //! - [`runtime`]: the composition root: starts every part, the one `apply`, signals, shutdown.
+//! - [`seal`]: the installation secret: fingerprint key, and sealing of what the store keeps.
 //! - [`stages`]: staged switch-off plans: warn headers, brownout windows, the move.
 //! - [`demo`]: the built-in demo: a loopback config and an echo origin.
 //!
@@ -39,6 +40,7 @@ pub mod net;
 pub mod observe;
 pub mod probe;
 pub mod runtime;
+pub mod seal;
 pub mod stages;
 pub mod store;
 pub mod tls;

@@ -1,6 +1,6 @@
-//! The storage seam: the contracts every `PolicyStore`, `EventQueue` and `Rollups` backend
-//! meets (run here against the embedded SQLite store; a second backend runs the same
-//! `contract`, `queue_contract` and `rollups_contract`), that what is written survives a reopen, and the one-time import of the
+//! The storage seam: the contracts every `PolicyStore`, `EventQueue`, `Rollups` and
+//! `CertStore` backend meets (run against the embedded SQLite store and PostgreSQL: `contract`,
+//! `queue_contract`, `rollups_contract` and `certs_contract`), that what is written survives a reopen, and the one-time import of the
 //! state files earlier versions kept, which loses nothing, happens once, and refuses a damaged
 //! file without taking any of it.
 
@@ -15,6 +15,7 @@ use portcullis::store::{
     NodeInfo, OverflowCount, PgSettings, PgStore, PolicyStore, QueueCounters, Repeat, RollupBatch,
     Rollups, SeriesPoint, SiteState, SqliteStore, StageStep, StoreError, TrafficCount, TrafficRow,
 };
+use portcullis::store::{CertStore, OrderClaim, PendingChallenge, StoredCert};
 
 fn overrides() -> Overrides {
     let mut o = Overrides::new();
@@ -1124,4 +1125,223 @@ async fn a_store_of_the_previous_version_gets_delivery_leases() {
         .await
         .expect("claim")
         .is_empty());
+}
+
+fn stored(site: &str, chain: &str) -> StoredCert {
+    StoredCert {
+        site: site.into(),
+        chain_pem: chain.into(),
+        sealed_key: vec![1, 2, 3, site.len() as u8],
+        directory: "https://ca.test/dir".into(),
+        version: 0,
+    }
+}
+
+fn pending(site: &str, holder: &str, name: &str) -> PendingChallenge {
+    PendingChallenge {
+        site: site.into(),
+        holder: holder.into(),
+        kind: "tls-alpn-01".into(),
+        name: name.into(),
+        value: "ab".repeat(32),
+    }
+}
+
+/// What the ACME client relies on: one account per directory (the first one kept), versioned
+/// certificates read incrementally, challenge answers replaced per site, and an order lease
+/// that one holder at a time gets, that carries the fleet's backoff, and that a dead holder's
+/// expiry releases.
+async fn certs_contract(c: &dyn CertStore) {
+    let dir = "https://ca.test/dir";
+    assert_eq!(c.acme_account(dir).await.expect("account"), None);
+    assert_eq!(
+        c.add_acme_account(dir, b"first").await.expect("add"),
+        b"first"
+    );
+    assert_eq!(
+        c.add_acme_account(dir, b"second").await.expect("add"),
+        b"first"
+    );
+    assert_eq!(
+        c.acme_account(dir).await.expect("account").as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!(
+        c.acme_account("https://other.test/dir")
+            .await
+            .expect("account"),
+        None
+    );
+
+    let v1 = c.put_acme_cert(&stored("a.test", "A1")).await.expect("put");
+    let v2 = c.put_acme_cert(&stored("b.test", "B1")).await.expect("put");
+    assert!(v2 > v1, "{v1} {v2}");
+    let all = c.acme_certs(0).await.expect("certs");
+    assert_eq!(
+        all.iter().map(|s| s.site.as_str()).collect::<Vec<_>>(),
+        ["a.test", "b.test"]
+    );
+    assert_eq!(all[0].sealed_key, stored("a.test", "").sealed_key);
+    assert_eq!((all[0].version, all[1].version), (v1, v2));
+    let v3 = c
+        .put_acme_cert(&stored("a.test", "A2"))
+        .await
+        .expect("renew");
+    let since = c.acme_certs(v2).await.expect("since");
+    assert_eq!(since.len(), 1);
+    assert_eq!((since[0].chain_pem.as_str(), since[0].version), ("A2", v3));
+    assert!(c.acme_certs(v3).await.expect("none").is_empty());
+
+    c.set_acme_challenges("a.test", &[pending("a.test", "n1", "a.test")])
+        .await
+        .expect("set");
+    c.set_acme_challenges(
+        "b.test",
+        &[
+            pending("b.test", "n2", "b.test"),
+            pending("b.test", "n2", "www.b.test"),
+        ],
+    )
+    .await
+    .expect("set");
+    assert_eq!(c.acme_challenges().await.expect("list").len(), 3);
+    c.set_acme_challenges("b.test", &[]).await.expect("clear");
+    assert_eq!(
+        c.acme_challenges().await.expect("list"),
+        vec![pending("a.test", "n1", "a.test")]
+    );
+
+    // One holder at a time; the holder may claim again (a restart with the same node name).
+    assert_eq!(
+        c.claim_order("a.test", "n1", 1000, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Granted { failures: 0 }
+    );
+    assert_eq!(
+        c.claim_order("a.test", "n2", 1100, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Held {
+            holder: "n1".into(),
+            until: 1600
+        }
+    );
+    assert_eq!(
+        c.claim_order("a.test", "n1", 1100, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Granted { failures: 0 }
+    );
+    assert_eq!(
+        c.claim_order("b.test", "n2", 1100, 600)
+            .await
+            .expect("other site"),
+        OrderClaim::Granted { failures: 0 }
+    );
+    // A failure sets the fleet's backoff: nobody, not even the holder, orders before it.
+    c.finish_order("a.test", "n1", 2000, 3)
+        .await
+        .expect("finish");
+    assert_eq!(
+        c.claim_order("a.test", "n2", 1500, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Held {
+            holder: "n1".into(),
+            until: 2000
+        }
+    );
+    assert_eq!(
+        c.claim_order("a.test", "n1", 1500, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Held {
+            holder: "n1".into(),
+            until: 2000
+        }
+    );
+    // After it, another node goes on counting where the fleet left off.
+    assert_eq!(
+        c.claim_order("a.test", "n2", 2000, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Granted { failures: 3 }
+    );
+    // A finish by a node that no longer holds the lease changes nothing.
+    c.finish_order("a.test", "n1", 0, 0)
+        .await
+        .expect("stale finish");
+    assert_eq!(
+        c.claim_order("a.test", "n3", 2100, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Held {
+            holder: "n2".into(),
+            until: 2600
+        }
+    );
+    // n2 dies mid-order: its lease runs out and n3 takes over.
+    assert_eq!(
+        c.claim_order("a.test", "n3", 2600, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Granted { failures: 3 }
+    );
+    c.finish_order("a.test", "n3", 0, 0).await.expect("success");
+    assert_eq!(
+        c.claim_order("a.test", "n1", 2700, 600)
+            .await
+            .expect("claim"),
+        OrderClaim::Granted { failures: 0 }
+    );
+}
+
+#[tokio::test]
+async fn the_sqlite_store_meets_the_certs_contract() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    certs_contract(&store).await;
+    drop(store);
+    let again = SqliteStore::open(dir.path()).expect("reopen");
+    assert_eq!(again.acme_certs(0).await.expect("certs").len(), 2);
+}
+
+#[tokio::test]
+async fn the_postgres_store_meets_the_certs_contract() {
+    let store = pg().await;
+    certs_contract(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_claiming_one_order_at_once_grant_it_to_exactly_one() {
+    let url = support::postgres::Postgres::shared().database().await;
+    let mut nodes = Vec::new();
+    for i in 0..6 {
+        nodes.push(std::sync::Arc::new(
+            PgStore::connect(&PgSettings {
+                url: url.clone(),
+                pool_size: 1,
+                ca: Vec::new(),
+                node: format!("node-{i}"),
+            })
+            .await
+            .expect("connect"),
+        ));
+    }
+    let mut claims = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let n = n.clone();
+        claims.push(tokio::spawn(async move {
+            n.claim_order("race.test", &format!("node-{i}"), 5000, 600)
+                .await
+        }));
+    }
+    let mut granted = 0;
+    for c in claims {
+        if let OrderClaim::Granted { .. } = c.await.expect("task").expect("claim") {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 1);
 }

@@ -162,32 +162,17 @@ pub struct Fingerprinter {
 }
 
 impl Fingerprinter {
-    /// The key file in a state directory.
+    /// The key file in a state directory (the installation secret, see [`crate::seal`]).
     pub fn key_path(dir: &Path) -> PathBuf {
-        dir.join("fingerprint.key")
+        crate::seal::key_path(dir)
     }
 
     /// Loads the key from `dir`, creating a random one (mode 0600) at first start.
     pub fn open(dir: &Path) -> Result<Fingerprinter, ExposureError> {
-        let path = Self::key_path(dir);
-        let fail = |reason: String| ExposureError::Key {
-            path: path.display().to_string(),
+        let bytes = crate::seal::installation_key(dir).map_err(|reason| ExposureError::Key {
+            path: Self::key_path(dir).display().to_string(),
             reason,
-        };
-        let bytes = match std::fs::read(&path) {
-            Ok(b) if b.len() == 32 => b,
-            Ok(b) => return Err(fail(format!("holds {} bytes, expected 32", b.len()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| fail(format!("cannot create the state dir: {e}")))?;
-                let mut b = vec![0u8; 32];
-                aws_lc_rs::rand::fill(&mut b).map_err(|_| fail("no system randomness".into()))?;
-                crate::tls::write_private(&path, &b)
-                    .map_err(|e| fail(format!("cannot write: {e}")))?;
-                b
-            }
-            Err(e) => return Err(fail(format!("cannot read: {e}"))),
-        };
+        })?;
         Ok(Fingerprinter {
             key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
         })

@@ -9,9 +9,10 @@
 //! ones. This module never reaches into a plane (edge, DNS, admin): they come to it.
 //!
 //! [`EventQueue`] is the durable queue of exposure events waiting for their webhook, with
-//! their delivery state; [`Rollups`] the analytics counts and exposure records. [`Store`] is
-//! all three, as the composition root opens it.
+//! their delivery state; [`Rollups`] the analytics counts and exposure records; [`CertStore`]
+//! the ACME state a fleet shares. [`Store`] is all four, as the composition root opens it.
 
+pub mod certs;
 pub mod postgres;
 pub mod rollups;
 pub mod sqlite;
@@ -25,6 +26,7 @@ use crate::config::Overrides;
 use crate::stages::drain::Drain;
 use crate::stages::{Plan, Plans, Stage};
 
+pub use certs::{CertStore, OrderClaim, PendingChallenge, StoredCert};
 pub use postgres::{PgSettings, PgStore};
 pub use rollups::{
     DimCount, ExposureRow, OverflowCount, RollupBatch, Rollups, SeriesPoint, TrafficCount,
@@ -32,10 +34,11 @@ pub use rollups::{
 };
 pub use sqlite::SqliteStore;
 
-/// Everything the running program keeps: the policy, the exposure queue and the rollups.
-pub trait Store: PolicyStore + EventQueue + Rollups {}
+/// Everything the running program keeps: the policy, the exposure queue, the rollups and the
+/// ACME state.
+pub trait Store: PolicyStore + EventQueue + Rollups + CertStore {}
 
-impl<T: PolicyStore + EventQueue + Rollups> Store for T {}
+impl<T: PolicyStore + EventQueue + Rollups + CertStore> Store for T {}
 
 /// Why the store failed. Messages name the database or the file involved.
 #[derive(Debug, thiserror::Error)]

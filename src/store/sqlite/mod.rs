@@ -26,11 +26,12 @@ use crate::config::{Overrides, SiteOverride};
 use crate::stages::drain::Drain;
 use crate::stages::{Plan, Plans};
 
+mod certs;
 mod import;
 mod rollups;
 
 /// Bumped with every change to [`SCHEMA`]; kept in `meta`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -101,6 +102,7 @@ impl SqliteStore {
             let tx = conn.transaction().map_err(err)?;
             tx.execute_batch(SCHEMA).map_err(err)?;
             tx.execute_batch(rollups::SCHEMA).map_err(err)?;
+            tx.execute_batch(certs::SCHEMA).map_err(err)?;
             // Version 3: delivery leases, on an events table an earlier version created.
             let leased: bool = tx
                 .query_row(

@@ -1,4 +1,4 @@
-//! The shared store of a fleet: the same three traits on PostgreSQL (tokio-postgres with a
+//! The shared store of a fleet: the same four traits on PostgreSQL (tokio-postgres with a
 //! deadpool pool, TLS by rustls). The schema is versioned; [`PgStore::connect`] applies the
 //! missing migrations in one transaction under an advisory lock, so nodes starting together
 //! never race. Analytics rows carry the writing node's name and reads sum over nodes, so fleet
@@ -25,12 +25,15 @@ use crate::observe::{ClientFamily, DimKind, Outcome, Scheme, TlsVersion};
 use crate::stages::drain::Drain;
 use crate::stages::Plans;
 
+mod certs;
+
 /// Any number will do, as long as every node takes the same one.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
 
 /// Each entry brings the schema from its index to the next version. Never edit one that has
 /// shipped: add another.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE overrides (site TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE stages (site TEXT PRIMARY KEY, plan TEXT NOT NULL);
 CREATE TABLE drains (
@@ -79,7 +82,24 @@ CREATE TABLE rollup_counters (name TEXT PRIMARY KEY, count BIGINT NOT NULL);
 CREATE TABLE policy_generation (value BIGINT NOT NULL);
 CREATE TABLE nodes (name TEXT PRIMARY KEY, info TEXT NOT NULL);
 INSERT INTO policy_generation VALUES (0);
-"];
+",
+    "
+CREATE TABLE acme_accounts (directory TEXT PRIMARY KEY, sealed BYTEA NOT NULL);
+CREATE SEQUENCE acme_cert_version;
+CREATE TABLE acme_certs (
+    site TEXT PRIMARY KEY, chain_pem TEXT NOT NULL, sealed_key BYTEA NOT NULL,
+    directory TEXT NOT NULL, version BIGINT NOT NULL
+);
+CREATE TABLE acme_challenges (
+    seq BIGSERIAL PRIMARY KEY, site TEXT NOT NULL, holder TEXT NOT NULL, kind TEXT NOT NULL,
+    name TEXT NOT NULL, value TEXT NOT NULL
+);
+CREATE TABLE acme_orders (
+    site TEXT PRIMARY KEY, holder TEXT NOT NULL, lease_until BIGINT NOT NULL,
+    retry_at BIGINT NOT NULL, failures INTEGER NOT NULL
+);
+",
+];
 
 /// How to reach the database: `[store]`.
 #[derive(Clone)]
