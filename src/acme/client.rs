@@ -1,8 +1,8 @@
-//! One ACME conversation: the account (created once, kept in the state dir with mode 0600),
-//! and an order for one site answered through TLS-ALPN-01 on the site's own listeners.
+//! One ACME conversation: the account (loaded from kept credentials, or created), and an
+//! order for one site whose challenges [`Answers`] puts up: TLS-ALPN-01 on the edge's own
+//! listeners, or DNS-01 in the built-in DNS server, on every node of a fleet.
 
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,9 +17,9 @@ use instant_acme::{
 };
 use rustls::sign::CertifiedKey;
 
-use super::{AcmeError, Issued, TxtSink};
+use super::{AcmeError, Answers, Issued};
 use crate::config::{AcmeChallenge, AcmeSettings};
-use crate::tls::{self, LiveCerts};
+use crate::tls;
 
 /// How long a validation may take before the order is given up (and retried later).
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(90);
@@ -98,24 +98,30 @@ fn http_client(
     }))
 }
 
-/// The account of `settings.directory`: read from `file`, or created there (0600) once.
-pub(super) async fn account(
+/// The account whose credentials (JSON) are `creds`; `from` names where they were read.
+pub(super) async fn load_account(
     settings: &AcmeSettings,
-    file: &Path,
+    creds: &[u8],
+    from: &str,
     retry_after: &RetryAfter,
 ) -> Result<Account, AcmeError> {
-    if let Ok(text) = std::fs::read_to_string(file) {
-        let creds: AccountCredentials = serde_json::from_str(&text).map_err(|e| {
-            AcmeError::Setup(format!(
-                "account file {} does not parse ({e}); move it away to create a new account",
-                file.display()
-            ))
-        })?;
-        return Account::builder_with_http(http_client(settings, retry_after)?)
-            .from_credentials(creds)
-            .await
-            .map_err(AcmeError::from_acme);
-    }
+    let creds: AccountCredentials = serde_json::from_slice(creds).map_err(|e| {
+        AcmeError::Setup(format!(
+            "the ACME account in {from} does not parse ({e}); remove it to create a new account"
+        ))
+    })?;
+    Account::builder_with_http(http_client(settings, retry_after)?)
+        .from_credentials(creds)
+        .await
+        .map_err(AcmeError::from_acme)
+}
+
+/// A new account at `settings.directory`, and its credentials (JSON, with the account key) to
+/// keep.
+pub(super) async fn create_account(
+    settings: &AcmeSettings,
+    retry_after: &RetryAfter,
+) -> Result<(Account, Vec<u8>), AcmeError> {
     let contact: Vec<&str> = settings.contact.iter().map(String::as_str).collect();
     let (account, creds) = Account::builder_with_http(http_client(settings, retry_after)?)
         .create(
@@ -130,13 +136,7 @@ pub(super) async fn account(
         .await
         .map_err(AcmeError::from_acme)?;
     let text = serde_json::to_vec(&creds).map_err(|e| AcmeError::Setup(e.to_string()))?;
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| AcmeError::Setup(e.to_string()))?;
-    }
-    tls::write_private_atomic(file, &text)
-        .map_err(|e| AcmeError::Setup(format!("cannot write {}: {e}", file.display())))?;
-    tracing::info!(directory = %settings.directory, file = %file.display(), "ACME account created");
-    Ok(account)
+    Ok((account, text))
 }
 
 /// Orders a certificate for `names` and answers its authorizations: challenge certificates
@@ -145,16 +145,13 @@ pub(super) async fn order(
     account: &Account,
     names: &[String],
     challenge: AcmeChallenge,
-    live: &LiveCerts,
-    txt: &TxtSink,
+    answers: &Answers<'_>,
 ) -> Result<Issued, AcmeError> {
     let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account
         .new_order(&NewOrder::new(&ids))
         .await
         .map_err(AcmeError::from_acme)?;
-    let mut answering: Vec<String> = Vec::new();
-    let mut records: Vec<(String, String)> = Vec::new();
     let result = async {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
@@ -190,18 +187,16 @@ pub(super) async fn order(
                         .map_err(|_| {
                             AcmeError::Setup("key authorization digest is not 32 bytes".into())
                         })?;
-                    let cert = tls::acme_challenge_cert(&name, &digest)
-                        .map_err(|e| AcmeError::Setup(e.to_string()))?;
-                    live.begin_challenge(&name, cert);
-                    answering.push(name);
+                    answers.alpn(&name, digest).await?;
                 }
                 AcmeChallenge::Dns01 => {
                     // A wildcard and its apex share one owner name: both values stay up.
-                    records.push((
-                        format!("_acme-challenge.{name}"),
-                        ch.key_authorization().dns_value(),
-                    ));
-                    txt(records.clone());
+                    answers
+                        .txt(
+                            &format!("_acme-challenge.{name}"),
+                            ch.key_authorization().dns_value(),
+                        )
+                        .await;
                 }
             }
             ch.set_ready().await.map_err(AcmeError::from_acme)?;
@@ -219,12 +214,7 @@ pub(super) async fn order(
         Ok(())
     }
     .await;
-    for name in &answering {
-        live.end_challenge(name);
-    }
-    if !records.is_empty() {
-        txt(Vec::new());
-    }
+    answers.end().await;
     result?;
     let (key_pem, csr) = tls::key_and_csr(names).map_err(|e| AcmeError::Setup(e.to_string()))?;
     order

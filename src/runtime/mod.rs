@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 pub use serve::{foreign_listeners, run_until_signal, serve, Signals};
 pub use source::{load, node_name, open_store, open_store_read, ConfigSource};
 
-use crate::acme::Acme;
+use crate::acme::{Acme, AcmeParts};
 use crate::admin::{Admin, Control, ControlError};
 use crate::analytics::metrics::{Counters, StatsSnapshot};
 use crate::analytics::{Analytics, AnalyticsError};
@@ -175,9 +175,15 @@ impl Runtime {
         let txt = zones.clone();
         let acme = Acme::start(
             &config,
-            live.clone(),
-            Arc::new(move |records| txt.set_txt(records)),
-        );
+            AcmeParts {
+                live: live.clone(),
+                txt: Arc::new(move |records| txt.set_txt(records)),
+                store: store.clone(),
+                node: source::node_name(config.node.clone()),
+                shared,
+            },
+        )
+        .await;
         let edge = Edge::start(EdgeParts {
             settings: &config.edge,
             analytics: analytics.clone(),
