@@ -492,3 +492,184 @@ webhook = {{ url = "https://localhost:{port}/hook", secret_file = "{secret}", ca
         rt.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// An ACME node of a fleet: its own closed address and DNS server, the shared store; the site
+/// takes its certificate from the CA when `acme` (else the development CA's).
+#[allow(clippy::too_many_arguments)]
+fn acme_node(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    pebble: &support::pebble::Pebble,
+    closed: Ipv4Addr,
+    dns: SocketAddr,
+    origin: &str,
+    acme: bool,
+) -> std::path::PathBuf {
+    let state = dir.join(name);
+    let mut text =
+        support::pebble::acme_config(pebble, &state, closed, dns, origin, "www.acme.test", "");
+    if !acme {
+        text = text.replace("cert = \"acme\"\n", "");
+    }
+    text += &format!("[node]\nname = \"{name}\"\n[store]\nurl = \"{url}\"\npool_size = 2\n");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_orders_one_certificate_that_any_node_validates_and_every_node_serves() {
+    use portcullis::acme::CertSource;
+    use support::pebble::{served, start, Pebble};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = support::postgres::Postgres::shared().database().await;
+    let origin = TestOrigin::start().await;
+    let (closed_a, closed_b) = (loopback(), loopback());
+    let (dns_a, dns_b) = (
+        SocketAddr::from((loopback(), 5353)),
+        SocketAddr::from((loopback(), 5353)),
+    );
+    // The CA resolves names through b's DNS server, which answers with b's address only: every
+    // validation reaches b, whichever node ordered.
+    let mut pebble = Pebble::new(dir.path());
+    pebble.start(8443, dns_b).await;
+    // One installation secret for the fleet, so each node opens the keys another sealed.
+    let mut key = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut key).expect("random");
+    for name in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(name)).expect("state");
+        std::fs::write(dir.path().join(name).join("fingerprint.key"), key).expect("key");
+    }
+    // b serves the site with a development certificate and orders nothing; a orders.
+    let path_b = acme_node(
+        dir.path(),
+        "b",
+        &url,
+        &pebble,
+        closed_b,
+        dns_b,
+        &origin.url(),
+        false,
+    );
+    let b = start(&path_b).await;
+    let path_a = acme_node(
+        dir.path(),
+        "a",
+        &url,
+        &pebble,
+        closed_a,
+        dns_a,
+        &origin.url(),
+        true,
+    );
+    let a = start(&path_a).await;
+    let issued = |rt: &Runtime| {
+        rt.acme()
+            .status()
+            .iter()
+            .all(|s| s.source == CertSource::Acme)
+    };
+    wait_until("a's order is validated on b and issued", || {
+        let done = issued(&a);
+        async move { done }
+    })
+    .await;
+    let st = a.acme().status()[0].clone();
+    assert!(st.last_error.is_none(), "{st:?}");
+    let roots = pebble.root().await;
+    let on_a = served(
+        SocketAddr::from((closed_a, 8443)),
+        "www.acme.test",
+        roots.clone(),
+    )
+    .await;
+
+    // b takes the site's certificate from the CA too: it finds a's in the store and orders none.
+    std::fs::write(
+        &path_b,
+        std::fs::read_to_string(&path_b)
+            .expect("read")
+            .replace("origin = ", "cert = \"acme\"\norigin = "),
+    )
+    .expect("write");
+    b.reload().await.expect("reload");
+    wait_until("b serves the fleet's certificate", || {
+        let done = issued(&b);
+        async move { done }
+    })
+    .await;
+    let on_b = served(
+        SocketAddr::from((closed_b, 8443)),
+        "www.acme.test",
+        roots.clone(),
+    )
+    .await;
+    assert_eq!(on_a, on_b, "one certificate for the fleet: b ordered none");
+    let kept =
+        std::fs::read_to_string(dir.path().join("b/acme/www.acme.test.pem")).expect("b's copy");
+    assert!(kept.contains("BEGIN CERTIFICATE"));
+
+    // A node joining later, with no files of its own, serves it from its first handshake.
+    std::fs::create_dir_all(dir.path().join("c")).expect("state");
+    std::fs::write(dir.path().join("c").join("fingerprint.key"), key).expect("key");
+    let closed_c = loopback();
+    let path_c = acme_node(
+        dir.path(),
+        "c",
+        &url,
+        &pebble,
+        closed_c,
+        SocketAddr::from((loopback(), 5353)),
+        &origin.url(),
+        true,
+    );
+    let c = start(&path_c).await;
+    assert!(issued(&c), "{:?}", c.acme().status());
+    let on_c = served(SocketAddr::from((closed_c, 8443)), "www.acme.test", roots).await;
+    assert_eq!(on_a, on_c);
+
+    // The store holds the certificate key and the account key sealed only.
+    let dump = std::process::Command::new(support::postgres::bin("pg_dump"))
+        .arg(&url)
+        .output()
+        .expect("pg_dump");
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("acme_certs"),
+        "the dump holds the ACME tables"
+    );
+    assert!(
+        !dump.contains("PRIVATE KEY"),
+        "a key in the clear in the database dump"
+    );
+    let key_pem =
+        std::fs::read_to_string(dir.path().join("a/acme/www.acme.test.key")).expect("key");
+    for line in key_pem.lines().filter(|l| l.len() > 40) {
+        assert!(
+            !dump.contains(line),
+            "a line of the certificate key is in the dump"
+        );
+    }
+    let account = std::fs::read_dir(dir.path().join("a/acme"))
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("account-"))
+        .expect("account file");
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(account.path()).expect("read")).expect("json");
+    let pkcs8 = creds["key_pkcs8"].as_str().expect("account key");
+    assert!(
+        !dump.contains(&pkcs8[pkcs8.len() / 2..]),
+        "the account key is in the dump"
+    );
+    for rt in [&a, &b, &c] {
+        rt.shutdown(Duration::from_secs(2)).await;
+    }
+}

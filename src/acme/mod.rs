@@ -475,8 +475,13 @@ impl Acme {
         };
         // The certificate before the lease ends: a node that may order next finds it there.
         if let (Some(issued), Some(settings)) = (issued, &settings) {
-            self.share_cert(&w.site, &issued.chain_pem, &issued.key_pem, &settings.directory)
-                .await;
+            self.share_cert(
+                &w.site,
+                &issued.chain_pem,
+                &issued.key_pem,
+                &settings.directory,
+            )
+            .await;
         }
         if let Err(e) = self
             .store
@@ -596,8 +601,8 @@ impl Acme {
         let Some(st) = status.get_mut(&row.site) else {
             return;
         };
-        let newer = st.source == CertSource::Development
-            || st.not_after.is_none_or(|n| n < info.not_after);
+        let newer =
+            st.source == CertSource::Development || st.not_after.is_none_or(|n| n < info.not_after);
         if !newer || info.not_after <= now() {
             return;
         }
@@ -790,7 +795,12 @@ impl Acme {
         };
         let issued = client::order(&account, &w.names, w.challenge, &answers).await?;
         let info = tls::cert_info(&issued.key).map_err(|e| AcmeError::Refused(e.to_string()))?;
-        self.keep_files(&w.site, &issued.chain_pem, &issued.key_pem, &settings.directory)?;
+        self.keep_files(
+            &w.site,
+            &issued.chain_pem,
+            &issued.key_pem,
+            &settings.directory,
+        )?;
         Ok((info, issued))
     }
 }
