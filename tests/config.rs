@@ -127,6 +127,9 @@ host = "mode.test"
 pool = "open"
 origin = "http://127.0.0.1:9000"
 cleartext = "maybe"
+
+[exposure]
+delivery_timeout = "1h"
 "#,
         cert_a = cert_a.display(),
         key_b = key_b.display(),
@@ -188,7 +191,9 @@ cleartext = "maybe"
     ]);
     // Unknown mode.
     expect(&["mode.test", "\"maybe\"", "unknown mode"]);
-    assert!(lines.len() >= 13, "all problems at once:\n{stderr}");
+    // A delivery timeout that would let a dead node's claims block a fleet for hours.
+    expect(&["exposure.delivery_timeout", "\"1h\"", "at most \"5m\""]);
+    assert!(lines.len() >= 14, "all problems at once:\n{stderr}");
 }
 
 #[test]

@@ -673,3 +673,157 @@ async fn a_fleet_orders_one_certificate_that_any_node_validates_and_every_node_s
         rt.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// A webhook node's config: `legacy.test` on an open pool at `open`, exposure events to the
+/// receiver at `port`, deliveries timing out after 1 s.
+fn webhook_node(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    open: Ipv4Addr,
+    port: u16,
+) -> std::path::PathBuf {
+    let state = dir.join(name);
+    let ca = dir.join("test-ca.pem");
+    let secret = dir.join("hook.secret");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[state]
+dir = "{state}"
+[node]
+name = "{name}"
+[store]
+url = "{url}"
+pool_size = 2
+[analytics]
+flush_interval = "100ms"
+[exposure]
+delivery_timeout = "1s"
+[[pool]]
+name = "open"
+addresses = ["{open}"]
+tls_ports = [6443]
+cleartext_ports = [6080]
+[[site]]
+host = "legacy.test"
+pool = "open"
+origin = "http://127.0.0.1:9"
+cleartext = "reject"
+exposure_response = "notify"
+webhook = {{ url = "https://localhost:{port}/hook", secret_file = "{secret}", ca = "{ca}" }}
+"#,
+            state = state.display(),
+            secret = secret.display(),
+            ca = ca.display(),
+        ),
+    )
+    .expect("write");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_delivery_leaves_the_event_to_another_node_which_delivers_it_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = support::TestCa::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // The first delivery reaches the receiver and is never answered: its sender dies meanwhile.
+    let (got, _receiver) = support::webhook::receiver_hanging(&ca, port, 1).await;
+    assert_eq!(ca.write_ca(dir.path()), dir.path().join("test-ca.pem"));
+    std::fs::write(
+        dir.path().join("hook.secret"),
+        "webhook-signing-secret-for-tests",
+    )
+    .expect("secret");
+    let url = support::postgres::Postgres::shared().database().await;
+
+    // Node a runs as its own process, so it can be killed with SIGKILL mid-delivery.
+    let open_a = loopback();
+    let path_a = webhook_node(dir.path(), "a", &url, open_a, port);
+    let log = std::fs::File::create(dir.path().join("a.log")).expect("log");
+    let mut a = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("serve")
+        .arg("-c")
+        .arg(&path_a)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("portcullis serve");
+    let cleartext = SocketAddr::from((open_a, 6080));
+    wait_until("node a listens", || async move {
+        tokio::net::TcpStream::connect(cleartext).await.is_ok()
+    })
+    .await;
+    let mut req = get("http://legacy.test/v1");
+    req.headers_mut().insert(
+        "x-api-key",
+        "key-whose-delivery-is-cut-short".parse().expect("h"),
+    );
+    assert_eq!(http(cleartext, req).await.status, 403);
+    wait_until("a's delivery reaches the receiver", || {
+        let n = got.lock().expect("lock").len();
+        async move { n >= 1 }
+    })
+    .await;
+    let killed_at = tokio::time::Instant::now();
+    a.kill().expect("kill a");
+    a.wait().expect("a is gone");
+
+    // Node b has never seen the credential: it takes the event once a's lease runs out.
+    let b = Runtime::start(
+        ConfigSource::File(webhook_node(dir.path(), "b", &url, loopback(), port)),
+        None,
+    )
+    .await
+    .expect("b starts");
+    wait_until("b delivers the event", || {
+        let n = got.lock().expect("lock").len();
+        async move { n >= 2 }
+    })
+    .await;
+    let took = killed_at.elapsed();
+    // Both of b's claim rounds since, and nothing more: delivered once, not again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deliveries = got.lock().expect("lock").clone();
+    assert_eq!(deliveries.len(), 2, "{deliveries:?}");
+    let key = |i: usize| {
+        deliveries[i]
+            .0
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .expect("idempotency key")
+    };
+    assert_eq!(
+        key(0),
+        key(1),
+        "the receiver can tell the retry from a new event"
+    );
+    assert_eq!(
+        deliveries[0].1["fingerprint"],
+        deliveries[1].1["fingerprint"]
+    );
+    // The lease is 10 delivery timeouts: b took over after it, not before.
+    assert!(took >= Duration::from_secs(7), "{took:?}");
+    let store = portcullis::store::PgStore::connect(&portcullis::store::PgSettings {
+        url,
+        pool_size: 1,
+        ca: Vec::new(),
+        node: "test".into(),
+    })
+    .await
+    .expect("connect");
+    let (events, _) = portcullis::store::EventQueue::events(&store, None)
+        .await
+        .expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].state, portcullis::store::DeliveryState::Delivered);
+    assert_eq!(events[0].attempts, 1, "a's cut attempt was never recorded");
+    b.shutdown(Duration::from_secs(2)).await;
+}

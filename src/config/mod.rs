@@ -669,6 +669,10 @@ pub struct ExposureSettings {
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// How long one webhook delivery may take. A node holds the events it claims for a few of
+    /// these (see `exposure::queue`): a node that dies mid-delivery leaves them to another
+    /// node after that.
+    pub delivery_timeout: Duration,
     /// How much of a cleartext request's form or JSON body is searched for credentials; 0
     /// searches no body.
     pub scan_body_bytes: usize,
@@ -683,6 +687,7 @@ impl Default for ExposureSettings {
             max_attempts: 10,
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(600),
+            delivery_timeout: Duration::from_secs(10),
             // Login forms and token requests fit easily; a bound keeps the scan cheap.
             scan_body_bytes: 8192,
         }

@@ -198,6 +198,7 @@ pub(super) struct RawExposure {
     pub(super) scan_body_bytes: Option<i64>,
     pub(super) backoff_base: Option<String>,
     pub(super) backoff_max: Option<String>,
+    pub(super) delivery_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -288,6 +288,19 @@ impl Validator<'_> {
                 d.scan_body_bytes
             }
         };
+        let mut delivery_timeout = self.duration(
+            "exposure.delivery_timeout",
+            raw.delivery_timeout.clone(),
+            d.delivery_timeout,
+        );
+        if delivery_timeout > Duration::from_secs(300) {
+            self.problem(
+                "exposure.delivery_timeout",
+                format!("{:?}", raw.delivery_timeout.unwrap_or_default()),
+                "must be at most \"5m\": the events a node claims wait this long per delivery if it dies",
+            );
+            delivery_timeout = d.delivery_timeout;
+        }
         ExposureSettings {
             per_site_per_minute,
             per_network_per_minute,
@@ -295,6 +308,7 @@ impl Validator<'_> {
             max_attempts,
             backoff_base: self.duration("exposure.backoff_base", raw.backoff_base, d.backoff_base),
             backoff_max: self.duration("exposure.backoff_max", raw.backoff_max, d.backoff_max),
+            delivery_timeout,
             scan_body_bytes,
         }
     }

@@ -309,15 +309,20 @@ struct EventBody<'a> {
     withheld: Option<&'static str>,
 }
 
-/// Events claimed per round, and how long a claim holds: long enough for each of them to time
-/// out once (10 s per delivery), after which another node may take what a dead one held.
+/// Events claimed per round. The claim holds for `CLAIM_BATCH + 2` delivery timeouts: long
+/// enough for each of them to time out once, after which another node may take what a dead
+/// one held.
 const CLAIM_BATCH: u32 = 8;
-const CLAIM_LEASE: u64 = 120;
 
 async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
     let Ok(due) = r
         .queue
-        .claim(now(), CLAIM_BATCH, CLAIM_LEASE, &r.holder)
+        .claim(
+            now(),
+            CLAIM_BATCH,
+            r.settings.delivery_timeout.as_secs().max(1) * u64::from(CLAIM_BATCH + 2),
+            &r.holder,
+        )
         .await
     else {
         return;
@@ -355,7 +360,7 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
         drop(body);
-        let result = post(&policy, &ev.id, json).await;
+        let result = post(&policy, &ev.id, json, r.settings.delivery_timeout).await;
         let attempts = ev.attempts + 1;
         let (state, next, error) = match &result {
             Ok(()) => (DeliveryState::Delivered, 0, None),
@@ -403,7 +408,12 @@ async fn deliver_due(r: &Arc<Responder>, policies: &PolicySource) {
 }
 
 /// POSTs one signed event. Only 2xx counts as delivered.
-async fn post(policy: &ExposureResponse, id: &str, body: Vec<u8>) -> Result<(), String> {
+async fn post(
+    policy: &ExposureResponse,
+    id: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(), String> {
     let extra = match &policy.ca {
         Some(path) => crate::tls::load_certs(path).map_err(|e| e.to_string())?,
         None => Vec::new(),
@@ -427,7 +437,7 @@ async fn post(policy: &ExposureResponse, id: &str, body: Vec<u8>) -> Result<(), 
         .header("x-portcullis-signature", format!("t={ts},v1={sig}"))
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+    let resp = tokio::time::timeout(timeout, client.request(req))
         .await
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| {

@@ -18,6 +18,16 @@ pub type Received = Arc<Mutex<Vec<(HeaderMap, serde_json::Value)>>>;
 
 /// An HTTPS receiver on 127.0.0.1:`port` with a certificate for `localhost` from `ca`.
 pub async fn receiver(ca: &TestCa, port: u16) -> (Received, tokio::task::JoinHandle<()>) {
+    receiver_hanging(ca, port, 0).await
+}
+
+/// [`receiver`], except that the first `hang` requests are recorded and never answered (a
+/// delivery in flight when its sender dies).
+pub async fn receiver_hanging(
+    ca: &TestCa,
+    port: u16,
+    hang: usize,
+) -> (Received, tokio::task::JoinHandle<()>) {
     let dir = tempfile::tempdir().expect("tmp");
     let (cert, key) = ca.issue(dir.path(), "hook", &["localhost"]);
     let ck = portcullis::tls::load_certified_key(&cert, &key).expect("cert");
@@ -51,7 +61,14 @@ pub async fn receiver(ca: &TestCa, port: u16) -> (Received, tokio::task::JoinHan
                             "x-test-raw-body",
                             String::from_utf8_lossy(&body).parse().expect("header"),
                         );
-                        got.lock().expect("lock").push((headers, json));
+                        let n = {
+                            let mut got = got.lock().expect("lock");
+                            got.push((headers, json));
+                            got.len()
+                        };
+                        if n <= hang {
+                            std::future::pending::<()>().await;
+                        }
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
                     }
                 });
