@@ -418,9 +418,12 @@ async fn one_credential_seen_by_two_nodes_reaches_the_webhook_once() {
         .expect("addr")
         .port();
     let (got, _receiver) = support::webhook::receiver(&ca, port).await;
-    let ca_path = ca.write_ca(dir.path());
-    let secret = dir.path().join("hook.secret");
-    std::fs::write(&secret, "webhook-signing-secret-for-tests").expect("secret");
+    assert_eq!(ca.write_ca(dir.path()), dir.path().join("test-ca.pem"));
+    std::fs::write(
+        dir.path().join("hook.secret"),
+        "webhook-signing-secret-for-tests",
+    )
+    .expect("secret");
     let url = support::postgres::Postgres::shared().database().await;
     // One fingerprint key for the fleet, so one credential has one fingerprint on every node.
     let key: Vec<u8> = (0..32u8).collect();
@@ -430,38 +433,7 @@ async fn one_credential_seen_by_two_nodes_reaches_the_webhook_once() {
         std::fs::create_dir_all(&state).expect("state");
         std::fs::write(state.join("fingerprint.key"), &key).expect("key");
         let open = loopback();
-        let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                r#"
-[state]
-dir = "{state}"
-[node]
-name = "{name}"
-[store]
-url = "{url}"
-[analytics]
-flush_interval = "100ms"
-[[pool]]
-name = "open"
-addresses = ["{open}"]
-tls_ports = [6443]
-cleartext_ports = [6080]
-[[site]]
-host = "legacy.test"
-pool = "open"
-origin = "http://127.0.0.1:9"
-cleartext = "reject"
-exposure_response = "notify"
-webhook = {{ url = "https://localhost:{port}/hook", secret_file = "{secret}", ca = "{ca}" }}
-"#,
-                state = state.display(),
-                secret = secret.display(),
-                ca = ca_path.display(),
-            ),
-        )
-        .expect("write");
+        let path = webhook_node(dir.path(), name, &url, open, port);
         let rt = Runtime::start(ConfigSource::File(path), None)
             .await
             .unwrap_or_else(|e| panic!("node {name} starts: {e}"));
