@@ -130,6 +130,10 @@ cleartext = "maybe"
 
 [exposure]
 delivery_timeout = "1h"
+
+[store]
+url = "postgres://portcullis@db.internal/portcullis"
+poll_interval = "50ms"
 "#,
         cert_a = cert_a.display(),
         key_b = key_b.display(),
@@ -193,7 +197,13 @@ delivery_timeout = "1h"
     expect(&["mode.test", "\"maybe\"", "unknown mode"]);
     // A delivery timeout that would let a dead node's claims block a fleet for hours.
     expect(&["exposure.delivery_timeout", "\"1h\"", "at most \"5m\""]);
-    assert!(lines.len() >= 14, "all problems at once:\n{stderr}");
+    // A poll that would load the database for little gain.
+    expect(&[
+        "store.poll_interval",
+        "\"50ms\"",
+        "between \"100ms\" and \"60s\"",
+    ]);
+    assert!(lines.len() >= 15, "all problems at once:\n{stderr}");
 }
 
 #[test]

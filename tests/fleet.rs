@@ -29,6 +29,7 @@ fn config(
     admin: SocketAddr,
     origin: &str,
     state: &Path,
+    store_extra: &str,
 ) -> String {
     format!(
         r#"
@@ -39,6 +40,7 @@ name = "{name}"
 [store]
 url = "{url}"
 pool_size = 4
+{store_extra}
 [analytics]
 flush_interval = "100ms"
 [admin]
@@ -59,10 +61,16 @@ cleartext = "reject"
 }
 
 async fn node(dir: &Path, name: &str, url: &str, origin: &str) -> Node {
+    node_with(dir, name, url, origin, "").await
+}
+
+/// A node with more `[store]` keys.
+async fn node_with(dir: &Path, name: &str, url: &str, origin: &str, store_extra: &str) -> Node {
     let (open, admin) = (loopback(), SocketAddr::from((loopback(), 6444)));
     let state = dir.join(name);
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config(name, url, open, admin, origin, &state)).expect("write");
+    let text = config(name, url, open, admin, origin, &state, store_extra);
+    std::fs::write(&path, text).expect("write");
     let rt = Runtime::start(ConfigSource::File(path.clone()), None)
         .await
         .unwrap_or_else(|e| panic!("node {name} starts: {e}"));
@@ -273,6 +281,128 @@ async fn two_nodes_share_one_policy_one_audit_log_and_counts_that_sum_exactly() 
     );
     rt.shutdown(Duration::from_secs(2)).await;
     a.rt.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Waits up to `within` for `node` to answer cleartext with `status`; returns how long it took.
+async fn serves(node: &Node, status: u16, within: Duration, what: &str) -> Duration {
+    let since = tokio::time::Instant::now();
+    loop {
+        let got = node.cleartext().await;
+        if got == status {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < within,
+            "{what}: still {got} instead of {status} after {:?}",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = std::process::Command::new(support::postgres::bin("psql"))
+        .args([url, "-v", "ON_ERROR_STOP=1", "-tA", "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_wakes_every_node_at_once_and_the_poll_catches_up_what_a_lost_one_missed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let origin = TestOrigin::start().await;
+    let url = support::postgres::Postgres::shared().database().await;
+    let a = node(dir.path(), "a", &url, &origin.url()).await;
+    // b polls so rarely that, within this test, only a notification can tell it of a change;
+    // c polls often.
+    let b = node_with(
+        dir.path(),
+        "b",
+        &url,
+        &origin.url(),
+        r#"poll_interval = "60s""#,
+    )
+    .await;
+    let c = node_with(
+        dir.path(),
+        "c",
+        &url,
+        &origin.url(),
+        r#"poll_interval = "200ms""#,
+    )
+    .await;
+    let token = a.token.clone().expect("a's token");
+    let mode = |m: &str| format!(r#"{{"cleartext":"{m}"}}"#);
+    let patch = |m: &'static str| {
+        let (a, token, body) = (&a, token.clone(), mode(m));
+        async move {
+            let (status, body) = a
+                .api(&token, Method::PATCH, "/api/sites/legacy.test", &body)
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+
+    patch("redirect").await;
+    let took = serves(&b, 301, Duration::from_secs(2), "b, woken by NOTIFY").await;
+    eprintln!("a change on a reached b (60 s poll) in {took:?}");
+
+    // Every node's notification connection is cut: each reconnects, and a change made
+    // meanwhile still arrives (the reconnection wakes the follower to read the generation).
+    let cut = psql(
+        &url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE query = 'LISTEN portcullis_policy' AND datname = current_database()",
+    );
+    assert_eq!(cut, "3", "one notification connection per node");
+    patch("allow").await;
+    serves(
+        &b,
+        200,
+        Duration::from_secs(3),
+        "b, after its listener was cut",
+    )
+    .await;
+    wait_until("every node listens again", || {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                psql(
+                    &url,
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE query = 'LISTEN portcullis_policy' AND datname = current_database()",
+                ) == "3"
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+
+    // A write that sends no notification (as one lost on the way) reaches c by its poll,
+    // and not b, which only polls every minute.
+    patch("redirect").await;
+    serves(&b, 301, Duration::from_secs(2), "b").await;
+    serves(&c, 301, Duration::from_secs(2), "c").await;
+    psql(
+        &url,
+        "BEGIN; \
+         UPDATE overrides SET value = replace(value, '\"redirect\"', '\"reject\"') \
+           WHERE site = 'legacy.test'; \
+         UPDATE policy_generation SET value = value + 1; COMMIT",
+    );
+    serves(&c, 403, Duration::from_secs(2), "c, by its poll").await;
+    assert_eq!(b.cleartext().await, 301, "b heard of the silent write");
+
+    for n in [a, b, c] {
+        n.rt.shutdown(Duration::from_secs(2)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

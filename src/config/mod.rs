@@ -212,6 +212,9 @@ pub struct StoreSettings {
     pub pool_size: usize,
     /// Extra trust anchors (PEM) for the database server's certificate.
     pub ca: Option<PathBuf>,
+    /// How often each node reads the store's policy generation, whatever LISTEN/NOTIFY says:
+    /// the longest a change takes to arrive when a notification was lost.
+    pub poll_interval: std::time::Duration,
 }
 
 impl fmt::Debug for StoreSettings {
@@ -220,6 +223,7 @@ impl fmt::Debug for StoreSettings {
             .field("url", &"<configured>")
             .field("pool_size", &self.pool_size)
             .field("ca", &self.ca)
+            .field("poll_interval", &self.poll_interval)
             .finish()
     }
 }

@@ -44,6 +44,7 @@ pub(super) struct RawStore {
     pub(super) url: String,
     pub(super) pool_size: Option<i64>,
     pub(super) ca: Option<PathBuf>,
+    pub(super) poll_interval: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

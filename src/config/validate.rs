@@ -125,10 +125,26 @@ impl Validator<'_> {
             });
             path
         });
+        let default_poll = Duration::from_secs(1);
+        let mut poll_interval = self.duration(
+            "store.poll_interval",
+            raw.poll_interval.clone(),
+            default_poll,
+        );
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&poll_interval) {
+            self.problem(
+                "store.poll_interval",
+                format!("{:?}", raw.poll_interval.unwrap_or_default()),
+                "between \"100ms\" and \"60s\": a change whose notification was lost takes up to this long to reach a node",
+            );
+            poll_interval = default_poll;
+            ok = false;
+        }
         ok.then_some(StoreSettings {
             url: raw.url,
             pool_size,
             ca,
+            poll_interval,
         })
     }
 

@@ -101,6 +101,8 @@ struct Inner {
     start_drains: Mutex<Option<Vec<crate::stages::drain::Drain>>>,
     /// Whether the store is shared (PostgreSQL): then a last-known-good copy is kept locally.
     shared_store: bool,
+    /// How often the follower reads the store's generation (`[store] poll_interval`).
+    poll_every: Duration,
     /// Whether the store answered its last query.
     store_up: std::sync::atomic::AtomicBool,
     /// `[node] name`, or the host name.
@@ -207,6 +209,10 @@ impl Runtime {
             applying: tokio::sync::Mutex::new(()),
             start_drains: Mutex::new(Some(policy.drains.clone())),
             shared_store: shared,
+            poll_every: config
+                .store
+                .as_ref()
+                .map_or(FOLLOW_EVERY, |s| s.poll_interval),
             store_up: std::sync::atomic::AtomicBool::new(store_up),
             node: source::node_name(config.node.clone()),
             started_at: crate::clock::now(),
@@ -380,12 +386,12 @@ impl ZoneView {
     }
 }
 
-/// How often the store's policy generation is read: a change made through another node (a
-/// fleet on one database) is applied here within this, plus the apply.
+/// How often the embedded store's policy generation is read (`[store] poll_interval` for a
+/// shared one, which also wakes the follower on LISTEN/NOTIFY).
 const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 
-/// A heartbeat every this many follower rounds (5 s); a node silent for three is shown as gone.
-const HEARTBEAT_TICKS: u32 = 10;
+/// How often a node tells the store it is alive; one silent for three is shown as gone.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
 /// Applies the policy other nodes write to the shared store: whenever the store's generation
 /// moves, the stored overrides and plans are compared with those applied here, and applied if
@@ -396,15 +402,27 @@ async fn follow_store(inner: Arc<Inner>, stop: CancellationToken) {
     if seen.is_some() && inner.shared_store {
         inner.save_last_known_good().await;
     }
-    let mut ticks: u32 = 0;
+    // A notification wakes at once; the poll catches what a lost one would have said.
+    let wake = inner.store.wake_ups();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(inner.poll_every);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.tick().await;
     loop {
-        if ticks % HEARTBEAT_TICKS == 0 {
-            inner.heartbeat().await;
-        }
-        ticks = ticks.wrapping_add(1);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            _ = heartbeat.tick() => {
+                inner.heartbeat().await;
+                continue;
+            }
+            _ = poll.tick() => {}
+            _ = async {
+                match &wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => poll.reset(),
         }
         let now = match inner.store.generation().await {
             Ok(g) => g,

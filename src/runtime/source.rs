@@ -159,7 +159,15 @@ pub async fn open_store_read(
 /// store (read-only: nothing is created).
 pub fn load(path: &Path) -> Result<Config, super::RuntimeError> {
     let source = ConfigSource::File(path.to_owned());
-    let overrides = match source.store_settings()? {
+    let settings = match source.store_settings() {
+        Ok(settings) => settings,
+        // A bad `[store]` is reported with every other problem the file has.
+        Err(e @ crate::config::ConfigError::Invalid { .. }) => {
+            return Err(source.load(&Overrides::new()).err().unwrap_or(e).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let overrides = match settings {
         (None, _) => match SqliteStore::open_read_only(&source.state_dir()?)? {
             Some(store) => store.overrides_now()?,
             None => Overrides::new(),

@@ -156,6 +156,12 @@ pub trait PolicyStore: Send + Sync {
     /// A number that grows with every write of overrides, plans or drains (in the same
     /// transaction), so a node polling it learns that the shared policy changed.
     async fn generation(&self) -> Result<u64, StoreError>;
+    /// A wake-up for the follower, woken when another node may have moved the generation
+    /// (PostgreSQL's LISTEN/NOTIFY). Only a hint: lost while disconnected, so the generation is
+    /// still polled. Each call starts a listener, which ends when the `Notify` is dropped.
+    fn wake_ups(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Records that `node` is alive, with what it runs (one row per node name).
     async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError>;
     /// Every node that ever sent a heartbeat, by name.

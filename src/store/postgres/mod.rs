@@ -26,6 +26,7 @@ use crate::stages::drain::Drain;
 use crate::stages::Plans;
 
 mod certs;
+mod listen;
 
 /// Any number will do, as long as every node takes the same one.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
@@ -123,6 +124,9 @@ pub struct PgStore {
     /// Set once the schema is known to be current: until then every use tries the migration
     /// first, so a node that started while the database was down catches up when it returns.
     migrated: Arc<tokio::sync::OnceCell<()>>,
+    /// For the notification connection, outside the pool (see [`listen`]).
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
 impl PgStore {
@@ -149,9 +153,10 @@ impl PgStore {
             db: name.clone(),
             reason: e.to_string(),
         })?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
         let mgr = Manager::from_config(
-            cfg,
-            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            cfg.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -171,6 +176,8 @@ impl PgStore {
             name,
             node: settings.node.clone(),
             migrated: Arc::new(tokio::sync::OnceCell::new()),
+            config: cfg,
+            tls,
         })
     }
 
@@ -340,7 +347,7 @@ async fn bump_generation(
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute("UPDATE policy_generation SET value = value + 1", &[])
         .await?;
-    tx.execute("NOTIFY portcullis_policy", &[])
+    tx.execute(&format!("NOTIFY {}", listen::CHANNEL), &[])
         .await
         .map(|_| ())
 }
@@ -479,6 +486,14 @@ impl PolicyStore for PgStore {
             .await
             .map_err(|e| self.err(e))?;
         Ok(ts(row.get(0)))
+    }
+
+    fn wake_ups(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(listen::spawn(
+            self.config.clone(),
+            self.tls.clone(),
+            self.name.clone(),
+        ))
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> Result<(), StoreError> {
