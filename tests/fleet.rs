@@ -22,6 +22,15 @@ struct Node {
     state: std::path::PathBuf,
 }
 
+/// More keys for a node's config.
+#[derive(Default)]
+struct Extra<'a> {
+    /// In `[store]`.
+    store: &'a str,
+    /// In its site's table.
+    site: &'a str,
+}
+
 fn config(
     name: &str,
     url: &str,
@@ -29,7 +38,7 @@ fn config(
     admin: SocketAddr,
     origin: &str,
     state: &Path,
-    store_extra: &str,
+    extra: &Extra,
 ) -> String {
     format!(
         r#"
@@ -40,7 +49,7 @@ name = "{name}"
 [store]
 url = "{url}"
 pool_size = 4
-{store_extra}
+{store}
 [analytics]
 flush_interval = "100ms"
 [admin]
@@ -55,21 +64,24 @@ host = "legacy.test"
 pool = "open"
 origin = "{origin}"
 cleartext = "reject"
+{site}
 "#,
-        state = state.display()
+        state = state.display(),
+        store = extra.store,
+        site = extra.site,
     )
 }
 
 async fn node(dir: &Path, name: &str, url: &str, origin: &str) -> Node {
-    node_with(dir, name, url, origin, "").await
+    node_with(dir, name, url, origin, Extra::default()).await
 }
 
-/// A node with more `[store]` keys.
-async fn node_with(dir: &Path, name: &str, url: &str, origin: &str, store_extra: &str) -> Node {
+/// A node with more `[store]` keys, and more keys for its site.
+async fn node_with(dir: &Path, name: &str, url: &str, origin: &str, extra: Extra<'_>) -> Node {
     let (open, admin) = (loopback(), SocketAddr::from((loopback(), 6444)));
     let state = dir.join(name);
     let path = dir.join(format!("{name}.toml"));
-    let text = config(name, url, open, admin, origin, &state, store_extra);
+    let text = config(name, url, open, admin, origin, &state, &extra);
     std::fs::write(&path, text).expect("write");
     let rt = Runtime::start(ConfigSource::File(path.clone()), None)
         .await
@@ -326,7 +338,10 @@ async fn a_notification_wakes_every_node_at_once_and_the_poll_catches_up_what_a_
         "b",
         &url,
         &origin.url(),
-        r#"poll_interval = "60s""#,
+        Extra {
+            store: r#"poll_interval = "60s""#,
+            ..Extra::default()
+        },
     )
     .await;
     let c = node_with(
@@ -334,7 +349,10 @@ async fn a_notification_wakes_every_node_at_once_and_the_poll_catches_up_what_a_
         "c",
         &url,
         &origin.url(),
-        r#"poll_interval = "200ms""#,
+        Extra {
+            store: r#"poll_interval = "200ms""#,
+            ..Extra::default()
+        },
     )
     .await;
     let token = a.token.clone().expect("a's token");
@@ -412,7 +430,29 @@ async fn nodes_serve_on_while_the_database_is_down_and_catch_up_when_it_returns(
     let pg = support::postgres::Postgres::start();
     let url = pg.database().await;
     let a = node(dir.path(), "a", &url, &origin.url()).await;
-    let b = node(dir.path(), "b", &url, &origin.url()).await;
+    // b reports exposures to a webhook that is not there: its events stay pending.
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "s".repeat(32)).expect("secret");
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let hook = format!(
+        "exposure_response = \"notify\"\nwebhook = {{ url = \"https://localhost:{unused}/hook\", secret_file = \"{}\" }}",
+        secret.display()
+    );
+    let b = node_with(
+        dir.path(),
+        "b",
+        &url,
+        &origin.url(),
+        Extra {
+            site: &hook,
+            ..Extra::default()
+        },
+    )
+    .await;
     let token_a = a.token.clone().expect("a's token");
     let (status, body) = a
         .api(
@@ -473,15 +513,30 @@ async fn nodes_serve_on_while_the_database_is_down_and_catch_up_when_it_returns(
     assert_eq!(status, 200);
     assert!(ready.contains("\"store\":\"down\""), "{ready}");
 
-    // b counts two requests, then restarts meanwhile: the counts it could not write are kept
-    // in its state dir, and it starts from its last-known-good copy, not the file's reject.
+    // b counts two requests, one with a credential, then restarts meanwhile: the counts and
+    // the exposure event it could not write are kept in its state dir (fingerprints only),
+    // and it starts from its last-known-good copy, not the file's reject.
+    const KEY: &str = "outage-secret-key-9d2e61";
     assert_eq!(b.cleartext().await, 301);
-    assert_eq!(b.cleartext().await, 301);
+    let mut with_key = get("http://legacy.test/v1");
+    with_key
+        .headers_mut()
+        .insert("x-api-key", KEY.parse().expect("header"));
+    assert_eq!(
+        http(SocketAddr::from((b.open, 6080)), with_key)
+            .await
+            .status,
+        301
+    );
     b.rt.shutdown(Duration::from_secs(2)).await;
     let (b_path, b_open, b_state) = (b.path.clone(), b.open, b.state.clone());
     drop(b);
     let spill = b_state.join("analytics-spill.json");
     assert!(spill.exists(), "b kept its unwritten counts");
+    let events_spill = b_state.join("exposure-spill.json");
+    let kept = std::fs::read_to_string(&events_spill).expect("b kept its unwritten event");
+    assert!(kept.contains("x-api-key"), "{kept}");
+    assert!(!kept.contains(KEY), "the raw credential is in {kept}");
     let b = Runtime::start(ConfigSource::File(b_path.clone()), None)
         .await
         .expect("b starts without its database");
@@ -534,6 +589,16 @@ async fn nodes_serve_on_while_the_database_is_down_and_catch_up_when_it_returns(
         !spill.exists(),
         "the kept counts are in the store, and the file is gone"
     );
+    // The event b kept is in the fleet's queue, once, and its file is gone.
+    let (status, events) = a
+        .api(&token_a, Method::GET, "/api/exposure-events", "")
+        .await;
+    assert_eq!(status, 200, "{events}");
+    let events: serde_json::Value = serde_json::from_str(&events).expect("json");
+    let events = events["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["name"], "x-api-key", "{events:?}");
+    assert!(!events_spill.exists(), "the kept event is in the store");
     b.shutdown(Duration::from_secs(2)).await;
     a.rt.shutdown(Duration::from_secs(2)).await;
 }

@@ -589,6 +589,7 @@ async fn events_the_queue_could_not_write_are_kept_and_written_on_the_next_try()
         queue,
         std::sync::Arc::new(|_: &str| None),
         "node-a".into(),
+        dir.path().join("exposure-spill.json"),
     );
     let fp = portcullis::exposure::Fingerprinter::open(dir.path()).expect("key");
     let policy = portcullis::config::ExposureResponse {

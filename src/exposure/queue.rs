@@ -11,9 +11,13 @@
 //! Invariant 2 holds in the queue: rows carry the keyed fingerprint only. The credential's
 //! SHA-256 and (for `revoke` with `include_raw`) its raw value stay in memory until delivery;
 //! after a restart an event is delivered without them, and says so.
+//!
+//! What a node still holds when it stops while the store refuses writes (new events, repeats,
+//! counters: fingerprints only) is kept in `STATE/exposure-spill.json` and written at its next
+//! start.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +26,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +65,8 @@ pub struct Responder {
     queue: Arc<dyn EventQueue>,
     /// This node's name: the holder of the delivery leases it takes.
     holder: String,
+    /// Where unwritten events go at a shutdown the store refused.
+    spill: PathBuf,
     state: Mutex<State>,
     wake: Notify,
     stop: CancellationToken,
@@ -97,11 +103,13 @@ impl Responder {
         queue: Arc<dyn EventQueue>,
         policies: PolicySource,
         holder: String,
+        spill: PathBuf,
     ) -> Arc<Responder> {
         let r = Arc::new(Responder {
             settings,
             queue,
             holder,
+            spill,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             stop: CancellationToken::new(),
@@ -210,7 +218,87 @@ impl Responder {
     }
 }
 
+/// What the last run could not write, kept in the state dir.
+#[derive(Default, Serialize, Deserialize)]
+struct Spill {
+    incoming: Vec<NewEvent>,
+    repeats: Vec<Repeat>,
+    counters: Counters,
+}
+
+impl State {
+    fn add_repeats(&mut self, repeats: Vec<Repeat>) {
+        for rep in repeats {
+            let e = self
+                .repeats
+                .entry((rep.site, rep.fingerprint))
+                .or_insert((0, rep.last_seen));
+            e.0 += rep.count;
+            e.1 = e.1.max(rep.last_seen);
+        }
+    }
+}
+
+/// Takes back what the last run kept in the state dir; true when there was something.
+fn unspill(r: &Responder) -> bool {
+    let bytes = match std::fs::read(&r.spill) {
+        Ok(b) => b,
+        Err(_) => return false,
+    };
+    let spill: Spill = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(file = %r.spill.display(), error = %e, "cannot read the exposure events kept at the last shutdown; the file is left as it is");
+            return false;
+        }
+    };
+    let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+    for ev in &spill.incoming {
+        st.known.insert((ev.site.clone(), ev.fingerprint.clone()));
+    }
+    st.pending += spill.incoming.len() as u32;
+    let newer = std::mem::replace(&mut st.incoming, spill.incoming);
+    st.incoming.extend(newer);
+    st.add_repeats(spill.repeats);
+    st.counters.add(&spill.counters);
+    true
+}
+
+/// At a shutdown the store refused: keeps what is unwritten for the next start.
+fn spill(r: &Responder) {
+    let spill = {
+        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+        Spill {
+            incoming: std::mem::take(&mut st.incoming),
+            repeats: std::mem::take(&mut st.repeats)
+                .into_iter()
+                .map(|((site, fingerprint), (count, last_seen))| Repeat {
+                    site,
+                    fingerprint,
+                    count,
+                    last_seen,
+                })
+                .collect(),
+            counters: std::mem::take(&mut st.counters),
+        }
+    };
+    let events = spill.incoming.len();
+    if events == 0 && spill.repeats.is_empty() && spill.counters == Counters::default() {
+        return;
+    }
+    let text = serde_json::to_vec(&spill).unwrap_or_default();
+    match crate::tls::write_private_atomic(&r.spill, &text) {
+        Ok(()) => {
+            tracing::warn!(events, file = %r.spill.display(), "exposure queue unavailable at shutdown: events kept in the state dir, written at the next start")
+        }
+        Err(e) => {
+            tracing::error!(events, error = %e, "exposure queue unavailable at shutdown and the state dir not writable: these events are lost")
+        }
+    }
+}
+
 async fn worker(r: Arc<Responder>, policies: PolicySource) {
+    let mut spilled = unspill(&r);
     loop {
         let stopping = tokio::select! {
             _ = r.stop.cancelled() => true,
@@ -220,6 +308,18 @@ async fn worker(r: Arc<Responder>, policies: PolicySource) {
         let written = persist(&r).await;
         if !written {
             tracing::warn!("exposure queue not writable; events stay in memory and are retried");
+            if stopping {
+                spill(&r);
+            }
+        } else if std::mem::take(&mut spilled) {
+            match std::fs::remove_file(&r.spill) {
+                Ok(()) => {
+                    tracing::info!(file = %r.spill.display(), "exposure events kept at the last shutdown are in the store")
+                }
+                Err(e) => {
+                    tracing::error!(file = %r.spill.display(), error = %e, "exposure events kept at the last shutdown are in the store, but the file cannot be removed: remove it, or their repeats are counted again")
+                }
+            }
         }
         if stopping {
             return;
@@ -255,19 +355,8 @@ async fn persist(r: &Arc<Responder>) -> bool {
         let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
         let newer = std::mem::replace(&mut st.incoming, incoming);
         st.incoming.extend(newer);
-        for rep in repeats {
-            let e = st
-                .repeats
-                .entry((rep.site, rep.fingerprint))
-                .or_insert((0, rep.last_seen));
-            e.0 += rep.count;
-            e.1 = e.1.max(rep.last_seen);
-        }
-        let c = &mut st.counters;
-        c.coalesced += counters.coalesced;
-        c.dropped_site_rate += counters.dropped_site_rate;
-        c.dropped_network_rate += counters.dropped_network_rate;
-        c.dropped_queue_full += counters.dropped_queue_full;
+        st.add_repeats(repeats);
+        st.counters.add(&counters);
         return false;
     }
     if load {

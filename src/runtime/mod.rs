@@ -168,6 +168,7 @@ impl Runtime {
                 store.clone() as Arc<dyn EventQueue>,
                 policies,
                 source::node_name(config.node.clone()),
+                state_dir.join("exposure-spill.json"),
             )
         });
         // Stored ACME certificates go into the slots before the first snapshot is built, so a

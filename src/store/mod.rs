@@ -216,7 +216,7 @@ impl PartialEq<&str> for DeliveryState {
 
 /// A credential seen in cleartext for the first time at a site: the event to deliver. Carries
 /// the keyed fingerprint only, never the credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
     pub id: String,
     pub site: String,
@@ -233,7 +233,7 @@ pub struct NewEvent {
 }
 
 /// More sightings of a credential that already has an event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Repeat {
     pub site: String,
     pub fingerprint: String,
@@ -242,12 +242,21 @@ pub struct Repeat {
 }
 
 /// Counts of events not created, by reason, plus repeats folded into existing events.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QueueCounters {
     pub coalesced: u64,
     pub dropped_site_rate: u64,
     pub dropped_network_rate: u64,
     pub dropped_queue_full: u64,
+}
+
+impl QueueCounters {
+    pub fn add(&mut self, other: &QueueCounters) {
+        self.coalesced += other.coalesced;
+        self.dropped_site_rate += other.dropped_site_rate;
+        self.dropped_network_rate += other.dropped_network_rate;
+        self.dropped_queue_full += other.dropped_queue_full;
+    }
 }
 
 /// One event of the queue, as the API, the dashboard and `portcullis exposures` show it.
