@@ -994,3 +994,104 @@ async fn a_node_killed_during_delivery_leaves_the_event_to_another_node_which_de
     assert_eq!(events[0].attempts, 1, "a's cut attempt was never recorded");
     b.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_its_database_over_verified_tls_and_a_silent_database_fails_fast() {
+    use portcullis::store::{PgSettings, PgStore};
+    let dir = tempfile::tempdir().expect("tmp");
+    let origin = TestOrigin::start().await;
+    let ca = support::TestCa::new();
+    let ca_file = ca.write_ca(dir.path());
+    let pg = support::postgres::Postgres::start_tls(&ca);
+    let cleartext = pg.database().await;
+    // A password in the URL, which no error may repeat.
+    let url = cleartext
+        .replace("sslmode=disable", "sslmode=require")
+        .replacen("postgres@", "postgres:hunter2-db-secret@", 1);
+    let settings = |url: &str, ca: Vec<_>| PgSettings {
+        url: url.to_owned(),
+        pool_size: 1,
+        ca,
+        node: "t".into(),
+    };
+    let db = format!("{}:{}", pg.addr.ip(), pg.addr.port());
+
+    // The server takes this database over TLS only...
+    let refused = PgStore::connect(&settings(&cleartext, Vec::new()))
+        .await
+        .err()
+        .expect("cleartext is refused");
+    assert!(refused.to_string().contains(&db), "{refused}");
+    // ... and without its CA the server's certificate is not trusted.
+    let untrusted = PgStore::connect(&settings(&url, Vec::new()))
+        .await
+        .err()
+        .expect("an untrusted server is refused")
+        .to_string();
+    assert!(
+        untrusted.contains(&db) && untrusted.to_lowercase().contains("certificate"),
+        "{untrusted}"
+    );
+    assert!(!untrusted.contains("hunter2"), "{untrusted}");
+    eprintln!("cleartext: {refused}\nuntrusted: {untrusted}");
+
+    // A node with `[store] ca` works over TLS: it starts, reaches the store, writes to it, and
+    // its CLI reads it the same way.
+    let store = format!("ca = \"{}\"", ca_file.display());
+    let a = node_with(
+        dir.path(),
+        "a",
+        &url,
+        &origin.url(),
+        Extra {
+            store: &store,
+            ..Extra::default()
+        },
+    )
+    .await;
+    wait_until("a reaches its store", || {
+        let up = a.rt.store_up();
+        async move { up }
+    })
+    .await;
+    let token = a.token.clone().expect("token");
+    let (status, body) = a
+        .api(
+            &token,
+            Method::PATCH,
+            "/api/sites/legacy.test",
+            r#"{"cleartext":"redirect"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.cleartext().await, 301);
+    let path = a.path.clone();
+    let report = tokio::task::spawn_blocking(move || impact(&path))
+        .await
+        .expect("impact");
+    assert_eq!(report["host"], "legacy.test", "{report}");
+    a.rt.shutdown(Duration::from_secs(2)).await;
+
+    // A database host that accepts TCP and then says nothing: a query fails within the URL's
+    // connect_timeout, naming the database, instead of hanging.
+    let silent = std::net::TcpListener::bind((loopback(), 0)).expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let url = format!("postgres://postgres@{addr}/fleet?sslmode=disable&connect_timeout=1");
+    let since = tokio::time::Instant::now();
+    let err = PgStore::connect(&settings(&url, Vec::new()))
+        .await
+        .err()
+        .expect("a silent database fails")
+        .to_string();
+    assert!(
+        since.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        since.elapsed()
+    );
+    assert!(
+        err.contains(&addr.to_string()) && err.contains("connect_timeout"),
+        "{err}"
+    );
+    eprintln!("silent: {err}");
+    drop(silent);
+}

@@ -74,6 +74,17 @@ impl Postgres {
 
     /// A server of the caller's own, which it may stop and resume; gone when dropped.
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A server of the caller's own that takes test databases over TLS only, with a
+    /// certificate for its address from `ca` (cleartext only to the `postgres` database, for
+    /// [`Postgres::database`]).
+    pub fn start_tls(ca: &super::TestCa) -> Postgres {
+        Postgres::start_with(Some(ca))
+    }
+
+    fn start_with(tls: Option<&super::TestCa>) -> Postgres {
         static N: AtomicU64 = AtomicU64::new(0);
         let owner = owner();
         let dir = std::env::temp_dir().join(format!(
@@ -96,12 +107,31 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 127.0.0.0/8 trust\n",
-        )
-        .expect("pg_hba");
         let ip: Ipv4Addr = loopback();
+        let hba = match tls {
+            None => "local all all trust\nhost all all 127.0.0.0/8 trust\n",
+            Some(_) => "local all all trust\nhost postgres postgres 127.0.0.0/8 trust\nhostssl all all 127.0.0.0/8 trust\n",
+        };
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("pg_hba");
+        let mut tls_args = Vec::new();
+        if let Some(ca) = tls {
+            let (cert, key) = ca.issue(&dir, "server", &[&ip.to_string()]);
+            use std::os::unix::fs::PermissionsExt;
+            for f in [&cert, &key] {
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).expect("chown");
+                }
+            }
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            tls_args = vec![
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", key.display()),
+            ];
+        }
         let addr = SocketAddr::from((ip, 5432));
         let mut server = vec![bin("postgres").display().to_string()];
         server.extend(
@@ -125,6 +155,7 @@ impl Postgres {
             ]
             .map(str::to_owned),
         );
+        server.extend(tls_args);
         if owner.is_some() {
             let mut as_postgres: Vec<String> = [
                 "setpriv",

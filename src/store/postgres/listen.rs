@@ -24,6 +24,11 @@ const RETRY: [Duration; 4] = [
 /// How often a listener whose follower is gone notices and closes its connection.
 const ORPHAN_CHECK: Duration = Duration::from_secs(1);
 
+/// TCP keepalive on the notification connection, so a database host that vanished without a
+/// word is noticed in about 30 s (the operating system's default would take hours).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Starts listening; the returned `Notify` is woken on every notification and every
 /// (re)connection. The task and its connection end once the `Notify` is dropped.
 pub(super) fn spawn(
@@ -31,6 +36,12 @@ pub(super) fn spawn(
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     db: String,
 ) -> Arc<Notify> {
+    let mut config = config;
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(3);
     let wake = Arc::new(Notify::new());
     tokio::spawn(run(config, tls, db, Arc::downgrade(&wake)));
     wake
@@ -50,6 +61,12 @@ async fn run(
                 tracing::debug!(%db, "the store's notification connection closed; reconnecting");
                 failures = 0;
             }
+            Ok(Ended::Silent) => {
+                if failures == 0 {
+                    tracing::debug!(%db, "the store did not answer the notification connection in time; polling covers it until it does");
+                }
+                failures += 1;
+            }
             Err(e) => {
                 if failures == 0 {
                     tracing::debug!(%db, error = %e, "no notification connection to the store; polling covers it until it is back");
@@ -67,6 +84,8 @@ enum Ended {
     Orphaned,
     /// The server closed the connection.
     Closed,
+    /// The server did not complete the connection within `connect_timeout`.
+    Silent,
 }
 
 /// One connection's life: connect, `LISTEN`, wake on every notification until it ends.
@@ -75,7 +94,17 @@ async fn listen(
     tls: &tokio_postgres_rustls::MakeRustlsConnect,
     wake: &Weak<Notify>,
 ) -> Result<Ended, tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(tls.clone()).await?;
+    // The whole connection within `connect_timeout`, as for the pool's connections.
+    let within = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(5));
+    let started = tokio::time::Instant::now();
+    let (client, mut connection) =
+        match tokio::time::timeout(within, config.connect(tls.clone())).await {
+            Ok(connected) => connected?,
+            Err(_) => return Ok(Ended::Silent),
+        };
     let statement = format!("LISTEN {CHANNEL}");
     let subscribe = client.batch_execute(&statement);
     tokio::pin!(subscribe);
@@ -83,6 +112,9 @@ async fn listen(
     let mut check = tokio::time::interval(ORPHAN_CHECK);
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(started + within), if !subscribed => {
+                return Ok(Ended::Silent);
+            }
             done = &mut subscribe, if !subscribed => {
                 done?;
                 subscribed = true;

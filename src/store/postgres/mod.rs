@@ -127,6 +127,8 @@ pub struct PgStore {
     /// For the notification connection, outside the pool (see [`listen`]).
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// `connect_timeout`: the longest a new connection may take.
+    connect_within: std::time::Duration,
 }
 
 impl PgStore {
@@ -144,10 +146,14 @@ impl PgStore {
                 db: "[store] url".into(),
                 reason: format!("does not parse: {}", redact(&e.to_string(), &settings.url)),
             })?;
-        if cfg.get_connect_timeout().is_none() {
-            // An unreachable database must fail a query in seconds, not wait for TCP's minutes.
-            cfg.connect_timeout(std::time::Duration::from_secs(5));
-        }
+        // An unreachable or silent database must fail a query in seconds, not wait for TCP's
+        // minutes. As with libpq, `connect_timeout` (default 5 s here) bounds the whole
+        // connection: TCP, TLS and the startup exchange.
+        let connect_within = cfg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(std::time::Duration::from_secs(5));
+        cfg.connect_timeout(connect_within);
         let name = describe(&cfg);
         let tls = crate::tls::client_config(&settings.ca).map_err(|e| StoreError::Postgres {
             db: name.clone(),
@@ -165,7 +171,7 @@ impl PgStore {
             .max_size(settings.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(std::time::Duration::from_secs(10)))
-            .create_timeout(Some(std::time::Duration::from_secs(10)))
+            .create_timeout(Some(connect_within))
             .build()
             .map_err(|e| StoreError::Postgres {
                 db: name.clone(),
@@ -178,6 +184,7 @@ impl PgStore {
             migrated: Arc::new(tokio::sync::OnceCell::new()),
             config: cfg,
             tls,
+            connect_within,
         })
     }
 
@@ -188,10 +195,16 @@ impl PgStore {
             .map(|_| ())
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+    /// The error with its causes ("error performing TLS handshake: invalid peer certificate:
+    /// UnknownIssuer"): the first line alone rarely says what to fix.
+    fn err(&self, e: impl std::error::Error) -> StoreError {
+        self.problem(chain(&e))
+    }
+
+    fn problem(&self, reason: String) -> StoreError {
         StoreError::Postgres {
             db: self.name.clone(),
-            reason: e.to_string(),
+            reason,
         }
     }
 
@@ -210,7 +223,19 @@ impl PgStore {
     }
 
     async fn raw_client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| self.err(e))
+        use deadpool_postgres::{PoolError, TimeoutType};
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => self.problem(format!("cannot connect: {}", chain(&e))),
+            PoolError::Timeout(TimeoutType::Create) => self.problem(format!(
+                "no answer within connect_timeout ({}s): is this the database's address, and is it up?",
+                self.connect_within.as_secs_f32()
+            )),
+            PoolError::Timeout(_) => self.problem(format!(
+                "every one of the {} connections of [store] pool_size stayed busy for 10s",
+                self.pool.status().max_size
+            )),
+            e => self.err(e),
+        })
     }
 
     /// The schema version now, after applying what is missing.
@@ -232,7 +257,7 @@ impl PgStore {
             .map_or(0, |r| r.get(0));
         let version = version.max(0) as usize;
         if version > MIGRATIONS.len() {
-            return Err(self.err(format!(
+            return Err(self.problem(format!(
                 "the schema is at version {version}, newer than this build knows ({}): upgrade portcullis",
                 MIGRATIONS.len()
             )));
@@ -240,7 +265,7 @@ impl PgStore {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             tx.batch_execute(sql)
                 .await
-                .map_err(|e| self.err(format!("migration {}: {e}", i + 1)))?;
+                .map_err(|e| self.problem(format!("migration {}: {}", i + 1, chain(&e))))?;
         }
         tx.execute("DELETE FROM portcullis_schema", &[])
             .await
@@ -362,6 +387,21 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// `host:port/db` of a connection config.
+/// An error and its sources, each once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 fn describe(cfg: &tokio_postgres::Config) -> String {
     let host = cfg
         .get_hosts()
