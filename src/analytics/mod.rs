@@ -80,6 +80,12 @@ impl Totals {
     }
 }
 
+/// Site names and their ids, both ways.
+struct Names {
+    by_id: Vec<String>,
+    ids: HashMap<String, SiteId>,
+}
+
 /// The analytics of one running edge.
 pub struct Analytics {
     settings: AnalyticsSettings,
@@ -88,7 +94,7 @@ pub struct Analytics {
     fingerprinter: Fingerprinter,
     /// Site names by id; id 0 is `unknown`. Ids are never reused, so counts drained after a
     /// reload still land on the right name.
-    names: RwLock<Vec<String>>,
+    names: RwLock<Names>,
     store: Arc<dyn Rollups>,
     /// Where counts the store could not take at shutdown wait for the next start.
     spill: std::path::PathBuf,
@@ -124,7 +130,10 @@ impl Analytics {
                 .map(|_| Mutex::new(Aggregate::default()))
                 .collect(),
             fingerprinter,
-            names: RwLock::new(vec!["unknown".to_owned()]),
+            names: RwLock::new(Names {
+                by_id: vec!["unknown".to_owned()],
+                ids: HashMap::from([("unknown".to_owned(), 0)]),
+            }),
             store,
             spill: config.state_dir.join("analytics-spill.json"),
             totals: Mutex::new(Totals::default()),
@@ -141,27 +150,30 @@ impl Analytics {
 
     /// The id of a configured site's name, assigned on first sight.
     pub fn site_id(&self, name: &str) -> SiteId {
-        if let Some(i) = self
+        if let Some(&i) = self
             .names
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .position(|n| n == name)
+            .ids
+            .get(name)
         {
-            return i as SiteId;
+            return i;
         }
         let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = names.iter().position(|n| n == name) {
-            return i as SiteId;
+        if let Some(&i) = names.ids.get(name) {
+            return i;
         }
-        names.push(name.to_owned());
-        (names.len() - 1) as SiteId
+        let id = names.by_id.len() as SiteId;
+        names.by_id.push(name.to_owned());
+        names.ids.insert(name.to_owned(), id);
+        id
     }
 
     pub fn site_name(&self, id: SiteId) -> String {
         self.names
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .by_id
             .get(id as usize)
             .cloned()
             .unwrap_or_else(|| "unknown".to_owned())
@@ -310,6 +322,7 @@ async fn flusher(a: Arc<Analytics>) {
                 let names = a.names.read().unwrap_or_else(|p| p.into_inner());
                 batch.to_batch(&|id| {
                     names
+                        .by_id
                         .get(id as usize)
                         .cloned()
                         .unwrap_or_else(|| "unknown".to_owned())
@@ -344,7 +357,12 @@ async fn flusher(a: Arc<Analytics>) {
         if stopping {
             let mut keep = spilled.take().unwrap_or_default();
             if !pending.is_empty() {
-                let names = a.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let names = a
+                    .names
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .by_id
+                    .clone();
                 keep.append(pending.to_batch(&|id| {
                     names
                         .get(id as usize)

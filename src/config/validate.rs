@@ -934,6 +934,9 @@ impl Validator<'_> {
         edge_headers: &ResponseHeaders,
     ) -> Vec<Site> {
         let mut sites: Vec<Site> = Vec::new();
+        // Where each host was first configured, so a duplicate is found without a scan.
+        let mut seen: std::collections::HashMap<HostPattern, usize> =
+            std::collections::HashMap::with_capacity(raw.len());
         for (i, rs) in raw.into_iter().enumerate() {
             let at = format!("site[{i}] ({:?})", rs.host);
             let host = match HostPattern::parse(&rs.host) {
@@ -944,12 +947,14 @@ impl Validator<'_> {
                 }
             };
             if let Some(h) = &host {
-                if let Some(j) = sites.iter().position(|s| &s.host == h) {
+                if let Some(j) = seen.get(h) {
                     self.problem(
                         format!("{at}.host"),
                         format!("{:?}", rs.host),
                         format!("the same host is configured twice (also site[{j}])"),
                     );
+                } else {
+                    seen.insert(h.clone(), i);
                 }
             }
             let pool = pools.iter().position(|p| p.name == rs.pool);

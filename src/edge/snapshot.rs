@@ -128,6 +128,8 @@ impl Snapshot {
             })
             .collect();
         let mut sites = Vec::with_capacity(config.sites.len());
+        // Sites served from the development CA: one warning per apply, not one per site.
+        let mut dev_ca_sites: Vec<&HostPattern> = Vec::new();
         for (i, site) in config.sites.iter().enumerate() {
             match (&site.cert, site.acme) {
                 (Some(files), _) => certs.insert(&site.host, tls::load_cert_files(files)?),
@@ -146,11 +148,7 @@ impl Snapshot {
                 }
                 (None, None) => {
                     let ca = shared.dev_ca(&config.state_dir)?;
-                    tracing::warn!(
-                        site = %site.host,
-                        ca = %ca.ca_path().display(),
-                        "no cert configured: serving a certificate from the development CA, which clients do not trust unless told to"
-                    );
+                    dev_ca_sites.push(&site.host);
                     certs.insert(&site.host, ca.certificate(&site.host)?);
                 }
             }
@@ -190,6 +188,16 @@ impl Snapshot {
                     },
                 )?,
             });
+        }
+        if !dev_ca_sites.is_empty() {
+            let ca = shared.dev_ca(&config.state_dir)?;
+            let shown: Vec<String> = dev_ca_sites.iter().take(5).map(|h| h.to_string()).collect();
+            tracing::warn!(
+                sites = dev_ca_sites.len(),
+                names = %shown.join(", "),
+                ca = %ca.ca_path().display(),
+                "no cert configured: serving certificates from the development CA, which clients do not trust unless told to"
+            );
         }
         let tls = tls::server_config(certs, &shared.resumption)?;
         let listeners = config.listeners();

@@ -49,30 +49,37 @@ pub fn reconcile(
     now: Timestamp,
     ttl: u32,
 ) -> Vec<Drain> {
-    let pool_of = |c: &Config, host: &str| {
+    // Each site's pool and mode by host: one pass per config, so a reload of many sites
+    // stays linear.
+    let by_host = |c: &Config| -> std::collections::HashMap<String, (usize, CleartextMode)> {
         c.sites
             .iter()
-            .find(|s| s.host.to_string() == host)
-            .map(|s| (c.pools[s.pool].clone(), s.cleartext))
+            .map(|s| (s.host.to_string(), (s.pool, s.cleartext)))
+            .collect()
     };
+    let new_sites = by_host(new);
     let still_open = |name: &str| new.pools.iter().any(|p| p.name == name && !p.is_closed());
     let mut out: Vec<Drain> = kept
         .iter()
         .filter(|d| {
-            pool_of(new, &d.site).is_some_and(|(p, _)| p.name == d.to_pool && p.is_closed())
-                && still_open(&d.from_pool)
+            new_sites.get(&d.site).is_some_and(|&(p, _)| {
+                let p = &new.pools[p];
+                p.name == d.to_pool && p.is_closed()
+            }) && still_open(&d.from_pool)
         })
         .cloned()
         .collect();
     let Some(old) = old else {
         return out;
     };
+    let old_sites = by_host(old);
     for site in &new.sites {
         let host = site.host.to_string();
         let to = &new.pools[site.pool];
-        let Some((from, mode)) = pool_of(old, &host) else {
+        let Some(&(from, mode)) = old_sites.get(&host) else {
             continue;
         };
+        let from = &old.pools[from];
         if from.name != to.name && !from.is_closed() && to.is_closed() && still_open(&from.name) {
             out.retain(|d| d.site != host);
             out.push(Drain {
