@@ -178,12 +178,28 @@ async fn sweep(pool: Weak<Pool>) {
     }
 }
 
-impl OriginClient {
-    pub(crate) fn new(
+/// The connectors of one apply, shared by the sites with the same kind of origin: building a
+/// TLS client config (trust anchors, session cache) once instead of once per site keeps an
+/// apply of many sites fast and small, and lets sites on one origin resume its TLS sessions.
+#[derive(Default)]
+pub(crate) struct Connectors {
+    /// By (origin is https, extra trust anchors file).
+    built: std::collections::HashMap<
+        (bool, Option<std::path::PathBuf>),
+        HttpsConnector<HttpConnector>,
+    >,
+}
+
+impl Connectors {
+    fn get(
+        &mut self,
         site: &Site,
         edge: &EdgeSettings,
-        workers: usize,
-    ) -> Result<OriginClient, String> {
+    ) -> Result<HttpsConnector<HttpConnector>, String> {
+        let key = (site.origin.is_https(), site.origin_ca.clone());
+        if let Some(c) = self.built.get(&key) {
+            return Ok(c.clone());
+        }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -206,6 +222,19 @@ impl OriginClient {
                 .enable_http1()
                 .wrap_connector(http)
         };
+        self.built.insert(key, connector.clone());
+        Ok(connector)
+    }
+}
+
+impl OriginClient {
+    pub(crate) fn new(
+        site: &Site,
+        edge: &EdgeSettings,
+        workers: usize,
+        connectors: &mut Connectors,
+    ) -> Result<OriginClient, String> {
+        let connector = connectors.get(site, edge)?;
         let target = Uri::builder()
             .scheme(site.origin.scheme.clone())
             .authority(site.origin.authority.clone())

@@ -130,6 +130,7 @@ impl Snapshot {
         let mut sites = Vec::with_capacity(config.sites.len());
         // Sites served from the development CA: one warning per apply, not one per site.
         let mut dev_ca_sites: Vec<&HostPattern> = Vec::new();
+        let mut connectors = super::proxy::Connectors::default();
         for (i, site) in config.sites.iter().enumerate() {
             match (&site.cert, site.acme) {
                 (Some(files), _) => certs.insert(&site.host, tls::load_cert_files(files)?),
@@ -181,12 +182,16 @@ impl Snapshot {
                 mode: site.cleartext,
                 hsts,
                 redirect_port: config.pools[site.pool].redirect_port(),
-                origin: OriginClient::new(site, &config.edge, shared.worker_count()).map_err(
-                    |reason| EdgeError::Origin {
-                        site: site.host.to_string(),
-                        reason,
-                    },
-                )?,
+                origin: OriginClient::new(
+                    site,
+                    &config.edge,
+                    shared.worker_count(),
+                    &mut connectors,
+                )
+                .map_err(|reason| EdgeError::Origin {
+                    site: site.host.to_string(),
+                    reason,
+                })?,
             });
         }
         if !dev_ca_sites.is_empty() {
