@@ -15,9 +15,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Attempt, AuditEntry, DeliveryState, DimCount, EventQueue, ExposureRow, NewEvent, NodeInfo,
-    OverflowCount, PolicyStore, QueueCounters, QueuedEvent, Repeat, RollupBatch, Rollups,
-    SeriesPoint, StoreError, TrafficCount, TrafficRow,
+    Attempt, AuditEntry, DeliveryState, EventQueue, ExposureRow, NewEvent, NodeInfo, PolicyStore,
+    QueueCounters, QueuedEvent, Repeat, RollupBatch, Rollups, SeriesPoint, StoreError, TrafficRow,
 };
 use crate::clock::Timestamp;
 use crate::config::{CleartextMode, Overrides};
@@ -363,6 +362,22 @@ impl PgStore {
             })
             .collect()
     }
+}
+
+/// The columns every rollup row has, as arrays for `UNNEST`.
+#[allow(clippy::type_complexity)]
+fn columns<'a>(
+    rows: impl Iterator<Item = (Timestamp, u32, &'a String, u64)>,
+) -> (Vec<i64>, Vec<i32>, Vec<&'a str>, Vec<i64>) {
+    let (mut bucket, mut span, mut site, mut count) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (b, s, name, n) in rows {
+        bucket.push(b as i64);
+        span.push(s as i32);
+        site.push(name.as_str());
+        count.push(n as i64);
+    }
+    (bucket, span, site, count)
 }
 
 /// Counts one more policy write (see [`PolicyStore::generation`]); the notification wakes the
@@ -728,108 +743,82 @@ impl Rollups for PgStore {
     async fn write_rollups(&self, b: &RollupBatch) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| self.err(e))?;
-        let t = tx
-            .prepare(
-                "INSERT INTO traffic VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        // One statement per table, each row a position in column arrays: a flush of thousands
+        // of rows is three round trips, not thousands. Equal keys in a batch are summed first
+        // (an upsert may not touch one row twice).
+        let (bucket, span, site, count) = columns(
+            b.traffic
+                .iter()
+                .map(|r| (r.bucket, r.span, &r.site, r.count)),
+        );
+        let outcome: Vec<&str> = b.traffic.iter().map(|r| r.outcome.as_str()).collect();
+        let scheme: Vec<&str> = b.traffic.iter().map(|r| r.scheme.as_str()).collect();
+        let port: Vec<i32> = b.traffic.iter().map(|r| i32::from(r.port)).collect();
+        let tls: Vec<&str> = b.traffic.iter().map(|r| r.tls.as_str()).collect();
+        let http: Vec<&str> = b.traffic.iter().map(|r| r.http.as_str()).collect();
+        let class: Vec<i32> = b
+            .traffic
+            .iter()
+            .map(|r| i32::from(r.status_class))
+            .collect();
+        if !bucket.is_empty() {
+            tx.execute(
+                "INSERT INTO traffic
+                 SELECT $1, bucket, span, site, outcome, scheme, port, tls, http, status_class, SUM(count)
+                 FROM UNNEST($2::BIGINT[], $3::INTEGER[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                             $7::INTEGER[], $8::TEXT[], $9::TEXT[], $10::INTEGER[], $11::BIGINT[])
+                   AS t(bucket, span, site, outcome, scheme, port, tls, http, status_class, count)
+                 GROUP BY bucket, span, site, outcome, scheme, port, tls, http, status_class
                  ON CONFLICT (node, bucket, span, site, outcome, scheme, port, tls, http, status_class)
                  DO UPDATE SET count = traffic.count + EXCLUDED.count",
-            )
-            .await
-            .map_err(|e| self.err(e))?;
-        for r in &b.traffic {
-            let TrafficCount {
-                bucket,
-                span,
-                site,
-                outcome,
-                scheme,
-                port,
-                tls,
-                http,
-                status_class,
-                count,
-            } = r;
-            tx.execute(
-                &t,
                 &[
-                    &self.node,
-                    &(*bucket as i64),
-                    &(*span as i32),
-                    site,
-                    &outcome.as_str(),
-                    &scheme.as_str(),
-                    &i32::from(*port),
-                    &tls.as_str(),
-                    &http.as_str(),
-                    &i32::from(*status_class),
-                    &(*count as i64),
+                    &self.node, &bucket, &span, &site, &outcome, &scheme, &port, &tls, &http,
+                    &class, &count,
                 ],
             )
             .await
             .map_err(|e| self.err(e))?;
         }
-        let d = tx
-            .prepare(
-                "INSERT INTO dims VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        let (bucket, span, site, count) =
+            columns(b.dims.iter().map(|r| (r.bucket, r.span, &r.site, r.count)));
+        let scheme: Vec<&str> = b.dims.iter().map(|r| r.scheme.as_str()).collect();
+        let kind: Vec<&str> = b.dims.iter().map(|r| r.kind.as_str()).collect();
+        let value: Vec<&str> = b.dims.iter().map(|r| r.value.as_str()).collect();
+        if !bucket.is_empty() {
+            tx.execute(
+                "INSERT INTO dims
+                 SELECT $1, bucket, span, site, scheme, kind, value, SUM(count)
+                 FROM UNNEST($2::BIGINT[], $3::INTEGER[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                             $7::TEXT[], $8::BIGINT[])
+                   AS t(bucket, span, site, scheme, kind, value, count)
+                 GROUP BY bucket, span, site, scheme, kind, value
                  ON CONFLICT (node, bucket, span, site, scheme, kind, value)
                  DO UPDATE SET count = dims.count + EXCLUDED.count",
-            )
-            .await
-            .map_err(|e| self.err(e))?;
-        for DimCount {
-            bucket,
-            span,
-            site,
-            scheme,
-            kind,
-            value,
-            count,
-        } in &b.dims
-        {
-            tx.execute(
-                &d,
                 &[
-                    &self.node,
-                    &(*bucket as i64),
-                    &(*span as i32),
-                    site,
-                    &scheme.as_str(),
-                    &kind.as_str(),
-                    value,
-                    &(*count as i64),
+                    &self.node, &bucket, &span, &site, &scheme, &kind, &value, &count,
                 ],
             )
             .await
             .map_err(|e| self.err(e))?;
         }
-        let o = tx
-            .prepare(
-                "INSERT INTO overflow VALUES ($1, $2, $3, $4, $5, $6, $7)
+        let (bucket, span, site, count) = columns(
+            b.overflow
+                .iter()
+                .map(|r| (r.bucket, r.span, &r.site, r.count)),
+        );
+        let scheme: Vec<&str> = b.overflow.iter().map(|r| r.scheme.as_str()).collect();
+        let kind: Vec<&str> = b.overflow.iter().map(|r| r.kind.as_str()).collect();
+        if !bucket.is_empty() {
+            tx.execute(
+                "INSERT INTO overflow
+                 SELECT $1, bucket, span, site, scheme, kind, SUM(count)
+                 FROM UNNEST($2::BIGINT[], $3::INTEGER[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                             $7::BIGINT[])
+                   AS t(bucket, span, site, scheme, kind, count)
+                 GROUP BY bucket, span, site, scheme, kind
                  ON CONFLICT (node, bucket, span, site, scheme, kind)
                  DO UPDATE SET count = overflow.count + EXCLUDED.count",
-            )
-            .await
-            .map_err(|e| self.err(e))?;
-        for OverflowCount {
-            bucket,
-            span,
-            site,
-            scheme,
-            kind,
-            count,
-        } in &b.overflow
-        {
-            tx.execute(
-                &o,
-                &[
-                    &self.node,
-                    &(*bucket as i64),
-                    &(*span as i32),
-                    site,
-                    &scheme.as_str(),
-                    &kind.as_str(),
-                    &(*count as i64),
-                ],
+                &[&self.node, &bucket, &span, &site, &scheme, &kind, &count],
             )
             .await
             .map_err(|e| self.err(e))?;
