@@ -1095,3 +1095,77 @@ async fn a_node_reaches_its_database_over_verified_tls_and_a_silent_database_fai
     eprintln!("silent: {err}");
     drop(silent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_started_together_with_the_same_acme_site_order_its_certificate_once() {
+    use portcullis::acme::CertSource;
+    use support::pebble::{served, start, Pebble};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = support::postgres::Postgres::shared().database().await;
+    let origin = TestOrigin::start().await;
+    let (closed_a, closed_b) = (loopback(), loopback());
+    let (dns_a, dns_b) = (
+        SocketAddr::from((loopback(), 5353)),
+        SocketAddr::from((loopback(), 5353)),
+    );
+    // The CA validates through b's DNS, which answers with b's address only.
+    let mut pebble = Pebble::new(dir.path());
+    pebble.start(8443, dns_b).await;
+    let mut key = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut key).expect("random");
+    for name in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(name)).expect("state");
+        std::fs::write(dir.path().join(name).join("fingerprint.key"), key).expect("key");
+    }
+    let path_a = acme_node(
+        dir.path(),
+        "a",
+        &url,
+        &pebble,
+        closed_a,
+        dns_a,
+        &origin.url(),
+        true,
+    );
+    let path_b = acme_node(
+        dir.path(),
+        "b",
+        &url,
+        &pebble,
+        closed_b,
+        dns_b,
+        &origin.url(),
+        true,
+    );
+    // The same config, started at the same moment: both want the certificate at once.
+    let (a, b) = tokio::join!(start(&path_a), start(&path_b));
+    let issued = |rt: &Runtime| {
+        rt.acme()
+            .status()
+            .iter()
+            .all(|s| s.source == CertSource::Acme)
+    };
+    wait_until("both nodes serve a certificate from the CA", || {
+        let done = issued(&a) && issued(&b);
+        async move { done }
+    })
+    .await;
+    let roots = pebble.root().await;
+    let on_a = served(
+        SocketAddr::from((closed_a, 8443)),
+        "www.acme.test",
+        roots.clone(),
+    )
+    .await;
+    let on_b = served(SocketAddr::from((closed_b, 8443)), "www.acme.test", roots).await;
+    assert_eq!(on_a, on_b, "one certificate for the fleet");
+    // The CA saw one order: the other node waited for the lease and took the certificate
+    // from the store.
+    let log = pebble.log();
+    let orders = log.matches("POST /order-plz").count();
+    assert_eq!(orders, 1, "orders placed with the CA:\n{log}");
+    for rt in [&a, &b] {
+        rt.shutdown(Duration::from_secs(2)).await;
+    }
+}

@@ -88,6 +88,12 @@ impl Pebble {
         }
     }
 
+    /// What pebble has logged so far (one line per request it handled).
+    #[allow(dead_code)] // not every test binary reads it
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default()
+    }
+
     pub fn directory(&self) -> String {
         format!("https://{}:14000/dir", self.addr)
     }
