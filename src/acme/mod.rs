@@ -417,6 +417,25 @@ impl Acme {
                 None
             }
         };
+        if self.shared {
+            // The lease may be free because another node just ordered this certificate: it put
+            // the certificate into the store before ending its lease, so it is there to read.
+            self.sync(false).await;
+            let still_due = crate::lock(&self.status)
+                .get(&w.site)
+                .is_some_and(|st| st.next_attempt <= t);
+            if !still_due {
+                let failures = fleet_failures.unwrap_or(0);
+                if let Err(e) = self
+                    .store
+                    .finish_order(&w.site, &self.node, 0, failures)
+                    .await
+                {
+                    tracing::debug!(site = %w.site, error = %e, "cannot end the order lease in the store; it runs out by itself");
+                }
+                return;
+            }
+        }
         let settings = crate::lock(&self.settings).clone();
         let retry_after = client::RetryAfter::default();
         let result = match &settings {
