@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """portcullis vs nginx, as TLS-terminating reverse proxies on loopback.
 
+Default mode `pinned`: each proxy on one pinned core (portcullis with one runtime thread, nginx
+with one worker), the load generators and the origin on the other core. `--mode multi`: the
+proxies with --workers each, nothing pinned.
+
 Requests carry a browser User-Agent. Both proxies: ECDSA P-256 certificate, TLS 1.3, the same
 worker count, access logs off, HSTS added, keep-alive connections to the same nginx origin. Runs alternate between the two for
 several rounds; each figure is the median over rounds. Reports requests/s and p99 for
@@ -78,8 +82,8 @@ http {{
     return conf
 
 
-def start_nginx(conf, d, name):
-    sh(["nginx", "-c", conf, "-p", d])
+def start_nginx(conf, d, name, pin=()):
+    sh([*pin, "nginx", "-c", conf, "-p", d])
     pidfile = os.path.join(d, f"{name}.pid")
     for _ in range(100):
         if os.path.exists(pidfile):
@@ -144,8 +148,12 @@ USER_AGENT = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like G
               "Chrome/120.0.0.0 Safari/537.36")
 
 
+# Where the load generators and the origin run (taskset prefix), set by main().
+LOAD = []
+
+
 def run_wrk(url, conns, threads, duration, extra=()):
-    out = sh(["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency",
+    out = sh([*LOAD, "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency",
               "-H", f"User-Agent: {USER_AGENT}", *extra, url]).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -159,7 +167,7 @@ def run_wrk(url, conns, threads, duration, extra=()):
 
 def run_h2load(proxy, conns, streams, duration, threads):
     url = f"https://{host(proxy)}:{PORT}/"
-    out = sh(["h2load", f"-c{conns}", f"-m{streams}", f"-t{threads}", f"-D{duration}",
+    out = sh([*LOAD, "h2load", f"-c{conns}", f"-m{streams}", f"-t{threads}", f"-D{duration}",
               "--warm-up-time=1", "-H", f"user-agent: {USER_AGENT}", url]).stdout
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
     m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
@@ -179,6 +187,99 @@ class Cpu:
         return f"cpu {self.total / n * 1e6:6.1f} us (user {self.user / n * 1e6:5.1f} + sys {self.system / n * 1e6:5.1f})"
 
 
+def rss_kib(pids):
+    total = 0
+    for p in pids:
+        with open(f"/proc/{p}/status") as f:
+            total += int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+    return total
+
+
+def idle_memory(proxy, pids, n):
+    """KiB of proxy RSS per idle keep-alive TLS connection: n connections, one request each,
+    then held open without a byte."""
+    import resource
+    import socket
+    import ssl
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 1024)), hard))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    time.sleep(1)
+    before = rss_kib(pids)
+    held = []
+    req = f"GET / HTTP/1.1\r\nHost: {host(proxy)}\r\nUser-Agent: {USER_AGENT}\r\n\r\n".encode()
+    try:
+        for i in range(n):
+            # From 100 connections per client address: portcullis caps each address at 256.
+            src = (f"127.1.{i // 100 // 250}.{i // 100 % 250 + 1}", 0)
+            raw = socket.create_connection((ADDR[proxy], PORT), source_address=src)
+            s = ctx.wrap_socket(raw, server_hostname=host(proxy))
+            s.sendall(req)
+            got = b""
+            while b"hello from the origin" not in got:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise RuntimeError(f"{proxy} closed a connection")
+                got += chunk
+            held.append(s)
+        time.sleep(2)
+        after = rss_kib(pids)
+    finally:
+        for s in held:
+            s.close()
+    return (after - before) / n
+
+
+def reload_time(d, sites):
+    """A portcullis with `sites` sites: RSS per site, and how long a SIGHUP reload takes (from
+    the signal to the log line saying the config applies), median of 5."""
+    path = os.path.join(d, "many.toml")
+    lines = [f"""
+[state]
+dir = "{d}/state-many"
+[[pool]]
+name = "many"
+addresses = ["127.0.0.23"]
+tls_ports = [{PORT}]
+"""]
+    for i in range(sites):
+        lines.append(f'[[site]]\nhost = "s{i:05}.many.test"\npool = "many"\norigin = "http://127.0.0.1:{ORIGIN_PORT}"\n')
+    write(path, "".join(lines))
+    log = os.path.join(d, "many.log")
+    pc = subprocess.Popen([*PROXY, BIN, "serve", "--workers", "1", "-c", path], stdout=subprocess.DEVNULL,
+                          stderr=open(log, "w"), env={**os.environ, "RUST_LOG": "info"})
+    try:
+        wait_port("127.0.0.23", PORT)
+        time.sleep(1)
+        rss = rss_kib([pc.pid])
+        times = []
+        for gen in range(2, 7):
+            sent = time.time()
+            pc.send_signal(signal.SIGHUP)
+            mark = f"config applied generation={gen}"
+            for _ in range(600):
+                text = open(log).read()
+                if mark in text:
+                    break
+                time.sleep(0.01)
+            line = next(l for l in text.splitlines() if mark in l)
+            stamp = re.match(r"(\S+)Z", line).group(1)
+            from datetime import datetime, timezone
+            at = datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
+            times.append((at - sent) * 1000)
+        return rss, statistics.median(times)
+    finally:
+        pc.send_signal(signal.SIGTERM)
+        pc.wait(timeout=20)
+
+
+# The proxies' taskset prefix, set by main().
+PROXY = []
+
+
 def measure(proxy, pids, fn):
     before = cpu_seconds(pids)
     result = fn()
@@ -190,8 +291,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8, help="seconds per measurement")
     ap.add_argument("--conns", type=int, default=64, help="keep-alive connections (HTTP/1.1)")
-    ap.add_argument("--workers", type=int, default=2, help="proxy worker processes/threads")
+    ap.add_argument("--workers", type=int, default=2, help="proxy worker processes/threads (multi mode)")
+    ap.add_argument("--mode", choices=["pinned", "multi"], default="pinned")
+    ap.add_argument("--idle", type=int, default=2000, help="idle TLS connections held for the memory figure")
+    ap.add_argument("--sites", type=int, default=10000, help="sites of the reload figure")
     args = ap.parse_args()
+    global LOAD, PROXY
+    if args.mode == "pinned":
+        if os.cpu_count() < 2:
+            sys.exit("pinned mode needs two cores; use --mode multi")
+        args.workers = 1
+        PROXY, LOAD = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release")
 
@@ -240,10 +350,10 @@ cert = "{crt}"
 key = "{key}"
 """)
 
-    origin = start_nginx(origin_conf, d, "origin")
-    nginx = start_nginx(proxy_conf, d, "nginx")
+    origin = start_nginx(origin_conf, d, "origin", LOAD)
+    nginx = start_nginx(proxy_conf, d, "nginx", PROXY)
     pcs = {
-        name: subprocess.Popen([BIN, "serve", "--workers", str(args.workers), "-c", os.path.join(d, f"{name}.toml")],
+        name: subprocess.Popen([*PROXY, BIN, "serve", "--workers", str(args.workers), "-c", os.path.join(d, f"{name}.toml")],
                                stderr=open(os.path.join(d, f"{name}.log"), "w"), env={**os.environ, "RUST_LOG": "warn"})
         for name in ("portcullis", "portcullis-off")
     }
@@ -257,7 +367,7 @@ key = "{key}"
 
         results = {p: {"h1": [], "h1p99": [], "h1cpu": [], "h2": [], "h2cpu": [], "conn": [], "conncpu": []} for p in ADDR}
         print("portcullis runs with analytics on (the default); portcullis-off with [analytics] enabled = false")
-        print(f"rounds={args.rounds} duration={args.duration}s conns={args.conns} workers={args.workers} cores={os.cpu_count()}")
+        print(f"mode={args.mode} rounds={args.rounds} duration={args.duration}s conns={args.conns} workers={args.workers} cores={os.cpu_count()}")
         for r in range(args.rounds):
             order = list(ADDR)[r % 3:] + list(ADDR)[:r % 3]
             for p in order:
@@ -275,6 +385,9 @@ key = "{key}"
                 results[p]["conn"].append(rps)
                 results[p]["conncpu"].append(cpu.total / n * 1e6)
                 print(f"  round {r+1} {p:14} new TLS conns {rps:10.0f} conn/s               {cpu.per(n)}/conn {bad}")
+                kib = idle_memory(p, pids[p], args.idle)
+                results[p].setdefault("idle", []).append(kib)
+                print(f"  round {r+1} {p:14} idle memory   {kib:10.1f} KiB per idle TLS connection ({args.idle} held)")
 
         med = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in results.items()}
         pcm, ngm, off = med["portcullis"], med["nginx"], med["portcullis-off"]
@@ -286,6 +399,7 @@ key = "{key}"
             ("HTTP/2 CPU us/request", "h2cpu", False),
             ("new TLS connections/s", "conn", True),
             ("new TLS conn CPU us/conn", "conncpu", False),
+            ("KiB per idle TLS connection", "idle", False),
         ]
         print()
         print(f"{'median of ' + str(args.rounds) + ' rounds':32} {'portcullis':>12} {'nginx':>12} {'portcullis/nginx':>17} {'analytics off':>14} {'on/off':>8}")
@@ -293,6 +407,9 @@ key = "{key}"
             ratio = pcm[k] / ngm[k] if ngm[k] else float("nan")
             on_off = pcm[k] / off[k] if off[k] else float("nan")
             print(f"{label:32} {pcm[k]:12.2f} {ngm[k]:12.2f} {ratio:16.2f}x {off[k]:14.2f} {on_off:7.2f}x")
+        rss, ms = reload_time(d, args.sites)
+        print(f"portcullis with {args.sites} sites: reload (SIGHUP to applied) {ms:.0f} ms median of 5;"
+              f" RSS {rss / 1024:.1f} MiB, {rss * 1024 / args.sites:.0f} bytes per site")
     finally:
         for pc in pcs.values():
             pc.send_signal(signal.SIGTERM)
