@@ -114,8 +114,10 @@ pub(crate) struct ClientAddr {
     /// `for=` parameter of `Forwarded` (RFC 7239: IPv6 quoted and bracketed).
     pub(crate) node: String,
     /// The `Forwarded` value by the host of the connection's first request: later requests
-    /// nearly always name the same host, and a connection keeps one protocol.
-    pub(crate) forwarded: FirstSeen<HeaderValue, Option<HeaderValue>>,
+    /// nearly always name the same host, and a connection keeps one protocol. The host is
+    /// kept as bytes of its own: a `HeaderValue` from the request would pin hyper's whole read
+    /// buffer (8 KiB or more) for the connection's life.
+    pub(crate) forwarded: FirstSeen<Vec<u8>, Option<HeaderValue>>,
 }
 
 impl ClientAddr {

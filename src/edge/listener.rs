@@ -2,7 +2,6 @@
 //! handshake with SNI checked against the pool, then HTTP/1.1 or HTTP/2 until drained or idle.
 
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,7 +96,14 @@ pub(crate) async fn accept_loop(
                     drop(snap);
                     let info = Arc::new(info);
                     let stream = Captured::new(stream, capture.clone());
-                    serve_http(shared2.clone(), info.clone(), stream, false, shutdown).await;
+                    Box::pin(serve_http(
+                        shared2.clone(),
+                        info.clone(),
+                        stream,
+                        false,
+                        shutdown,
+                    ))
+                    .await;
                     let raw = capture.take();
                     if !raw.is_empty() {
                         malformed_head(&shared2, &info, &raw);
@@ -258,13 +264,21 @@ fn conn_info(
     }
 }
 
-async fn tls_conn(
-    shared: Arc<Shared>,
+/// A TLS connection up to its handshake: sniffed, the ClientHello read, the site found by
+/// SNI and the handshake done within the handshake timeout. `None` when the connection ended
+/// on the way (each outcome counted here). Boxed by its caller: a connection that is being
+/// served keeps none of this state.
+async fn tls_handshake(
+    shared: &Arc<Shared>,
     key: (SocketAddr, ListenerKind),
     stream: TcpStream,
     peer: SocketAddr,
-    shutdown: CancellationToken,
-) {
+    shutdown: &CancellationToken,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<String>,
+    Arc<Snapshot>,
+)> {
     let snap = shared.snapshot.load_full();
     let deadline = Instant::now() + snap.config.edge.handshake_timeout;
     let event = |site: SiteId, outcome: Outcome, scheme: Scheme| {
@@ -280,46 +294,48 @@ async fn tls_conn(
     };
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
         p = timeout_at(deadline, stream.peek(&mut first)) => p,
     };
     match peeked {
         Err(_) => {
             bump(&shared.stats.handshake_timeouts);
             event(0, Outcome::HandshakeTimeout, Scheme::Tls);
-            return;
+            return None;
         }
         Ok(Ok(1)) => {}
-        Ok(_) => return,
+        Ok(_) => return None,
     }
     match sniff(first[0]) {
         Sniff::Tls => {}
         Sniff::Http => {
             bump(&shared.stats.cleartext_on_tls_port);
             tracing::debug!(%peer, addr = %key.0, "cleartext HTTP on a TLS port");
-            cleartext_on_tls_port(&shared, &snap, key, peer, stream).await;
-            return;
+            Box::pin(cleartext_on_tls_port(shared, &snap, key, peer, stream)).await;
+            return None;
         }
         Sniff::Garbage => {
             bump(&shared.stats.garbage_on_tls_port);
             event(0, Outcome::HandshakeFailed, Scheme::Tls);
-            return;
+            return None;
         }
     }
 
-    let mut acceptor = pin!(LazyConfigAcceptor::new(
+    // Boxed, as the handshake futures below: what a connection keeps for its whole life is
+    // then only what serving it needs, not the largest state it went through.
+    let mut acceptor = Box::pin(LazyConfigAcceptor::new(
         rustls::server::Acceptor::default(),
-        stream
+        stream,
     ));
     let start = tokio::select! {
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
         s = timeout_at(deadline, acceptor.as_mut()) => s,
     };
     let mut start = match start {
         Err(_) => {
             bump(&shared.stats.handshake_timeouts);
             event(0, Outcome::HandshakeTimeout, Scheme::Tls);
-            return;
+            return None;
         }
         Ok(Err(e)) => {
             bump(&shared.stats.handshake_failures);
@@ -328,7 +344,7 @@ async fn tls_conn(
             if let Some(mut io) = acceptor.take_io() {
                 let _ = io.shutdown().await;
             }
-            return;
+            return None;
         }
         Ok(Ok(s)) => s,
     };
@@ -349,7 +365,7 @@ async fn tls_conn(
                 tracing::debug!(%peer, sni = sni.as_deref().unwrap_or("(none)"), "TLS-ALPN-01 handshake for a name with no validation in progress");
             }
         }
-        return;
+        return None;
     }
     let site = sni
         .as_deref()
@@ -361,32 +377,48 @@ async fn tls_conn(
         tracing::debug!(%peer, sni = sni.as_deref().unwrap_or("(none)"), "unrecognized SNI");
         let _ = start.io.write_all(&ALERT_UNRECOGNIZED_NAME).await;
         let _ = start.io.shutdown().await;
-        return;
+        return None;
     };
+    drop(acceptor);
     let handshake = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        h = timeout_at(deadline, start.into_stream(snap.tls.clone())) => h,
+        _ = shutdown.cancelled() => return None,
+        h = Box::pin(timeout_at(deadline, start.into_stream(snap.tls.clone()))) => h,
     };
     let tls = match handshake {
         Err(_) => {
             bump(&shared.stats.handshake_timeouts);
             event(site, Outcome::HandshakeTimeout, Scheme::Tls);
-            return;
+            return None;
         }
         Ok(Err(e)) => {
             bump(&shared.stats.handshake_failures);
             event(site, Outcome::HandshakeFailed, Scheme::Tls);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Ok(Ok(s)) => s,
+    };
+    Some((tls, sni, snap))
+}
+
+async fn tls_conn(
+    shared: Arc<Shared>,
+    key: (SocketAddr, ListenerKind),
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let Some((tls, sni, snap)) =
+        Box::pin(tls_handshake(&shared, key, stream, peer, &shutdown)).await
+    else {
+        return;
     };
     bump(&shared.stats.handshakes);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let version = TlsVersion::from_rustls(tls.get_ref().1.protocol_version());
     let info = Arc::new(conn_info(&shared, &snap, key, peer, sni, version));
     drop(snap);
-    serve_http(shared, info, tls, h2, shutdown).await
+    Box::pin(serve_http(shared, info, tls, h2, shutdown)).await
 }
 
 /// Answers cleartext HTTP on a TLS port with the fixed 400. The request head is read first,
@@ -556,7 +588,8 @@ async fn serve_http<T>(
             .timer(TokioTimer::new())
             .max_header_list_size(edge.max_header_bytes as u32)
             .serve_connection(io, svc);
-        crate::net::drive(conn, watch, timeouts, shutdown).await
+        // Boxed per protocol: an HTTP/1.1 connection does not carry HTTP/2's larger state.
+        Box::pin(crate::net::drive(conn, watch, timeouts, shutdown)).await
     } else {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -566,7 +599,7 @@ async fn serve_http<T>(
             .max_buf_size(edge.max_header_bytes)
             .auto_date_header(date)
             .serve_connection(io, svc);
-        crate::net::drive(conn, watch, timeouts, shutdown).await
+        Box::pin(crate::net::drive(conn, watch, timeouts, shutdown)).await
     };
     match ended {
         Ended::Normally => {}

@@ -612,7 +612,7 @@ fn set_forwarding(
     // Keyed by host alone: a connection's protocol never changes.
     let forwarded = client
         .forwarded
-        .get(host, |host| forwarded(client, proto, host));
+        .get(host.as_bytes(), |_| forwarded(client, proto, host));
     if let Some(v) = forwarded {
         headers.insert(header::FORWARDED, v);
     }
