@@ -366,6 +366,12 @@ key = "{key}"
             run_wrk(f"https://{host(p)}:{PORT}/", args.conns, 2, 2)
 
         results = {p: {"h1": [], "h1p99": [], "h1cpu": [], "h2": [], "h2cpu": [], "conn": [], "conncpu": []} for p in ADDR}
+        # Idle memory first, once per proxy: memory freed by the load rounds would be reused by
+        # the next connections, and RSS would not grow for them.
+        for p in ADDR:
+            kib = idle_memory(p, pids[p], args.idle)
+            results[p]["idle"] = [kib]
+            print(f"  {p:22} idle memory   {kib:10.1f} KiB per idle TLS connection ({args.idle} held, measured once, before the rounds)")
         print("portcullis runs with analytics on (the default); portcullis-off with [analytics] enabled = false")
         print(f"mode={args.mode} rounds={args.rounds} duration={args.duration}s conns={args.conns} workers={args.workers} cores={os.cpu_count()}")
         for r in range(args.rounds):
@@ -385,9 +391,6 @@ key = "{key}"
                 results[p]["conn"].append(rps)
                 results[p]["conncpu"].append(cpu.total / n * 1e6)
                 print(f"  round {r+1} {p:14} new TLS conns {rps:10.0f} conn/s               {cpu.per(n)}/conn {bad}")
-                kib = idle_memory(p, pids[p], args.idle)
-                results[p].setdefault("idle", []).append(kib)
-                print(f"  round {r+1} {p:14} idle memory   {kib:10.1f} KiB per idle TLS connection ({args.idle} held)")
 
         med = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in results.items()}
         pcm, ngm, off = med["portcullis"], med["nginx"], med["portcullis-off"]
