@@ -685,30 +685,58 @@ fn acme_node(
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_orders_one_certificate_that_any_node_validates_and_every_node_serves() {
-    use portcullis::acme::CertSource;
-    use support::pebble::{served, start, Pebble};
+/// Two ACME nodes' addresses and a Pebble that resolves names through b's DNS server, which
+/// answers with b's address only: every validation reaches b, whichever node ordered. Both
+/// state dirs hold one installation secret, so each node opens the keys the other sealed.
+struct AcmeFleet {
+    pebble: support::pebble::Pebble,
+    key: [u8; 32],
+    closed_a: Ipv4Addr,
+    closed_b: Ipv4Addr,
+    dns_a: SocketAddr,
+    dns_b: SocketAddr,
+}
 
-    let dir = tempfile::tempdir().expect("tmp");
-    let url = support::postgres::Postgres::shared().database().await;
-    let origin = TestOrigin::start().await;
+async fn acme_fleet(dir: &Path) -> AcmeFleet {
     let (closed_a, closed_b) = (loopback(), loopback());
     let (dns_a, dns_b) = (
         SocketAddr::from((loopback(), 5353)),
         SocketAddr::from((loopback(), 5353)),
     );
-    // The CA resolves names through b's DNS server, which answers with b's address only: every
-    // validation reaches b, whichever node ordered.
-    let mut pebble = Pebble::new(dir.path());
+    let mut pebble = support::pebble::Pebble::new(dir);
     pebble.start(8443, dns_b).await;
-    // One installation secret for the fleet, so each node opens the keys another sealed.
     let mut key = [0u8; 32];
     aws_lc_rs::rand::fill(&mut key).expect("random");
     for name in ["a", "b"] {
-        std::fs::create_dir_all(dir.path().join(name)).expect("state");
-        std::fs::write(dir.path().join(name).join("fingerprint.key"), key).expect("key");
+        std::fs::create_dir_all(dir.join(name)).expect("state");
+        std::fs::write(dir.join(name).join("fingerprint.key"), key).expect("key");
     }
+    AcmeFleet {
+        pebble,
+        key,
+        closed_a,
+        closed_b,
+        dns_a,
+        dns_b,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_orders_one_certificate_that_any_node_validates_and_every_node_serves() {
+    use portcullis::acme::CertSource;
+    use support::pebble::{served, start};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = support::postgres::Postgres::shared().database().await;
+    let origin = TestOrigin::start().await;
+    let AcmeFleet {
+        pebble,
+        key,
+        closed_a,
+        closed_b,
+        dns_a,
+        dns_b,
+    } = acme_fleet(dir.path()).await;
     // b serves the site with a development certificate and orders nothing; a orders.
     let path_b = acme_node(
         dir.path(),
@@ -1099,25 +1127,19 @@ async fn a_node_reaches_its_database_over_verified_tls_and_a_silent_database_fai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_started_together_with_the_same_acme_site_order_its_certificate_once() {
     use portcullis::acme::CertSource;
-    use support::pebble::{served, start, Pebble};
+    use support::pebble::{served, start};
 
     let dir = tempfile::tempdir().expect("tmp");
     let url = support::postgres::Postgres::shared().database().await;
     let origin = TestOrigin::start().await;
-    let (closed_a, closed_b) = (loopback(), loopback());
-    let (dns_a, dns_b) = (
-        SocketAddr::from((loopback(), 5353)),
-        SocketAddr::from((loopback(), 5353)),
-    );
-    // The CA validates through b's DNS, which answers with b's address only.
-    let mut pebble = Pebble::new(dir.path());
-    pebble.start(8443, dns_b).await;
-    let mut key = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut key).expect("random");
-    for name in ["a", "b"] {
-        std::fs::create_dir_all(dir.path().join(name)).expect("state");
-        std::fs::write(dir.path().join(name).join("fingerprint.key"), key).expect("key");
-    }
+    let AcmeFleet {
+        pebble,
+        key: _,
+        closed_a,
+        closed_b,
+        dns_a,
+        dns_b,
+    } = acme_fleet(dir.path()).await;
     let path_a = acme_node(
         dir.path(),
         "a",

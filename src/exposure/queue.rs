@@ -227,6 +227,19 @@ struct Spill {
 }
 
 impl State {
+    /// The repeats since the last write, as rows.
+    fn take_repeats(&mut self) -> Vec<Repeat> {
+        std::mem::take(&mut self.repeats)
+            .into_iter()
+            .map(|((site, fingerprint), (count, last_seen))| Repeat {
+                site,
+                fingerprint,
+                count,
+                last_seen,
+            })
+            .collect()
+    }
+
     fn add_repeats(&mut self, repeats: Vec<Repeat>) {
         for rep in repeats {
             let e = self
@@ -270,15 +283,7 @@ fn spill(r: &Responder) {
         let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
         Spill {
             incoming: std::mem::take(&mut st.incoming),
-            repeats: std::mem::take(&mut st.repeats)
-                .into_iter()
-                .map(|((site, fingerprint), (count, last_seen))| Repeat {
-                    site,
-                    fingerprint,
-                    count,
-                    last_seen,
-                })
-                .collect(),
+            repeats: st.take_repeats(),
             counters: std::mem::take(&mut st.counters),
         }
     };
@@ -334,20 +339,11 @@ async fn persist(r: &Arc<Responder>) -> bool {
         let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
         (
             std::mem::take(&mut st.incoming),
-            std::mem::take(&mut st.repeats),
+            st.take_repeats(),
             std::mem::take(&mut st.counters),
             !st.loaded,
         )
     };
-    let repeats: Vec<Repeat> = repeats
-        .into_iter()
-        .map(|((site, fingerprint), (count, last_seen))| Repeat {
-            site,
-            fingerprint,
-            count,
-            last_seen,
-        })
-        .collect();
     let written = r.queue.enqueue(&incoming, &repeats, &counters).await;
     if let Err(e) = written {
         tracing::warn!(error = %e, "exposure queue write failed");
