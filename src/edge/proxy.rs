@@ -515,7 +515,7 @@ pub(crate) async fn forward(
         }
         Ok(Err(e)) if is_timeout(&*e) => gateway_timeout(),
         Ok(Err(e)) => {
-            tracing::warn!(origin = %origin.origin, error = %error_chain(&*e), "origin unreachable");
+            tracing::warn!(origin = %origin.origin, error = %crate::error_chain(&*e), "origin unreachable");
             text(
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: the origin server could not be reached.\n",
@@ -543,17 +543,6 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        cur = err.source();
-    }
-    out
 }
 
 /// Removes headers that describe one connection (RFC 9110 section 7.6.1), including those

@@ -525,16 +525,7 @@ async fn post(
     let resp = tokio::time::timeout(timeout, client.request(req))
         .await
         .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| {
-            let mut s = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cur = c.source();
-            }
-            s
-        })?;
+        .map_err(|e| crate::error_chain(&e))?;
     let status = resp.status();
     let _ = resp.into_body().collect().await;
     if status.is_success() {

@@ -194,10 +194,9 @@ impl PgStore {
             .map(|_| ())
     }
 
-    /// The error with its causes ("error performing TLS handshake: invalid peer certificate:
-    /// UnknownIssuer"): the first line alone rarely says what to fix.
+    /// The error with its causes ([`crate::error_chain`]).
     fn err(&self, e: impl std::error::Error) -> StoreError {
-        self.problem(chain(&e))
+        self.problem(crate::error_chain(&e))
     }
 
     fn problem(&self, reason: String) -> StoreError {
@@ -224,7 +223,7 @@ impl PgStore {
     async fn raw_client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         use deadpool_postgres::{PoolError, TimeoutType};
         self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => self.problem(format!("cannot connect: {}", chain(&e))),
+            PoolError::Backend(e) => self.problem(format!("cannot connect: {}", crate::error_chain(&e))),
             PoolError::Timeout(TimeoutType::Create) => self.problem(format!(
                 "no answer within connect_timeout ({}s): is this the database's address, and is it up?",
                 self.connect_within.as_secs_f32()
@@ -262,9 +261,9 @@ impl PgStore {
             )));
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            tx.batch_execute(sql)
-                .await
-                .map_err(|e| self.problem(format!("migration {}: {}", i + 1, chain(&e))))?;
+            tx.batch_execute(sql).await.map_err(|e| {
+                self.problem(format!("migration {}: {}", i + 1, crate::error_chain(&e)))
+            })?;
         }
         tx.execute("DELETE FROM portcullis_schema", &[])
             .await
@@ -402,21 +401,6 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// `host:port/db` of a connection config.
-/// An error and its sources, each once.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
-}
-
 fn describe(cfg: &tokio_postgres::Config) -> String {
     let host = cfg
         .get_hosts()
