@@ -295,6 +295,107 @@ origin = "{o}"
 }
 
 #[tokio::test]
+async fn quiet_keep_alive_connections_hibernate_serve_on_and_still_close_when_idle() {
+    let origin = TestOrigin::start().await;
+    let ip = loopback();
+    let toml = format!(
+        r#"
+[state]
+dir = "STATE"
+[edge]
+idle_timeout = "4s"
+header_read_timeout = "60s"
+[[pool]]
+name = "p"
+addresses = ["{ip}"]
+tls_ports = [6443]
+[[site]]
+host = "sleepy.test"
+pool = "p"
+origin = "{o}"
+"#,
+        o = origin.url()
+    );
+    let h = Harness::start(&toml).await;
+    let addr = SocketAddr::from((ip, 6443));
+    let hibernating = |n: i64| {
+        let edge = &h.runtime;
+        move || async move { edge.stats().hibernating_connections == n }
+    };
+    let connect = || async {
+        let tls = tls_connect(
+            addr,
+            "sleepy.test",
+            client_config(h.roots(), &[b"http/1.1"]),
+        )
+        .await
+        .expect("tls");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("h1");
+        (sender, tokio::spawn(conn))
+    };
+    let (mut sender, conn) = connect().await;
+    let first = sender
+        .send_request(get("https://sleepy.test/first"))
+        .await
+        .expect("first response");
+    let first = support::read(first).await;
+    assert_eq!(first.status, 200);
+    assert!(first.body.contains("path: /first"), "{}", first.body);
+    wait_until("the quiet connection hibernates", hibernating(1)).await;
+
+    // The same connection serves on: a request with a body, streamed to the origin and back.
+    let post = http::Request::post("/echo-body")
+        .header("host", "sleepy.test")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            "after hibernation",
+        )))
+        .expect("request");
+    let echoed = support::read(sender.send_request(post).await.expect("echo")).await;
+    assert_eq!(echoed.status, 200);
+    assert_eq!(echoed.body, "after hibernation");
+    assert_eq!(h.runtime.stats().hibernating_connections, 0);
+
+    // Hibernating again, it is still closed by the idle timeout, with a TLS close_notify (a
+    // clean end for the client, not a cut connection).
+    wait_until("the connection hibernates again", hibernating(1)).await;
+    let slept = tokio::time::Instant::now();
+    let ended = tokio::time::timeout(PATIENCE, conn)
+        .await
+        .expect("the edge closes the hibernating connection")
+        .expect("join");
+    assert!(ended.is_ok(), "a clean close: {ended:?}");
+    assert!(
+        slept.elapsed() >= Duration::from_secs(2),
+        "closed {:?} after hibernating, before the idle timeout",
+        slept.elapsed()
+    );
+    wait_until("no connection hibernates", hibernating(0)).await;
+
+    // Shutdown closes a hibernating connection at once.
+    let (mut sender, conn) = connect().await;
+    let resp = sender
+        .send_request(get("https://sleepy.test/"))
+        .await
+        .expect("response");
+    assert_eq!(support::read(resp).await.status, 200);
+    wait_until("the new connection hibernates", hibernating(1)).await;
+    let stopping = tokio::time::Instant::now();
+    assert!(h.runtime.shutdown(Duration::from_secs(10)).await, "drained");
+    tokio::time::timeout(PATIENCE, conn)
+        .await
+        .expect("closed at shutdown")
+        .expect("join")
+        .ok();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn reload_swaps_certificates_and_switches_a_port_between_tls_and_cleartext() {
     let origin = TestOrigin::start().await;
     let ca = support::TestCa::new();

@@ -52,6 +52,8 @@ pub struct StatsSnapshot {
     pub handshakes: u64,
     pub cleartext_connections: u64,
     pub active_connections: i64,
+    /// HTTP/1.1 connections quiet between requests whose HTTP state is freed.
+    pub hibernating_connections: i64,
     pub first_request_timeouts: u64,
     pub forced_closes: u64,
     pub malformed_requests: u64,
@@ -127,6 +129,11 @@ pub fn render(edge: &dyn Counters) -> String {
         "active_connections",
         "Client connections open now",
     );
+    let hibernating = gauge(
+        &mut reg,
+        "hibernating_connections",
+        "HTTP/1.1 keep-alive connections quiet between requests, holding no HTTP buffers",
+    );
     let refused = counter(
         &mut reg,
         "connections_refused",
@@ -168,6 +175,7 @@ pub fn render(edge: &dyn Counters) -> String {
             .inc_by(n);
     }
     active.set(stats.active_connections);
+    hibernating.set(stats.hibernating_connections);
     for (listener, reason, n) in edge.refusals() {
         refused
             .get_or_create(&labels(&[("listener", listener), ("reason", reason)]))

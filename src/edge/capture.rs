@@ -75,6 +75,12 @@ impl<T> Captured<T> {
     }
 }
 
+impl<T: crate::net::OnSocket> crate::net::OnSocket for Captured<T> {
+    fn socket(&self) -> &tokio::net::TcpStream {
+        self.inner.socket()
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Captured<T> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -2,6 +2,7 @@
 //! handshake with SNI checked against the pool, then HTTP/1.1 or HTTP/2 until drained or idle.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -561,6 +562,13 @@ pub fn parse_head(buf: &[u8]) -> Option<http::Request<()>> {
     }
 }
 
+/// How long an HTTP/1.1 keep-alive connection stays quiet between requests before it
+/// hibernates (see [`crate::net::Ended::Hibernated`]). nginx frees a keep-alive connection's
+/// buffers at once; one second spares a busy connection (a request every few milliseconds)
+/// a new HTTP connection per request, while an idle one gives back its 16 KiB of buffers
+/// within about two seconds.
+const HIBERNATE_AFTER: Duration = Duration::from_secs(1);
+
 async fn serve_http<T>(
     shared: Arc<Shared>,
     info: Arc<ConnInfo>,
@@ -568,43 +576,89 @@ async fn serve_http<T>(
     h2: bool,
     shutdown: CancellationToken,
 ) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + crate::net::OnSocket + Unpin + Send + 'static,
 {
     let edge = shared.snapshot.load().config.edge.clone();
     // Cleartext answers (the reject page above all) must be byte-for-byte stable, so they
     // carry no Date header.
     let date = info.sni.is_some();
     let watch = info.watch.clone();
-    let io = TokioIo::new(Activity::new(io, watch.clone()));
-    let timeouts = Timeouts {
+    let mut io = Activity::new(io, watch.clone());
+    let mut timeouts = Timeouts {
         first_request: edge.header_read_timeout,
         idle: edge.idle_timeout,
         close: edge.close_timeout,
         shutdown_grace: edge.shutdown_grace,
+        hibernate: None,
     };
-    let svc = service_fn(move |req| handle(info.clone(), req));
+    let svc = |info: Arc<ConnInfo>| service_fn(move |req| handle(info.clone(), req));
     let ended = if h2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(edge.max_header_bytes as u32)
-            .serve_connection(io, svc);
         // Boxed per protocol: an HTTP/1.1 connection does not carry HTTP/2's larger state.
-        Box::pin(crate::net::drive(conn, watch, timeouts, shutdown)).await
+        let mut conn = Box::pin(
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(edge.max_header_bytes as u32)
+                .serve_connection(TokioIo::new(io), svc(info)),
+        );
+        crate::net::drive(conn.as_mut(), watch, timeouts, shutdown).await
     } else {
-        let conn = http1::Builder::new()
+        let mut builder = http1::Builder::new();
+        builder
             .timer(TokioTimer::new())
             .header_read_timeout(edge.header_read_timeout)
             // The buffer bound alone lets a head that arrives in one read past it through.
             .max_header_size(edge.max_header_bytes)
             .max_buf_size(edge.max_header_bytes)
-            .auto_date_header(date)
-            .serve_connection(io, svc);
-        Box::pin(crate::net::drive(conn, watch, timeouts, shutdown)).await
+            .auto_date_header(date);
+        // An idle timeout this short closes a quiet connection about as soon.
+        timeouts.hibernate = (edge.idle_timeout > 2 * HIBERNATE_AFTER).then_some(HIBERNATE_AFTER);
+        loop {
+            // Boxed apart from this future, so that a hibernating connection frees it.
+            let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), svc(info.clone())));
+            let ended = crate::net::drive(
+                Pin::new(&mut *conn),
+                watch.clone(),
+                timeouts,
+                shutdown.clone(),
+            )
+            .await;
+            if ended != Ended::Hibernated {
+                break ended;
+            }
+            let parts = conn.into_parts();
+            // Hibernation follows a read that found nothing, so hyper holds no byte.
+            debug_assert!(parts.read_buf.is_empty());
+            io = parts.io.into_inner();
+            watch.wake();
+            let asleep = &shared.stats.hibernating_connections;
+            asleep.fetch_add(1, Ordering::Relaxed);
+            let woke = hibernate(&io, &timeouts, &shutdown).await;
+            asleep.fetch_sub(1, Ordering::Relaxed);
+            if !woke {
+                // Idle past the timeout, or shutting down: close as hyper would.
+                let _ = tokio::time::timeout(timeouts.close, io.shutdown()).await;
+                break Ended::Normally;
+            }
+        }
     };
     match ended {
-        Ended::Normally => {}
+        Ended::Normally | Ended::Hibernated => {}
         Ended::FirstRequestTimeout => bump(&shared.stats.first_request_timeouts),
         Ended::Forced => bump(&shared.stats.forced_closes),
+    }
+}
+
+/// Waits, holding only the transport, until the client sends again (`true`), or the idle
+/// timeout passes or shutdown begins (`false`).
+async fn hibernate<T: crate::net::OnSocket>(
+    io: &Activity<T>,
+    t: &Timeouts,
+    shutdown: &CancellationToken,
+) -> bool {
+    let rest = t.idle.saturating_sub(t.hibernate.unwrap_or_default());
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        r = tokio::time::timeout(rest, io.get_ref().socket().readable()) => matches!(r, Ok(Ok(()))),
     }
 }
 

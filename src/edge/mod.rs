@@ -79,6 +79,8 @@ pub struct Stats {
     pub cleartext_connections: AtomicU64,
     /// Client connections open now.
     pub active_connections: std::sync::atomic::AtomicI64,
+    /// HTTP/1.1 connections hibernating now: quiet between requests, holding no HTTP state.
+    pub hibernating_connections: std::sync::atomic::AtomicI64,
     /// Connections that sent no complete request head within the header-read timeout.
     pub first_request_timeouts: AtomicU64,
     /// Connections asked to close (idle, shutdown) that were dropped for not closing in time.
@@ -100,6 +102,7 @@ impl Stats {
             handshakes: r(&self.handshakes),
             cleartext_connections: r(&self.cleartext_connections),
             active_connections: self.active_connections.load(Ordering::Relaxed),
+            hibernating_connections: self.hibernating_connections.load(Ordering::Relaxed),
             first_request_timeouts: r(&self.first_request_timeouts),
             forced_closes: r(&self.forced_closes),
             malformed_requests: r(&self.malformed_requests),

@@ -5,11 +5,17 @@
 //! It knows hyper's connection futures and sockets, nothing of sites or config. A connection
 //! is closed in two steps: first asked (HTTP/1.1 stops keep-alive, HTTP/2 sends GOAWAY), then,
 //! if it is still open after a bound, dropped, so no peer can hold a socket by ignoring us.
+//!
+//! An HTTP/1.1 keep-alive connection that has been quiet for [`Timeouts::hibernate`] can be
+//! *hibernated*: its HTTP state (hyper's read and write buffers, 16 KiB or more) is dropped and
+//! only the transport is kept until the client sends again, as nginx frees a keep-alive
+//! connection's buffers. [`Activity`] makes hyper see the end of its input at that moment, and
+//! [`drive`] reports [`Ended::Hibernated`] so the caller can take the transport back.
 
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,7 +46,19 @@ pub struct Watch {
     started: AtomicU64,
     /// Requests whose response has not yet been sent to its end.
     open: AtomicU64,
+    /// Whether the last successful I/O was a write: between requests hyper has then read no
+    /// byte of the next head, so nothing is lost when it is told the input ended.
+    wrote_last: AtomicBool,
+    /// [`AWAKE`], [`ASKED`] or [`HIBERNATED`].
+    sleep: AtomicU8,
 }
+
+/// Served as usual.
+const AWAKE: u8 = 0;
+/// The next read that finds nothing to read ends hyper's input (see [`Activity`]).
+const ASKED: u8 = 1;
+/// A read found nothing: hyper was told its input ended, and a shutdown is not passed on.
+const HIBERNATED: u8 = 2;
 
 impl Watch {
     pub fn new() -> Arc<Watch> {
@@ -58,8 +76,18 @@ impl Watch {
         self.open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn tick(&self) {
+    fn tick(&self, wrote: bool) {
         self.ticks.fetch_add(1, Ordering::Relaxed);
+        self.wrote_last.store(wrote, Ordering::Relaxed);
+    }
+
+    /// The connection serves again after a hibernation (or an attempt that found input).
+    pub fn wake(&self) {
+        self.sleep.store(AWAKE, Ordering::Relaxed);
+    }
+
+    fn sleep_state(&self) -> u8 {
+        self.sleep.load(Ordering::Relaxed)
     }
 
     fn sample(&self) -> (u64, u64, u64) {
@@ -83,6 +111,9 @@ pub struct Timeouts {
     pub close: Duration,
     /// After shutdown was asked, in-flight requests have this long before the drop.
     pub shutdown_grace: Duration,
+    /// HTTP/1.1 only: with no request in flight and no byte moved for this long, the
+    /// connection hibernates ([`Ended::Hibernated`]). `None`: never.
+    pub hibernate: Option<Duration>,
 }
 
 /// Why [`drive`] ended a connection, for counters.
@@ -94,6 +125,9 @@ pub enum Ended {
     FirstRequestTimeout,
     /// Asked to close (idle or shutdown) and still open past its bound: dropped.
     Forced,
+    /// Quiet between requests: hyper's connection ended at an idle point without touching
+    /// the transport, which the caller takes back (`into_parts`) and waits on.
+    Hibernated,
 }
 
 /// What the watchdog tells the connection.
@@ -103,13 +137,15 @@ enum Order {
     Close,
     /// Drop now, for the given reason.
     Drop(Ended),
+    /// Quiet between requests: end hyper's input at the next read that finds nothing.
+    Hibernate,
 }
 
 /// Runs a connection until it ends. The decisions are a watchdog task's, woken only by its
 /// timer and by shutdown: polling the connection then also polls two oneshot receivers,
 /// instead of a timer and a cancellation future on every wake-up.
 pub async fn drive<C, E>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     watch: Arc<Watch>,
     timeouts: Timeouts,
     shutdown: CancellationToken,
@@ -118,51 +154,67 @@ where
     C: GracefulConnection<Error = E>,
     E: std::fmt::Display,
 {
-    let (close_tx, close_rx) = oneshot::channel();
-    let (drop_tx, drop_rx) = oneshot::channel();
-    let watchdog = tokio::spawn(watchdog(close_tx, drop_tx, shutdown, watch, timeouts));
-    let mut conn = pin!(conn);
-    // Each receiver is polled until it completes, never after: a sender dropped unsent (the
-    // watchdog ended) completes it too.
-    let (mut close_rx, mut drop_rx) = (Some(close_rx), Some(drop_rx));
-    let r = poll_fn(|cx| {
-        if let Some(rx) = &mut drop_rx {
-            if let Poll::Ready(order) = Pin::new(rx).poll(cx) {
-                drop_rx = None;
-                if let Ok(why) = order {
-                    return Poll::Ready(Err(why));
+    loop {
+        let (close_tx, close_rx) = oneshot::channel();
+        let (drop_tx, drop_rx) = oneshot::channel();
+        let dog = watchdog(close_tx, drop_tx, shutdown.clone(), watch.clone(), timeouts);
+        let watchdog = tokio::spawn(dog);
+        // Each receiver is polled until it completes, never after: a sender dropped unsent
+        // (the watchdog ended) completes it too.
+        let (mut close_rx, mut drop_rx) = (Some(close_rx), Some(drop_rx));
+        let mut asked = false;
+        let r = poll_fn(|cx| {
+            if let Some(rx) = &mut drop_rx {
+                if let Poll::Ready(order) = Pin::new(rx).poll(cx) {
+                    drop_rx = None;
+                    if let Ok(why) = order {
+                        return Poll::Ready(Err(Some(why)));
+                    }
                 }
             }
-        }
-        if let Some(rx) = &mut close_rx {
-            if let Poll::Ready(order) = Pin::new(rx).poll(cx) {
-                close_rx = None;
-                if order.is_ok() {
-                    conn.as_mut().graceful_shutdown();
+            if let Some(rx) = &mut close_rx {
+                if let Poll::Ready(order) = Pin::new(rx).poll(cx) {
+                    close_rx = None;
+                    match order {
+                        Ok(Order::Hibernate) => {
+                            watch.sleep.store(ASKED, Ordering::Relaxed);
+                            asked = true;
+                        }
+                        Ok(_) => conn.as_mut().graceful_shutdown(),
+                        Err(_) => {}
+                    }
                 }
             }
-        }
-        conn.as_mut().poll(cx).map(Ok)
-    })
-    .await;
-    watchdog.abort();
-    match r {
-        Ok(Ok(())) => Ended::Normally,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "connection ended with an error");
-            Ended::Normally
-        }
-        Err(why) => {
-            tracing::debug!(?why, "connection dropped");
-            why
-        }
+            let r = conn.as_mut().poll(cx);
+            if r.is_pending() && asked && watch.sleep_state() == AWAKE {
+                // A request arrived as the connection was to hibernate: serve on, under a
+                // new watchdog.
+                return Poll::Ready(Err(None));
+            }
+            r.map(Ok)
+        })
+        .await;
+        watchdog.abort();
+        return match r {
+            Err(None) => continue,
+            Ok(Ok(())) if watch.sleep_state() == HIBERNATED => Ended::Hibernated,
+            Ok(Ok(())) => Ended::Normally,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "connection ended with an error");
+                Ended::Normally
+            }
+            Err(Some(why)) => {
+                tracing::debug!(?why, "connection dropped");
+                why
+            }
+        };
     }
 }
 
 /// Sends [`Order`]s: a drop if no request head arrives in time; a close after shutdown or
 /// idleness, then a drop if the connection outlives the close's bound.
 async fn watchdog(
-    close: oneshot::Sender<()>,
+    close: oneshot::Sender<Order>,
     drop: oneshot::Sender<Ended>,
     shutdown: CancellationToken,
     watch: Arc<Watch>,
@@ -174,10 +226,16 @@ async fn watchdog(
             let _ = drop.send(why);
             return;
         }
+        Order::Hibernate => {
+            // The connection either hibernates or, if a request came in meanwhile, starts
+            // a new watchdog.
+            let _ = close.send(Order::Hibernate);
+            return;
+        }
         Order::Close if shutdown.is_cancelled() => t.shutdown_grace,
         Order::Close => t.close,
     };
-    let _ = close.send(());
+    let _ = close.send(Order::Close);
     // A shutdown arriving during an idle close shortens nothing: the idle bound is the
     // shorter one in any sane config, and shutdown_grace bounds the process anyway.
     sleep(bound).await;
@@ -188,8 +246,14 @@ async fn first_and_idle(shutdown: &CancellationToken, watch: &Watch, t: Timeouts
     let first_deadline = Instant::now() + t.first_request;
     let mut seen = watch.sample();
     let mut quiet_since = Instant::now();
-    // Checking four times per period closes an idle connection within 1.25 periods.
-    let step = t.idle / 4;
+    // The check at which bytes were last seen moving.
+    let mut moved_at = Instant::now();
+    // Checking four times per period closes an idle connection within 1.25 periods; a
+    // connection that may hibernate is checked at least once per hibernation delay.
+    let step = match t.hibernate {
+        Some(h) => (t.idle / 4).min(h),
+        None => t.idle / 4,
+    };
     let mut next = Instant::now() + step;
     loop {
         // Until the first request, its deadline is a wake-up too.
@@ -213,6 +277,15 @@ async fn first_and_idle(shutdown: &CancellationToken, watch: &Watch, t: Timeouts
         // Quiet: no byte moved, or nothing in flight and no new request (so pings, which
         // move bytes, do not keep an HTTP/2 connection with no stream alive).
         let quiet = now.0 == seen.0 || (now.2 == 0 && now.1 == seen.1);
+        if now.0 != seen.0 {
+            moved_at = Instant::now();
+        }
+        // Between requests with the last response written, and no byte moved for the
+        // hibernation delay: hyper holds nothing of a next request.
+        let between = now.1 > 0 && now.2 == 0 && watch.wrote_last.load(Ordering::Relaxed);
+        if between && t.hibernate.is_some_and(|h| moved_at.elapsed() >= h) {
+            return Order::Hibernate;
+        }
         if !quiet {
             quiet_since = Instant::now();
         } else if quiet_since.elapsed() >= t.idle {
@@ -229,6 +302,7 @@ pub const CONTROL_TIMEOUTS: Timeouts = Timeouts {
     idle: Duration::from_secs(60),
     close: Duration::from_secs(5),
     shutdown_grace: Duration::from_secs(5),
+    hibernate: None,
 };
 
 /// Accepts and serves a control-plane listener (admin, metrics) until `stop`: TLS only, each
@@ -287,7 +361,7 @@ pub async fn serve_control<F, S, B>(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(t.first_request)
                 .serve_connection(io, svc);
-            drive(conn, watch, t, stop).await;
+            drive(pin!(conn), watch, t, stop).await;
         });
     }
 }
@@ -328,7 +402,28 @@ pub async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
-/// Wraps `T`; every successful read or write bumps the watch's byte counter.
+/// A transport over a TCP socket, which a hibernated connection waits on: readable again
+/// means the client sent something (or closed).
+pub trait OnSocket {
+    fn socket(&self) -> &TcpStream;
+}
+
+impl OnSocket for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl<T: OnSocket> OnSocket for tokio_rustls::server::TlsStream<T> {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().0.socket()
+    }
+}
+
+/// Wraps `T`; every successful read or write bumps the watch's byte counter. When the
+/// watch asks for hibernation, the next read that finds nothing to read reports the end of
+/// input instead of waiting, and shutdowns are then not passed on: hyper's connection ends
+/// and the transport is left as it was, for the caller to take back.
 pub struct Activity<T> {
     inner: T,
     /// Shared with the connection's watchdog.
@@ -340,8 +435,8 @@ impl<T> Activity<T> {
         Activity { inner, watch }
     }
 
-    fn tick(&self) {
-        self.watch.tick();
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 }
 
@@ -353,10 +448,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            this.tick();
+        match r {
+            Poll::Ready(Ok(())) => {
+                this.watch.tick(false);
+                if this.watch.sleep_state() == ASKED {
+                    // Input (or its real end) came first: no hibernation.
+                    this.watch.wake();
+                }
+                r
+            }
+            Poll::Pending if this.watch.sleep_state() == ASKED => {
+                this.watch.sleep.store(HIBERNATED, Ordering::Relaxed);
+                Poll::Ready(Ok(()))
+            }
+            r => r,
         }
-        r
     }
 }
 
@@ -369,7 +475,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(_)) = r {
-            this.tick();
+            this.watch.tick(true);
         }
         r
     }
@@ -382,7 +488,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(_)) = r {
-            this.tick();
+            this.watch.tick(true);
         }
         r
     }
@@ -396,6 +502,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.watch.sleep_state() == HIBERNATED {
+            // hyper closes after the end of input it was shown; the transport stays open.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

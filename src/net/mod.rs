@@ -10,7 +10,7 @@ mod conn;
 mod workers;
 
 pub use conn::{
-    answer_and_close, drive, serve_control, tls_only, Activity, Ended, Timeouts, Watch,
+    answer_and_close, drive, serve_control, tls_only, Activity, Ended, OnSocket, Timeouts, Watch,
     CONTROL_TIMEOUTS, TLS_ONLY_400,
 };
 pub use workers::{worker_index, Workers};
