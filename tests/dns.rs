@@ -285,6 +285,9 @@ async fn a_udp_answer_too_big_for_512_bytes_is_truncated_and_tcp_gives_all() {
 async fn answers_follow_reloads_and_the_serial_increases() {
     let s = setup(vec![], 9443).await;
     let before = ask(s.dns, "example.test.", RecordType::SOA).await;
+    // Asked before the reload too: an answer kept for these exact bytes must not outlive it.
+    let a = ask(s.dns, "api.example.test.", RecordType::A).await;
+    assert_eq!(addresses(&a), vec![IpAddr::V4(s.closed)]);
     // A reload that changes nothing keeps the serial.
     let same = config(
         s.closed,
@@ -315,6 +318,26 @@ async fn answers_follow_reloads_and_the_serial_increases() {
     assert_eq!(addresses(&a), vec![IpAddr::V4(s.open)]);
     let after = ask(s.dns, "api.example.test.", RecordType::SOA).await;
     assert!(serial(&after) > serial(&before));
+}
+
+#[tokio::test]
+async fn the_same_query_again_gets_the_same_answer_under_its_own_id() {
+    let s = setup(vec![], 9443).await;
+    let mut packet = query("API.example.test.", RecordType::A, true);
+    let first = udp(s.dns, &packet).await;
+    for id in [1u16, 4242, 65535] {
+        packet[..2].copy_from_slice(&id.to_be_bytes());
+        let again = udp(s.dns, &packet).await;
+        assert_eq!(again.metadata.id, id);
+        assert_eq!(again.answers, first.answers);
+        // The question comes back as it was asked, case included.
+        assert_eq!(again.queries[0].name().to_ascii(), "API.example.test.");
+    }
+    // Without EDNS the same name is another query: its answer carries no OPT record.
+    let plain = udp(s.dns, &query("API.example.test.", RecordType::A, false)).await;
+    assert!(plain.edns.is_none());
+    assert_eq!(plain.answers, first.answers);
+    assert!(first.edns.is_some());
 }
 
 #[tokio::test]
