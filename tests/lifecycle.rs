@@ -237,30 +237,33 @@ async fn sigterm_drains_a_slow_in_flight_request_then_exits_0() {
     assert!(status.success(), "exit status {status:?}");
 }
 
-#[tokio::test]
-async fn idle_connections_are_closed_after_the_idle_timeout() {
-    let origin = TestOrigin::start().await;
-    let ip = loopback();
-    let toml = format!(
+/// One TLS site on `ip`:6443 with `idle_timeout` set, and a header-read timeout longer than
+/// PATIENCE, so only the idle timeout can close a connection within it.
+fn idle_config(ip: std::net::Ipv4Addr, host: &str, origin: &str, idle: &str) -> String {
+    format!(
         r#"
 [state]
 dir = "STATE"
 [edge]
-idle_timeout = "300ms"
-# Longer than PATIENCE, so only the idle timeout can close a connection within it.
+idle_timeout = "{idle}"
 header_read_timeout = "60s"
 [[pool]]
 name = "p"
 addresses = ["{ip}"]
 tls_ports = [6443]
 [[site]]
-host = "idle.test"
+host = "{host}"
 pool = "p"
-origin = "{o}"
-"#,
-        o = origin.url()
-    );
-    let h = Harness::start(&toml).await;
+origin = "{origin}"
+"#
+    )
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let origin = TestOrigin::start().await;
+    let ip = loopback();
+    let h = Harness::start(&idle_config(ip, "idle.test", &origin.url(), "300ms")).await;
     let addr = SocketAddr::from((ip, 6443));
     let tls = tls_connect(addr, "idle.test", client_config(h.roots(), &[b"http/1.1"]))
         .await
@@ -298,25 +301,7 @@ origin = "{o}"
 async fn quiet_keep_alive_connections_hibernate_serve_on_and_still_close_when_idle() {
     let origin = TestOrigin::start().await;
     let ip = loopback();
-    let toml = format!(
-        r#"
-[state]
-dir = "STATE"
-[edge]
-idle_timeout = "4s"
-header_read_timeout = "60s"
-[[pool]]
-name = "p"
-addresses = ["{ip}"]
-tls_ports = [6443]
-[[site]]
-host = "sleepy.test"
-pool = "p"
-origin = "{o}"
-"#,
-        o = origin.url()
-    );
-    let h = Harness::start(&toml).await;
+    let h = Harness::start(&idle_config(ip, "sleepy.test", &origin.url(), "4s")).await;
     let addr = SocketAddr::from((ip, 6443));
     let hibernating = |n: i64| {
         let edge = &h.runtime;
