@@ -347,7 +347,11 @@ impl Zone {
             records.push(Record::from_rdata(
                 owner.clone(),
                 ttl,
-                RData::HTTPS(https_record(&pool.addresses, pool.redirect_port())),
+                RData::HTTPS(https_record(
+                    &pool.addresses,
+                    pool.redirect_port(),
+                    site.http3,
+                )),
             ));
             match suffix {
                 None => z.add(LowerName::from(owner), records),
@@ -433,11 +437,13 @@ fn address_record(owner: Name, ttl: u32, ip: IpAddr) -> Record {
     }
 }
 
-/// `1 . alpn=h2,http/1.1 [port=P] ipv4hint=… ipv6hint=…`: ServiceMode at the same name.
-fn https_record(addresses: &[IpAddr], port: u16) -> HTTPS {
+/// `1 . alpn=h3,h2,http/1.1 [port=P] ipv4hint=… ipv6hint=…`: ServiceMode at the same name;
+/// `h3` only for a site served over HTTP/3 (QUIC on the same port).
+fn https_record(addresses: &[IpAddr], port: u16, h3: bool) -> HTTPS {
+    let alpn = ["h3", "h2", "http/1.1"].into_iter().skip(usize::from(!h3));
     let mut params = vec![(
         SvcParamKey::Alpn,
-        SvcParamValue::Alpn(Alpn(vec!["h2".into(), "http/1.1".into()])),
+        SvcParamValue::Alpn(Alpn(alpn.map(String::from).collect())),
     )];
     if port != 443 {
         params.push((SvcParamKey::Port, SvcParamValue::Port(port)));
@@ -702,16 +708,11 @@ const UDP_SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// A UDP socket bound to `addr` with a deep receive buffer.
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    // Best effort: a smaller buffer still serves.
-    let _ = socket.set_recv_buffer_size(UDP_SOCKET_RECEIVE_BUFFER);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    UdpSocket::from_std(crate::net::bind_udp(
+        addr,
+        false,
+        UDP_SOCKET_RECEIVE_BUFFER,
+    )?)
 }
 
 /// Serves DNS on the bound `udp` and `tcp` sockets until `stop` is cancelled: one receive

@@ -13,6 +13,8 @@ use aho_corasick::AhoCorasick;
 pub enum Scheme {
     Tls,
     Cleartext,
+    /// HTTP/3 over QUIC: TLS 1.3 too, so it counts in the TLS share.
+    H3,
 }
 
 impl Scheme {
@@ -20,6 +22,7 @@ impl Scheme {
         match self {
             Scheme::Tls => "tls",
             Scheme::Cleartext => "cleartext",
+            Scheme::H3 => "h3",
         }
     }
 }
@@ -110,10 +113,10 @@ macro_rules! parse_label {
 }
 
 parse_label! {
-    Scheme => [Tls, Cleartext];
+    Scheme => [Tls, Cleartext, H3];
     Outcome => [Response, CleartextOnTlsPort, HandshakeFailed, HandshakeTimeout, RefusedByFirewall, MalformedRequest];
     TlsVersion => [None, Tls12, Tls13];
-    HttpVersion => [None, Http10, Http11, Http2];
+    HttpVersion => [None, Http10, Http11, Http2, Http3];
     DimKind => [Network, Family, Path];
 }
 
@@ -124,6 +127,7 @@ pub enum HttpVersion {
     Http10,
     Http11,
     Http2,
+    Http3,
 }
 
 impl HttpVersion {
@@ -133,6 +137,7 @@ impl HttpVersion {
             HttpVersion::Http10 => "HTTP/1.0",
             HttpVersion::Http11 => "HTTP/1.1",
             HttpVersion::Http2 => "HTTP/2",
+            HttpVersion::Http3 => "HTTP/3",
         }
     }
 
@@ -140,6 +145,7 @@ impl HttpVersion {
         match v {
             http::Version::HTTP_10 | http::Version::HTTP_09 => HttpVersion::Http10,
             http::Version::HTTP_2 => HttpVersion::Http2,
+            http::Version::HTTP_3 => HttpVersion::Http3,
             _ => HttpVersion::Http11,
         }
     }

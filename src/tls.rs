@@ -512,6 +512,20 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// The TLS side of the QUIC sockets: `tls`'s certificates, session tickets and resolver,
+/// ALPN `h3` only, TLS 1.3 only (QUIC has no other), and no 0-RTT: early data can be
+/// replayed by anyone who recorded it, and a proxied request is not known to be idempotent.
+pub fn quic_server_config(
+    tls: &ServerConfig,
+) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+    let mut cfg = tls.clone();
+    cfg.alpn_protocols = vec![b"h3".to_vec()];
+    cfg.max_early_data_size = 0;
+    quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map(Arc::new)
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))
+}
+
 /// A certificate authority kept in the state directory, issuing certificates for sites that
 /// configure none. Operators (and the demo's curl lines) trust `dev-ca.pem` explicitly.
 pub struct DevCa {

@@ -114,8 +114,8 @@ fn every_printed_curl_line_works_when_pasted() {
             &[
                 "status: noerror",
                 &format!("api.demo.test.\t\t60\tin\ta\t{closed}"),
-                &format!("api.demo.test.\t\t60\tin\thttps\t1 . alpn=\"h2,http/1.1\" port=8443 ipv4hint={closed}"),
-                &format!("legacy.demo.test.\t60\tin\thttps\t1 . alpn=\"h2,http/1.1\" port=8443 ipv4hint={open}"),
+                &format!("api.demo.test.\t\t60\tin\thttps\t1 . alpn=\"h3,h2,http/1.1\" port=8443 ipv4hint={closed}"),
+                &format!("legacy.demo.test.\t60\tin\thttps\t1 . alpn=\"h3,h2,http/1.1\" port=8443 ipv4hint={open}"),
             ],
         ),
         (Some(0), &["cleartext port 8080  refused", "https dns record: present", "overall grade: a"]),

@@ -415,7 +415,7 @@ async fn dig_sees_the_answers_and_named_checkzone_loads_the_export() {
     assert!(out.contains("flags: qr aa"), "authoritative: {out}");
     assert!(
         out.contains(&format!(
-            "alpn=\"h2,http/1.1\" port=9443 ipv4hint={}",
+            "alpn=\"h3,h2,http/1.1\" port=9443 ipv4hint={}",
             s.closed
         )),
         "{out}"
@@ -463,11 +463,12 @@ async fn dig_sees_the_answers_and_named_checkzone_loads_the_export() {
     );
     let exported = String::from_utf8_lossy(&export.stdout);
     assert!(
-        exported.contains("*.apps.example.test. 120 IN HTTPS 1 . alpn=\"h2,http/1.1\" port=7443"),
+        exported
+            .contains("*.apps.example.test. 120 IN HTTPS 1 . alpn=\"h3,h2,http/1.1\" port=7443"),
         "{exported}"
     );
     let api = format!(
-        "api.example.test. 120 IN HTTPS 1 . alpn=\"h2,http/1.1\" ipv4hint={} ipv6hint=2001:db8::10",
+        "api.example.test. 120 IN HTTPS 1 . alpn=\"h3,h2,http/1.1\" ipv4hint={} ipv6hint=2001:db8::10",
         s.closed
     );
     assert!(

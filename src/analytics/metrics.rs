@@ -50,6 +50,10 @@ pub struct StatsSnapshot {
     pub handshake_failures: u64,
     pub unknown_sni: u64,
     pub handshakes: u64,
+    /// QUIC (HTTP/3) handshakes completed, also counted in `handshakes`.
+    pub quic_handshakes: u64,
+    /// QUIC clients sent a Retry to prove their address (under load).
+    pub quic_retries: u64,
     pub cleartext_connections: u64,
     pub active_connections: i64,
     /// HTTP/1.1 connections quiet between requests whose HTTP state is freed.
@@ -123,7 +127,16 @@ pub fn render(edge: &dyn Counters) -> String {
         "handshake_failures",
         "TLS handshakes that failed, by reason",
     );
-    let handshakes = counter(&mut reg, "handshakes", "TLS handshakes completed");
+    let handshakes = counter(
+        &mut reg,
+        "handshakes",
+        "TLS handshakes completed, by transport (tcp, quic)",
+    );
+    let retries = counter(
+        &mut reg,
+        "quic_retries",
+        "QUIC clients asked to prove their address with a Retry (sent under load)",
+    );
     let active = gauge(
         &mut reg,
         "active_connections",
@@ -163,7 +176,13 @@ pub fn render(edge: &dyn Counters) -> String {
     clear_on_tls
         .get_or_create(&vec![])
         .inc_by(stats.cleartext_on_tls_port);
-    handshakes.get_or_create(&vec![]).inc_by(stats.handshakes);
+    let tcp = stats.handshakes.saturating_sub(stats.quic_handshakes);
+    for (transport, n) in [("tcp", tcp), ("quic", stats.quic_handshakes)] {
+        handshakes
+            .get_or_create(&labels(&[("transport", transport)]))
+            .inc_by(n);
+    }
+    retries.get_or_create(&vec![]).inc_by(stats.quic_retries);
     for (reason, n) in [
         ("failed", stats.handshake_failures),
         ("timeout", stats.handshake_timeouts),

@@ -388,6 +388,8 @@ pub struct Pool {
     pub addresses: Vec<IpAddr>,
     pub tls_ports: Vec<u16>,
     pub cleartext_ports: Vec<u16>,
+    /// HTTP/3 (QUIC, UDP) on every TLS port of every address (`http3`, default true).
+    pub http3: bool,
 }
 
 impl Pool {
@@ -413,7 +415,12 @@ impl Pool {
                 .cleartext_ports
                 .iter()
                 .map(move |p| (SocketAddr::new(*ip, *p), ListenerKind::Cleartext));
-            tls.chain(clear)
+            let quic = self
+                .tls_ports
+                .iter()
+                .filter(|_| self.http3)
+                .map(move |p| (SocketAddr::new(*ip, *p), ListenerKind::Quic));
+            tls.chain(clear).chain(quic)
         })
     }
 }
@@ -423,6 +430,8 @@ impl Pool {
 pub enum ListenerKind {
     Tls,
     Cleartext,
+    /// HTTP/3 over QUIC: a UDP socket on a TLS port.
+    Quic,
 }
 
 impl fmt::Display for ListenerKind {
@@ -430,6 +439,7 @@ impl fmt::Display for ListenerKind {
         f.write_str(match self {
             ListenerKind::Tls => "tls",
             ListenerKind::Cleartext => "cleartext",
+            ListenerKind::Quic => "quic",
         })
     }
 }
@@ -632,6 +642,9 @@ pub struct Site {
     /// Headers set on this site's TLS answers: `[edge] response_headers` with the site's own
     /// on top.
     pub response_headers: ResponseHeaders,
+    /// Served over HTTP/3 too (`http3`; default: its pool's): Alt-Svc on its TLS answers,
+    /// `h3` in its HTTPS record, its name accepted on the pool's QUIC sockets.
+    pub http3: bool,
 }
 
 /// A site's exposure response (`exposure_response` and `webhook`).

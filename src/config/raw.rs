@@ -150,6 +150,7 @@ pub(super) struct RawPool {
     pub(super) tls_ports: Vec<i64>,
     #[serde(default)]
     pub(super) cleartext_ports: Vec<i64>,
+    pub(super) http3: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -177,6 +178,7 @@ pub(super) struct RawSite {
     pub(super) response_headers: std::collections::BTreeMap<String, String>,
     pub(super) exposure_response: Option<String>,
     pub(super) webhook: Option<RawWebhook>,
+    pub(super) http3: Option<bool>,
 }
 
 #[derive(Deserialize, Clone)]

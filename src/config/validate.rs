@@ -860,6 +860,7 @@ impl Validator<'_> {
                 addresses,
                 tls_ports,
                 cleartext_ports,
+                http3: rp.http3.unwrap_or(true),
             });
         }
         self.wildcards(&pools);
@@ -1002,6 +1003,18 @@ impl Validator<'_> {
                 response_headers.push((name, value));
             }
             let response = self.response(&at, rs.exposure_response.as_deref(), rs.webhook.clone());
+            let pool_http3 = pool.is_some_and(|p| pools[p].http3);
+            if rs.http3 == Some(true) && !pool_http3 && pool.is_some() {
+                self.problem(
+                    format!("{at}.http3"),
+                    "true",
+                    format!(
+                        "pool {:?} has http3 = false: it has no QUIC socket to serve the site on",
+                        rs.pool
+                    ),
+                );
+            }
+            let http3 = pool_http3 && rs.http3.unwrap_or(true);
             if let (Some(host), Some(pool), Some(origin), Some(cleartext)) =
                 (host, pool, origin, cleartext)
             {
@@ -1017,6 +1030,7 @@ impl Validator<'_> {
                     exposure,
                     response,
                     response_headers,
+                    http3,
                 });
             }
         }

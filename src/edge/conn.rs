@@ -35,6 +35,9 @@ pub(crate) struct ConnInfo {
     pub(crate) watch: Arc<crate::net::Watch>,
     /// Cleartext connections only: what the client sent since its last complete head.
     pub(crate) capture: Option<Arc<HeadCapture>>,
+    /// `Alt-Svc` advertising HTTP/3 on this port, when the listener's address has a QUIC
+    /// socket on it; set on the answers of sites that serve HTTP/3.
+    pub(crate) alt_svc: Option<HeaderValue>,
 }
 
 /// A request in flight on its connection; dropped when its response has been sent (with the

@@ -7,10 +7,9 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, LOCATION, STRICT_TRANSPORT_SECURITY};
+use http::header::{ALT_SVC, CONNECTION, CONTENT_TYPE, HOST, LOCATION, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Either;
-use hyper::body::Incoming;
 
 use super::conn::{ConnInfo, InFlight};
 use super::host::{self, BadHost, RequestHost};
@@ -20,7 +19,7 @@ use crate::analytics::aggregate::{Observation, SiteId};
 use crate::analytics::{Analytics, RequestMeta};
 use crate::config::{CleartextMode, HostPattern};
 use crate::exposure::{self, ExtraPositions, Found};
-use crate::observe::{self, Outcome, Scheme};
+use crate::observe::{self, HttpVersion, Outcome, Scheme};
 use crate::stages::Stage;
 
 /// The 403 body of `reject` mode. It names no credential and echoes nothing.
@@ -31,7 +30,7 @@ unencrypted: consider it exposed, and revoke or rotate it. Use https:// instead.
 
 pub(crate) async fn handle(
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<Body>, Infallible> {
     conn.request_started();
     let mut resp = answer(&conn, req).await;
@@ -45,7 +44,7 @@ pub(crate) async fn handle(
     Ok(resp)
 }
 
-async fn answer(conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+async fn answer(conn: &ConnInfo, req: Request<ClientBody>) -> Response<Body> {
     let Some(analytics) = conn.shared.analytics.as_deref() else {
         return route(conn, req, None).await.response;
     };
@@ -58,10 +57,10 @@ async fn answer(conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
         // The path carries a credential: analytics keeps no part of it.
         meta.path = observe::PathTemplate::of("/:id");
     }
-    let scheme = if conn.sni.is_some() {
-        Scheme::Tls
-    } else {
-        Scheme::Cleartext
+    let scheme = match (&conn.sni, meta.http) {
+        (Some(_), HttpVersion::Http3) => Scheme::H3,
+        (Some(_), _) => Scheme::Tls,
+        (None, _) => Scheme::Cleartext,
     };
     let obs = Observation {
         at: crate::clock::now(),
@@ -177,7 +176,7 @@ struct Routed {
 /// then the start of a form or JSON body.
 async fn route(
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     analytics: Option<(&Analytics, &mut Vec<Found>)>,
 ) -> Routed {
     let snap = conn.shared.snapshot.load_full();
@@ -242,11 +241,13 @@ async fn route(
             if !site.host.matches(sni) {
                 return done(misdirected(), None, None);
             }
-            let req = req.map(ClientBody::new);
             let mut resp = forward(&site.origin, req, &conn.client, "https", edge).await;
             let headers = resp.headers_mut();
             if let Some(v) = &site.hsts {
                 headers.insert(STRICT_TRANSPORT_SECURITY, v.clone());
+            }
+            if let (true, Some(v)) = (site.http3, &conn.alt_svc) {
+                headers.insert(ALT_SVC, v.clone());
             }
             for (name, value) in &site.response_headers {
                 headers.insert(name.clone(), value.clone());
@@ -270,9 +271,9 @@ async fn route(
                         .headers()
                         .get(CONTENT_TYPE)
                         .map(|v| v.as_bytes().to_vec());
-                    let (parts, incoming) = req.into_parts();
+                    let (parts, body) = req.into_parts();
                     let (prefix, ended, body) =
-                        ClientBody::read_prefix(incoming, scan, edge.header_read_timeout).await;
+                        body.read_prefix(scan, edge.header_read_timeout).await;
                     let want = policy.as_ref().map(|p| (&mut *secrets, p.include_raw));
                     exposure::detect_body_with_secrets(
                         ct.as_deref().unwrap_or_default(),
@@ -286,8 +287,8 @@ async fn route(
                     (Request::from_parts(parts, ()), body)
                 }
                 _ => {
-                    let (parts, incoming) = req.into_parts();
-                    (Request::from_parts(parts, ()), ClientBody::new(incoming))
+                    let (parts, body) = req.into_parts();
+                    (Request::from_parts(parts, ()), body)
                 }
             };
             let mut resp = match mode {

@@ -87,6 +87,8 @@ pub(crate) async fn accept_loop(
             let shutdown = shared2.shutdown.clone();
             match key.1 {
                 ListenerKind::Tls => tls_conn(shared2, key, stream, peer, shutdown).await,
+                // QUIC sockets have their own accept loop (quic.rs), never this one.
+                ListenerKind::Quic => {}
                 ListenerKind::Cleartext => {
                     bump(&shared2.stats.cleartext_connections);
                     let snap = shared2.snapshot.load_full();
@@ -214,10 +216,10 @@ fn lenient_host(raw: &[u8]) -> Option<String> {
 }
 
 /// Counts a connection as active for as long as it lives.
-struct ActiveGuard(Arc<Shared>);
+pub(crate) struct ActiveGuard(Arc<Shared>);
 
 impl ActiveGuard {
-    fn new(shared: Arc<Shared>) -> ActiveGuard {
+    pub(crate) fn new(shared: Arc<Shared>) -> ActiveGuard {
         shared
             .stats
             .active_connections
@@ -236,7 +238,7 @@ impl Drop for ActiveGuard {
 }
 
 /// Connection facts, resolved against the snapshot current when the connection was accepted.
-fn conn_info(
+pub(crate) fn conn_info(
     shared: &Arc<Shared>,
     snap: &Snapshot,
     key: (SocketAddr, ListenerKind),
@@ -262,6 +264,7 @@ fn conn_info(
         agent: Default::default(),
         watch: Watch::new(),
         capture: None,
+        alt_svc: snap.alt_svc(key),
     }
 }
 
@@ -591,7 +594,11 @@ async fn serve_http<T>(
         shutdown_grace: edge.shutdown_grace,
         hibernate: None,
     };
-    let svc = |info: Arc<ConnInfo>| service_fn(move |req| handle(info.clone(), req));
+    let svc = |info: Arc<ConnInfo>| {
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            handle(info.clone(), req.map(super::proxy::ClientBody::new))
+        })
+    };
     let ended = if h2 {
         // Boxed per protocol: an HTTP/1.1 connection does not carry HTTP/2's larger state.
         let mut conn = Box::pin(

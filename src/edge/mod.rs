@@ -15,6 +15,7 @@ mod host;
 mod http;
 mod listener;
 mod proxy;
+mod quic;
 mod snapshot;
 
 use std::collections::HashMap;
@@ -73,8 +74,12 @@ pub struct Stats {
     pub handshake_failures: AtomicU64,
     /// ClientHellos whose SNI named no site on that address, or had none.
     pub unknown_sni: AtomicU64,
-    /// TLS handshakes completed.
+    /// TLS handshakes completed (QUIC's included).
     pub handshakes: AtomicU64,
+    /// QUIC (HTTP/3) handshakes completed.
+    pub quic_handshakes: AtomicU64,
+    /// QUIC clients asked to prove their address with a Retry, under load.
+    pub quic_retries: AtomicU64,
     /// Cleartext connections accepted on open pools.
     pub cleartext_connections: AtomicU64,
     /// Client connections open now.
@@ -100,6 +105,8 @@ impl Stats {
             handshake_failures: r(&self.handshake_failures),
             unknown_sni: r(&self.unknown_sni),
             handshakes: r(&self.handshakes),
+            quic_handshakes: r(&self.quic_handshakes),
+            quic_retries: r(&self.quic_retries),
             cleartext_connections: r(&self.cleartext_connections),
             active_connections: self.active_connections.load(Ordering::Relaxed),
             hibernating_connections: self.hibernating_connections.load(Ordering::Relaxed),
@@ -144,6 +151,8 @@ pub(crate) struct Shared {
     pub(crate) live: Arc<LiveCerts>,
     /// The server config of TLS-ALPN-01 validation handshakes.
     pub(crate) acme_validation: Arc<rustls::ServerConfig>,
+    /// What the QUIC sockets keep across reloads.
+    pub(crate) quic: quic::QuicState,
 }
 
 /// What the edge is handed at start: the parts it reads but does not own.
@@ -195,8 +204,17 @@ impl Shared {
 
 struct ListenerHandle {
     stop: CancellationToken,
-    /// One accept loop per worker.
+    /// One accept loop per worker (one in all for QUIC).
     tasks: Vec<JoinHandle<()>>,
+    /// A QUIC listener's endpoint, pointed at each new snapshot.
+    quic: Option<quinn::Endpoint>,
+}
+
+/// A listener's bound sockets.
+enum Sockets {
+    /// One per worker; several share the address through SO_REUSEPORT.
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(std::net::UdpSocket),
 }
 
 /// A running edge: listeners, the live snapshot and the connections they serve.
@@ -227,6 +245,7 @@ impl Edge {
             limits: connection_limits(parts.settings),
             acme_validation: crate::tls::acme_validation_config(parts.live.clone())?,
             live: parts.live,
+            quic: quic::QuicState::default(),
         });
         Ok(Edge {
             shared,
@@ -269,10 +288,16 @@ impl Edge {
         for key in now {
             bound.push((
                 *key,
-                self.bind(key.0).map_err(|source| bind_err(*key, source))?,
+                self.bind(*key).map_err(|source| bind_err(*key, source))?,
             ));
         }
-        self.shared.snapshot.store(Arc::new(snap));
+        let snap = Arc::new(snap);
+        self.shared.snapshot.store(snap.clone());
+        for h in listeners.values() {
+            if let Some(endpoint) = &h.quic {
+                quic::update(&self.shared, &snap, endpoint);
+            }
+        }
         for key in removed {
             if let Some(h) = listeners.remove(&key) {
                 h.stop.cancel();
@@ -284,26 +309,19 @@ impl Edge {
         }
         let mut late_error = None;
         for key in later {
-            match self.bind(key.0) {
+            match self.bind(*key) {
                 Ok(l) => bound.push((*key, l)),
                 Err(source) => late_error = Some(bind_err(*key, source)),
             }
         }
         for (key, sockets) in bound {
-            tracing::info!(addr = %key.0, kind = %key.1, "listening");
-            let stop = self.shared.shutdown.child_token();
-            let tasks = sockets
-                .into_iter()
-                .enumerate()
-                .map(|(i, l)| {
-                    let accept = listener::accept_loop(self.shared.clone(), key, l, stop.clone());
-                    match self.shared.workers.get(i) {
-                        Some(h) => h.spawn(accept),
-                        None => tokio::spawn(accept),
-                    }
-                })
-                .collect();
-            listeners.insert(key, ListenerHandle { stop, tasks });
+            match self.start_listener(key, sockets, &snap) {
+                Ok(h) => {
+                    tracing::info!(addr = %key.0, kind = %key.1, "listening");
+                    listeners.insert(key, h);
+                }
+                Err(source) => late_error = Some(bind_err(key, source)),
+            }
         }
         match late_error {
             Some(e) => Err(e),
@@ -311,12 +329,64 @@ impl Edge {
         }
     }
 
-    /// One socket per worker; several share the address through SO_REUSEPORT.
-    fn bind(&self, addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
+    /// A TCP listener's sockets, one per worker, or a QUIC listener's UDP socket.
+    fn bind(&self, key: (SocketAddr, ListenerKind)) -> std::io::Result<Sockets> {
         let n = self.shared.workers.len();
-        (0..n.max(1))
-            .map(|_| crate::net::bind_tcp(addr, n > 1))
-            .collect()
+        match key.1 {
+            ListenerKind::Quic => {
+                crate::net::bind_udp(key.0, true, QUIC_RECEIVE_BUFFER).map(Sockets::Udp)
+            }
+            _ => (0..n.max(1))
+                .map(|_| crate::net::bind_tcp(key.0, n > 1))
+                .collect::<std::io::Result<_>>()
+                .map(Sockets::Tcp),
+        }
+    }
+
+    /// Starts the accept loops of bound sockets: TCP ones on every worker in turn, a QUIC
+    /// endpoint (and the connections it drives) on the first.
+    fn start_listener(
+        &self,
+        key: (SocketAddr, ListenerKind),
+        sockets: Sockets,
+        snap: &Snapshot,
+    ) -> std::io::Result<ListenerHandle> {
+        let stop = self.shared.shutdown.child_token();
+        let spawn =
+            |i: usize, f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+                match self.shared.workers.get(i) {
+                    Some(h) => h.spawn(f),
+                    None => tokio::spawn(f),
+                }
+            };
+        match sockets {
+            Sockets::Tcp(sockets) => Ok(ListenerHandle {
+                tasks: sockets
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let accept =
+                            listener::accept_loop(self.shared.clone(), key, l, stop.clone());
+                        spawn(i, Box::pin(accept))
+                    })
+                    .collect(),
+                stop,
+                quic: None,
+            }),
+            Sockets::Udp(socket) => {
+                let endpoint = {
+                    let _rt = self.shared.workers.first().map(|h| h.enter());
+                    quic::endpoint(&self.shared, snap, socket)?
+                };
+                let accept =
+                    quic::accept_loop(self.shared.clone(), key, endpoint.clone(), stop.clone());
+                Ok(ListenerHandle {
+                    tasks: vec![spawn(0, Box::pin(accept))],
+                    stop,
+                    quic: Some(endpoint),
+                })
+            }
+        }
     }
 
     /// The live snapshot.
@@ -367,6 +437,10 @@ impl Edge {
             .is_ok()
     }
 }
+
+/// A QUIC socket's receive buffer: bursts of handshakes and of full-size packets from many
+/// clients wait here while the endpoint catches up.
+const QUIC_RECEIVE_BUFFER: usize = 4 << 20;
 
 fn bind_err(key: (SocketAddr, ListenerKind), source: std::io::Error) -> EdgeError {
     EdgeError::Bind {

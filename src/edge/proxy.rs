@@ -306,32 +306,50 @@ pub(crate) struct ClientBody {
     prefix: Option<Bytes>,
     /// Trailers read ahead, when the body ended within the part read.
     trailers: Option<http::HeaderMap>,
-    rest: Incoming,
+    rest: Rest,
 }
+
+/// The client's stream: hyper's (HTTP/1.1, HTTP/2) or an HTTP/3 request stream.
+enum Rest {
+    Hyper(Incoming),
+    /// Boxed: an HTTP/3 stream's state is several times hyper's.
+    H3(Box<super::quic::H3Body>),
+}
+
+/// What a request body can fail with: hyper's error, or the HTTP/3 stream's.
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ClientBody {
     pub(crate) fn new(rest: Incoming) -> ClientBody {
         ClientBody {
             prefix: None,
             trailers: None,
-            rest,
+            rest: Rest::Hyper(rest),
         }
     }
 
-    /// Reads up to `limit` bytes of `rest` (within `deadline`), returning them with a body
+    pub(crate) fn h3(rest: super::quic::H3Body) -> ClientBody {
+        ClientBody {
+            prefix: None,
+            trailers: None,
+            rest: Rest::H3(Box::new(rest)),
+        }
+    }
+
+    /// Reads up to `limit` bytes of the body (within `deadline`), returning them with a body
     /// that will send them first. The flag says whether the body ended within them.
     pub(crate) async fn read_prefix(
-        mut rest: Incoming,
+        mut self,
         limit: usize,
         deadline: std::time::Duration,
     ) -> (Bytes, bool, ClientBody) {
         use http_body_util::BodyExt as _;
         let mut buf = bytes::BytesMut::new();
         let mut trailers = None;
-        let mut ended = rest.is_end_stream();
+        let mut ended = self.is_end_stream();
         let read = async {
             while !ended && buf.len() < limit {
-                match rest.frame().await {
+                match self.frame().await {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => buf.extend_from_slice(&data),
                         Err(frame) => {
@@ -349,7 +367,7 @@ impl ClientBody {
         let body = ClientBody {
             prefix: (!prefix.is_empty()).then(|| prefix.clone()),
             trailers,
-            rest,
+            rest: self.rest,
         };
         (prefix, ended, body)
     }
@@ -357,31 +375,41 @@ impl ClientBody {
 
 impl hyper::body::Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if let Some(p) = self.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
         if let Some(t) = self.trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        match &mut self.rest {
+            Rest::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Rest::H3(b) => Pin::new(&mut **b).poll_frame(cx).map_err(Into::into),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.trailers.is_none() && self.rest.is_end_stream()
+        let rest = match &self.rest {
+            Rest::Hyper(b) => b.is_end_stream(),
+            Rest::H3(b) => b.is_end_stream(),
+        };
+        self.prefix.is_none() && self.trailers.is_none() && rest
     }
 
     fn size_hint(&self) -> SizeHint {
+        let rest = match &self.rest {
+            Rest::Hyper(b) => b.size_hint(),
+            Rest::H3(b) => b.size_hint(),
+        };
         let ahead = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
         if ahead == 0 {
-            return self.rest.size_hint();
+            return rest;
         }
-        let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + ahead);
         if let Some(u) = rest.upper() {

@@ -24,6 +24,8 @@ pub struct Snapshot {
     /// Increases by one on each successful reload.
     pub generation: u64,
     pub(crate) tls: Arc<ServerConfig>,
+    /// The TLS side of the QUIC sockets (same certificates, ALPN h3); `None` without any.
+    pub(crate) quic: Option<Arc<quinn::crypto::rustls::QuicServerConfig>>,
     pub(crate) pools: Vec<PoolRoutes>,
     pub(crate) sites: Vec<SiteRuntime>,
     pub(crate) listeners: BTreeMap<(SocketAddr, ListenerKind), usize>,
@@ -81,6 +83,8 @@ pub(crate) struct SiteRuntime {
     pub(crate) response: Option<Arc<crate::config::ExposureResponse>>,
     /// Set on every TLS answer of the site (`response_headers`).
     pub(crate) response_headers: crate::config::ResponseHeaders,
+    /// Served over HTTP/3 too: Alt-Svc on its TLS answers, its name accepted over QUIC.
+    pub(crate) http3: bool,
 }
 
 impl SiteRuntime {
@@ -103,6 +107,7 @@ impl Snapshot {
             config: Arc::new(Config::default()),
             generation: 0,
             tls: tls::server_config(SniCerts::default(), resumption)?,
+            quic: None,
             pools: Vec::new(),
             sites: Vec::new(),
             listeners: BTreeMap::new(),
@@ -182,6 +187,7 @@ impl Snapshot {
                 mode: site.cleartext,
                 hsts,
                 redirect_port: config.pools[site.pool].redirect_port(),
+                http3: site.http3,
                 origin: OriginClient::new(
                     site,
                     &config.edge,
@@ -242,10 +248,16 @@ impl Snapshot {
                 };
             }
         }
+        let quic = listeners
+            .keys()
+            .any(|(_, kind)| *kind == ListenerKind::Quic)
+            .then(|| tls::quic_server_config(&tls))
+            .transpose()?;
         Ok(Snapshot {
             config,
             generation,
             tls,
+            quic,
             pools,
             sites,
             listeners,
@@ -266,6 +278,17 @@ impl Snapshot {
     ) -> Option<&SiteRuntime> {
         let pool = self.pools.get(*self.listeners.get(key)?)?;
         self.sites.get(pool.find(name)?)
+    }
+
+    /// `Alt-Svc: h3=":PORT"; ma=86400` for a TLS socket whose address and port also have a
+    /// QUIC socket.
+    pub(crate) fn alt_svc(&self, key: (SocketAddr, ListenerKind)) -> Option<HeaderValue> {
+        if key.1 == ListenerKind::Cleartext
+            || !self.listeners.contains_key(&(key.0, ListenerKind::Quic))
+        {
+            return None;
+        }
+        HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", key.0.port())).ok()
     }
 
     pub(crate) fn listener_keys(&self) -> Vec<(SocketAddr, ListenerKind)> {

@@ -272,6 +272,25 @@ pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net:
     Ok(socket.into())
 }
 
+/// Opens a UDP socket (non-blocking; IPv6 ones v6-only if `only_v6`) with a receive buffer
+/// of `recv_buffer` bytes if the kernel allows that much (`net.core.rmem_max`), less otherwise.
+pub fn bind_udp(
+    addr: SocketAddr,
+    only_v6: bool,
+    recv_buffer: usize,
+) -> std::io::Result<std::net::UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() && only_v6 {
+        socket.set_only_v6(true)?;
+    }
+    // Best effort: a smaller buffer still serves.
+    let _ = socket.set_recv_buffer_size(recv_buffer);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

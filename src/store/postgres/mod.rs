@@ -954,7 +954,7 @@ impl Rollups for PgStore {
             }
             if let Some(p) = out.last_mut() {
                 match Scheme::parse(&scheme) {
-                    Some(Scheme::Tls) => p.tls += ts(n),
+                    Some(Scheme::Tls | Scheme::H3) => p.tls += ts(n),
                     Some(Scheme::Cleartext) => p.cleartext += ts(n),
                     None => {
                         return Err(self.corrupt(

@@ -261,7 +261,7 @@ impl SqliteStore {
             }
             if let Some(p) = out.last_mut() {
                 match Scheme::parse(&scheme) {
-                    Some(Scheme::Tls) => p.tls += n,
+                    Some(Scheme::Tls | Scheme::H3) => p.tls += n,
                     Some(Scheme::Cleartext) => p.cleartext += n,
                     None => {
                         return Err(self.corrupt(
