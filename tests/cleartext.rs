@@ -109,7 +109,7 @@ async fn closed_address_refuses_every_cleartext_port_while_open_pool_answers() {
     assert!(listening
         .iter()
         .all(|(a, k)| a.ip() != std::net::IpAddr::V4(s.closed)
-            || *k == portcullis::config::ListenerKind::Tls));
+            || *k != portcullis::config::ListenerKind::Cleartext));
 }
 
 #[tokio::test]

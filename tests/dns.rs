@@ -201,7 +201,11 @@ async fn sites_answer_with_their_pool_addresses_and_an_https_record() {
         SvcParamValue::Alpn(a) => Some(a.0.clone()),
         _ => None,
     });
-    assert_eq!(alpn, Some(vec!["h2".to_owned(), "http/1.1".to_owned()]));
+    assert_eq!(
+        alpn,
+        Some(vec!["h3".into(), "h2".into(), "http/1.1".into()]),
+        "h3 first: the pool serves HTTP/3"
+    );
     assert!(rec
         .0
         .svc_params

@@ -307,7 +307,7 @@ async fn a_silent_quic_client_is_closed_by_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_request_in_flight_finish_then_closes_the_connection() {
-    let s = setup("").await;
+    let s = setup("close_timeout = \"1s\"").await;
     let mut c = h3_connect(&s, "app.test").await;
     let req = Request::get(format!("https://app.test:{PORT}/stream"))
         .body(())

@@ -21,6 +21,11 @@ use tokio::net::TcpListener;
 /// One portcullis on `addr`: site `t.test` in `mode` (closed: closed pool; else an open pool
 /// with cleartext port 5080), DNS for `test` on port 5353 of the same address.
 async fn portcullis(addr: Ipv4Addr, mode: &str, origin: &TestOrigin) -> Harness {
+    portcullis_with(addr, mode, origin, "").await
+}
+
+/// `portcullis` with more keys in the pool.
+async fn portcullis_with(addr: Ipv4Addr, mode: &str, origin: &TestOrigin, pool: &str) -> Harness {
     let clear = if mode == "closed" {
         ""
     } else {
@@ -38,6 +43,7 @@ name = "p"
 addresses = ["{addr}"]
 tls_ports = [5443]
 {clear}
+{pool}
 [[site]]
 host = "t.test"
 pool = "p"
@@ -108,6 +114,26 @@ async fn closed_portcullis_gets_an_a() {
     assert_eq!(tls["hsts"]["max_age"], 31_536_000);
     assert_eq!(tls["cleartext_to_tls_port"]["kind"], "client_error");
     assert_eq!(tls["cleartext_to_tls_port"]["status"], 400);
+    assert_eq!(tls["http3"]["offered"], true, "{r:#}");
+    assert_eq!(tls["alt_svc"], "h3=\":5443\"; ma=86400");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_is_reported_missing_where_the_pool_has_none() {
+    let origin = TestOrigin::start().await;
+    let addr = loopback();
+    let h = portcullis_with(addr, "closed", &origin, "http3 = false").await;
+    let (_, r) = probe(&h, addr, &[]).await;
+    let tls = &r["addresses"][0]["tls"];
+    assert_eq!(tls["handshake"]["alpn"], "h2", "TCP still serves: {r:#}");
+    assert_eq!(tls["http3"]["offered"], false, "{r:#}");
+    assert!(
+        tls["http3"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("QUIC")),
+        "{r:#}"
+    );
+    assert_eq!(tls["alt_svc"], Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

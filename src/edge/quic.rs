@@ -277,6 +277,13 @@ async fn connection(
                         },
                     }
                 }
+                // Closing discards whatever the client has not yet acknowledged, so the end
+                // of the last answers could be lost: the client, told to go, closes once it
+                // has them; past `close_timeout` the edge closes.
+                let _ = timeout(edge.close_timeout, async {
+                    while let Ok(Some(_)) = h3.accept().await {}
+                })
+                .await;
                 break;
             }
             r = h3.accept() => r,

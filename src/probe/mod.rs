@@ -29,8 +29,8 @@ use rustls::pki_types::CertificateDer;
 use crate::config::WELL_KNOWN_CLEARTEXT_PORTS;
 
 pub use report::{
-    parse_hsts, AddressReport, Answer, DnsRecordStatus, Grade, Hsts, PortReport, ProbeReport,
-    TlsInfo, TlsReport,
+    parse_hsts, AddressReport, Answer, DnsRecordStatus, Grade, Hsts, Http3, PortReport,
+    ProbeReport, TlsInfo, TlsReport,
 };
 
 /// Why a probe could not run at all.

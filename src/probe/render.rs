@@ -95,6 +95,21 @@ impl ProbeReport {
                     let _ = writeln!(o, "  HSTS: none");
                 }
             }
+            let _ = writeln!(
+                o,
+                "  HTTP/3: {}{}",
+                match (&a.tls.http3.offered, &a.tls.http3.error) {
+                    (true, _) => format!(
+                        "offered (a QUIC handshake on UDP port {} negotiated h3)",
+                        self.tls_port
+                    ),
+                    (false, e) => format!("not offered ({})", e.as_deref().unwrap_or("no answer")),
+                },
+                a.tls
+                    .alt_svc
+                    .as_ref()
+                    .map_or(String::new(), |v| format!("; Alt-Svc: {v}"))
+            );
             if let Some(c) = &a.tls.cleartext_to_tls_port {
                 let _ = writeln!(o, "  cleartext sent to the TLS port: it {}", c.describe());
             }

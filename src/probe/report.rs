@@ -132,6 +132,19 @@ pub struct TlsReport {
     pub hsts: Option<Hsts>,
     /// What cleartext HTTP sent to the TLS port gets.
     pub cleartext_to_tls_port: Option<Answer>,
+    /// The `Alt-Svc` header of the HTTPS answer, if any.
+    pub alt_svc: Option<String>,
+    /// Whether a QUIC handshake offering `h3` succeeds on the TLS port (UDP).
+    pub http3: Http3,
+}
+
+/// HTTP/3 on the TLS port's number, over UDP.
+#[derive(Debug, Clone, Serialize)]
+pub struct Http3 {
+    /// A QUIC handshake negotiated `h3`.
+    pub offered: bool,
+    /// Why not, when it did not.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::cleartext::ask;
-use super::report::{parse_hsts, TlsInfo, TlsReport};
+use super::report::{parse_hsts, Http3, TlsInfo, TlsReport};
 use super::ProbeOptions;
 use crate::https::HttpsError;
 
@@ -72,48 +72,43 @@ impl ServerCertVerifier for RecordingVerifier {
     }
 }
 
+/// The TLS port over TCP and, at the same time, HTTP/3 on its number over UDP.
 pub(super) async fn probe_tls(
     o: &ProbeOptions,
     host: &str,
     addr: SocketAddr,
     path: &str,
 ) -> TlsReport {
+    let (mut report, http3) = tokio::join!(probe_tcp(o, host, addr, path), probe_h3(o, host, addr));
+    report.http3 = http3;
+    report
+}
+
+async fn probe_tcp(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &str) -> TlsReport {
     let mut report = TlsReport {
         handshake: None,
         error: None,
         hsts: None,
         cleartext_to_tls_port: None,
+        alt_svc: None,
+        // Filled in by `probe_tls`.
+        http3: Http3 {
+            offered: false,
+            error: None,
+        },
     };
     // What cleartext sent to the TLS port gets.
     if let Ok(Ok(s)) = tokio::time::timeout(o.timeout, TcpStream::connect(addr)).await {
         let authority = format!("{host}:{}", addr.port());
         report.cleartext_to_tls_port = Some(ask(o, s, &authority, path, None, host).await);
     }
-    let roots = crate::tls::trust_anchors(&o.ca);
-    let inner =
-        match WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
-            .build()
-        {
-            Ok(v) => v,
-            Err(e) => {
-                report.error = Some(format!("no trust anchors: {e}"));
-                return report;
-            }
-        };
-    let verifier = Arc::new(RecordingVerifier {
-        inner,
-        result: Mutex::new(None),
-    });
-    let Ok(builder) = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-    else {
-        report.error = Some("no TLS versions".into());
-        return report;
+    let (mut cfg, verifier) = match recording_config(o) {
+        Ok(c) => c,
+        Err(e) => {
+            report.error = Some(e);
+            return report;
+        }
     };
-    let mut cfg = builder
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec(), b"h2".to_vec()];
     let connect = crate::https::connect(addr, host, Arc::new(cfg));
     let tls = match tokio::time::timeout(o.timeout, connect).await {
@@ -166,9 +161,10 @@ pub(super) async fn probe_tls(
         status: None,
     };
     let h2 = info.alpn.as_deref() == Some("h2");
-    let (status, hsts) = https_get(o, tls, host, addr.port(), path, h2).await;
+    let (status, hsts, alt_svc) = https_get(o, tls, host, addr.port(), path, h2).await;
     info.status = status;
     report.hsts = hsts.as_deref().map(parse_hsts);
+    report.alt_svc = alt_svc;
     report.handshake = Some(info);
     report
 }
@@ -180,7 +176,7 @@ async fn https_get<T>(
     port: u16,
     path: &str,
     h2: bool,
-) -> (Option<u16>, Option<String>)
+) -> (Option<u16>, Option<String>, Option<String>)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -209,15 +205,99 @@ where
                 .ok()?;
             crate::https::send(io, req).await.ok()?
         };
-        let hsts = resp
-            .headers()
-            .get(http::header::STRICT_TRANSPORT_SECURITY)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        Some((resp.status().as_u16(), hsts))
+        let header = |name| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let hsts = header(http::header::STRICT_TRANSPORT_SECURITY);
+        let alt_svc = header(http::header::ALT_SVC);
+        Some((resp.status().as_u16(), hsts, alt_svc))
     };
     match tokio::time::timeout(o.timeout, exchange).await {
-        Ok(Some((s, h))) => (Some(s), h),
-        _ => (None, None),
+        Ok(Some((s, h, a))) => (Some(s), h, a),
+        _ => (None, None, None),
     }
+}
+
+/// A client config that accepts any certificate and records the real verification's verdict.
+fn recording_config(
+    o: &ProbeOptions,
+) -> Result<(rustls::ClientConfig, Arc<RecordingVerifier>), String> {
+    let roots = crate::tls::trust_anchors(&o.ca);
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+            .build()
+            .map_err(|e| format!("no trust anchors: {e}"))?;
+    let verifier = Arc::new(RecordingVerifier {
+        inner,
+        result: Mutex::new(None),
+    });
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|_| "no TLS versions".to_owned())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    Ok((cfg, verifier))
+}
+
+/// A QUIC handshake offering only `h3` to the TLS port's number over UDP; the connection
+/// is closed right after (no request is sent on it). UDP has no refusal to wait for, so
+/// silence past a few seconds (or `--timeout`, if shorter) means no HTTP/3.
+async fn probe_h3(o: &ProbeOptions, host: &str, addr: SocketAddr) -> Http3 {
+    const QUIC_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+    let failed = |e: String| Http3 {
+        offered: false,
+        error: Some(e),
+    };
+    let mut cfg = match recording_config(o) {
+        Ok((cfg, _)) => cfg,
+        Err(e) => return failed(e),
+    };
+    cfg.alpn_protocols = vec![b"h3".to_vec()];
+    cfg.enable_early_data = false;
+    let crypto = match quinn::crypto::rustls::QuicClientConfig::try_from(cfg) {
+        Ok(c) => c,
+        Err(e) => return failed(format!("QUIC TLS config: {e}")),
+    };
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let mut endpoint = match quinn::Endpoint::client(local) {
+        Ok(e) => e,
+        Err(e) => return failed(format!("UDP socket: {e}")),
+    };
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connecting = match endpoint.connect(addr, host) {
+        Ok(c) => c,
+        Err(e) => return failed(format!("QUIC: {e}")),
+    };
+    let patience = o.timeout.min(QUIC_PATIENCE);
+    let result = match tokio::time::timeout(patience, connecting).await {
+        Err(_) => failed(format!(
+            "no QUIC answer within {}",
+            humantime::format_duration(patience)
+        )),
+        Ok(Err(e)) => failed(format!("QUIC: {e}")),
+        Ok(Ok(conn)) => {
+            let alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol);
+            conn.close(0u32.into(), b"probe done");
+            match alpn.as_deref() {
+                Some(b"h3") => Http3 {
+                    offered: true,
+                    error: None,
+                },
+                _ => failed("QUIC without h3".into()),
+            }
+        }
+    };
+    // Lets the close reach the server before the socket goes.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.wait_idle()).await;
+    result
 }
