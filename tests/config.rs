@@ -69,6 +69,18 @@ addresses = ["0.0.0.0"]
 tls_ports = [8443]
 cleartext_ports = [8080]
 
+[[pool]]
+name = "noquic"
+addresses = ["192.0.2.30"]
+tls_ports = [443]
+http3 = false
+
+[[site]]
+host = "h3-on-noquic.test"
+pool = "noquic"
+origin = "http://127.0.0.1:9000"
+http3 = true
+
 [[site]]
 host = "closed-on-open.test"
 pool = "open"
@@ -157,6 +169,12 @@ poll_interval = "50ms"
             "no line contains all of {fragments:?}:\n{stderr}"
         );
     };
+    // HTTP/3 asked of a site whose pool has no QUIC socket.
+    expect(&[
+        "h3-on-noquic.test",
+        "http3 = true",
+        "\"noquic\" has http3 = false",
+    ]);
     // A closed site on a pool with cleartext ports: site, pool and address named.
     expect(&[
         "closed-on-open.test",

@@ -388,6 +388,7 @@ async fn pools(State(ctx): State<Arc<Ctx>>) -> Json<Value> {
                 "addresses": p.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "tls_ports": p.tls_ports,
                 "cleartext_ports": p.cleartext_ports,
+                "http3": p.http3,
                 "listening": sockets,
                 "sites": sites,
             })

@@ -18,6 +18,8 @@ pub(crate) struct SiteView {
     pub(crate) addresses: Vec<String>,
     pub(crate) tls_ports: Vec<u16>,
     pub(crate) cleartext_ports: Vec<u16>,
+    /// Served over HTTP/3 as well.
+    pub(crate) http3: bool,
     pub(crate) cleartext: &'static str,
     pub(crate) origin: String,
     pub(crate) hsts: Option<String>,
@@ -52,6 +54,7 @@ pub(crate) async fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
         addresses: pool.addresses.iter().map(|a| a.to_string()).collect(),
         tls_ports: pool.tls_ports.clone(),
         cleartext_ports: pool.cleartext_ports.clone(),
+        http3: s.http3,
         cleartext: s.cleartext.as_str(),
         origin: s.origin.to_string(),
         hsts: s.hsts.as_ref().map(|h| h.header_value()),
