@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: portcullis against nginx as TLS-terminating reverse proxies in front of the same
 # loopback origin (bench/bench.py: CPU per request, idle memory per connection, analytics on and
-# off, reload of 10,000 sites), then its DNS server against Knot (bench/dns.py). Installs nginx,
+# off, reload of 10,000 sites, HTTP/3 with examples/h3load.rs: nginx 1.22 has no QUIC), then its DNS server against Knot (bench/dns.py). Installs nginx,
 # wrk, h2load, dnsperf and knot from Debian if missing (as root), builds portcullis in release.
 # Options go to bench.py (--help); --no-dns skips the DNS part.
 set -euo pipefail
@@ -34,6 +34,7 @@ for a in "$@"; do
     if [[ $a == --no-dns ]]; then dns=0; else args+=("$a"); fi
 done
 cargo build --release --quiet
+cargo build --release --quiet --example h3load
 python3 bench/bench.py "${args[@]}"
 if ((dns)); then
     echo

@@ -335,3 +335,64 @@ async fn shutdown_lets_a_request_in_flight_finish_then_closes_the_connection() {
         "closed by the server, not timed out: {err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_new_clients_prove_their_address_with_a_retry_first() {
+    // Threshold 0: every new client counts as arriving under load.
+    let s = setup("quic_retry_above = 0").await;
+    let mut c = h3_connect(&s, "app.test").await;
+    assert_eq!(
+        c.get(&format!("https://app.test:{PORT}/")).await.status,
+        200
+    );
+    assert_eq!(
+        s.h.runtime.stats().quic_retries,
+        1,
+        "one Retry, then served"
+    );
+    let m = s.h.runtime.metrics();
+    assert!(m.contains("portcullis_quic_retries_total 1"), "{m}");
+
+    // The default threshold asks nothing of a lone client.
+    let s = setup("").await;
+    let mut c = h3_connect(&s, "app.test").await;
+    assert_eq!(
+        c.get(&format!("https://app.test:{PORT}/")).await.status,
+        200
+    );
+    assert_eq!(s.h.runtime.stats().quic_retries, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_count_against_the_per_client_cap_with_tcp_ones() {
+    let s = setup("max_connections_per_client = 1").await;
+    let mut first = h3_connect(&s, "app.test").await;
+    assert_eq!(
+        first.get(&format!("https://app.test:{PORT}/")).await.status,
+        200
+    );
+    // A second QUIC connection from the same address is refused before any handshake.
+    let err = quic_connect(&s, "app.test").await.expect_err("refused");
+    assert!(
+        matches!(err, quinn::ConnectionError::ConnectionClosed(ref c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{err:?}"
+    );
+    // And so is a TCP one: the place is taken.
+    let tcp = support::tls_connect(
+        SocketAddr::new(IpAddr::V4(s.ip), PORT),
+        "app.test",
+        client_config(s.h.roots(), &[b"http/1.1"]),
+    )
+    .await;
+    assert!(tcp.is_err(), "the TCP connection is closed at accept");
+    assert_eq!(s.h.runtime.stats().refused_per_client, 2);
+    // The first connection still serves.
+    assert_eq!(
+        first
+            .get(&format!("https://app.test:{PORT}/x"))
+            .await
+            .status,
+        200
+    );
+}

@@ -349,6 +349,9 @@ pub struct EdgeSettings {
     pub max_connections_per_client: usize,
     /// Headers added to every TLS response of every site (a site's own win by name).
     pub response_headers: ResponseHeaders,
+    /// QUIC handshakes in progress above which a new client must first prove its address
+    /// with a Retry; 0: always.
+    pub quic_retry_above: usize,
 }
 
 /// Response headers set on TLS answers (`response_headers`), in file order. Each replaces a
@@ -373,6 +376,8 @@ impl Default for EdgeSettings {
             // one attacker from taking more than a sliver of the descriptors.
             max_connections_per_client: 256,
             response_headers: Vec::new(),
+            // Far above what a busy node has in progress; a flood of spoofed Initials is not.
+            quic_retry_above: 256,
         }
     }
 }

@@ -138,6 +138,7 @@ pub(super) struct RawEdge {
     pub(super) close_timeout: Option<String>,
     pub(super) max_connections: Option<i64>,
     pub(super) max_connections_per_client: Option<i64>,
+    pub(super) quic_retry_above: Option<i64>,
     #[serde(default)]
     pub(super) response_headers: std::collections::BTreeMap<String, String>,
 }

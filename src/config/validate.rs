@@ -699,8 +699,21 @@ impl Validator<'_> {
                 d.max_connections_per_client
             }
         };
+        let quic_retry_above = match raw.quic_retry_above {
+            None => d.quic_retry_above,
+            Some(n @ 0..=10_000_000) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "edge.quic_retry_above",
+                    n,
+                    "must be between 0 (always ask new QUIC clients to prove their address) and 10000000",
+                );
+                d.quic_retry_above
+            }
+        };
         let response_headers = self.response_headers("edge", &raw.response_headers);
         EdgeSettings {
+            quic_retry_above,
             handshake_timeout,
             header_read_timeout,
             idle_timeout,

@@ -32,10 +32,6 @@ use crate::analytics::connection_event;
 use crate::config::{EdgeSettings, ListenerKind};
 use crate::observe::{Outcome, Scheme, TlsVersion};
 
-/// Handshakes in progress above which a client whose address is not yet validated gets a
-/// Retry (one more round trip) instead of a handshake.
-const RETRY_ABOVE: usize = 256;
-
 /// Request streams a client may open at once on one connection.
 const MAX_STREAMS: u32 = 128;
 
@@ -120,9 +116,11 @@ pub(crate) async fn accept_loop(
             },
         };
         let peer = incoming.remote_address();
+        // Read per client: a reload may change it.
+        let retry_above = shared.snapshot.load().config.edge.quic_retry_above;
         if !incoming.remote_address_validated()
             && incoming.may_retry()
-            && shared.quic.handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE
+            && shared.quic.handshaking.load(Ordering::Relaxed) >= retry_above
         {
             bump(&shared.stats.quic_retries);
             let _ = incoming.retry();
