@@ -309,11 +309,11 @@ pub(crate) struct ClientBody {
     rest: Rest,
 }
 
-/// The client's stream: hyper's (HTTP/1.1, HTTP/2) or an HTTP/3 request stream.
+/// The client's stream: hyper's (HTTP/1.1, HTTP/2), or any other (an HTTP/3 request stream),
+/// boxed: its state is several times hyper's, and this module need not know its type.
 enum Rest {
     Hyper(Incoming),
-    /// Boxed: an HTTP/3 stream's state is several times hyper's.
-    H3(Box<super::quic::H3Body>),
+    Boxed(http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>),
 }
 
 /// What a request body can fail with: hyper's error, or the HTTP/3 stream's.
@@ -328,11 +328,17 @@ impl ClientBody {
         }
     }
 
-    pub(crate) fn h3(rest: super::quic::H3Body) -> ClientBody {
+    /// A body from elsewhere than hyper (HTTP/3).
+    pub(crate) fn boxed<B>(rest: B) -> ClientBody
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BodyError>,
+    {
+        use http_body_util::BodyExt as _;
         ClientBody {
             prefix: None,
             trailers: None,
-            rest: Rest::H3(Box::new(rest)),
+            rest: Rest::Boxed(rest.map_err(Into::into).boxed_unsync()),
         }
     }
 
@@ -389,14 +395,14 @@ impl hyper::body::Body for ClientBody {
         }
         match &mut self.rest {
             Rest::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Rest::H3(b) => Pin::new(&mut **b).poll_frame(cx).map_err(Into::into),
+            Rest::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         let rest = match &self.rest {
             Rest::Hyper(b) => b.is_end_stream(),
-            Rest::H3(b) => b.is_end_stream(),
+            Rest::Boxed(b) => b.is_end_stream(),
         };
         self.prefix.is_none() && self.trailers.is_none() && rest
     }
@@ -404,7 +410,7 @@ impl hyper::body::Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         let rest = match &self.rest {
             Rest::Hyper(b) => b.size_hint(),
-            Rest::H3(b) => b.size_hint(),
+            Rest::Boxed(b) => b.size_hint(),
         };
         let ahead = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
         if ahead == 0 {

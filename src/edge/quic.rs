@@ -321,7 +321,7 @@ async fn request(
 ) {
     let (mut send, recv) = stream.split();
     let body = H3Body::new(recv, req.headers()).await;
-    let Ok(resp) = super::http::handle(info, req.map(|()| ClientBody::h3(body))).await;
+    let Ok(resp) = super::http::handle(info, req.map(|()| ClientBody::boxed(body))).await;
     let (parts, mut body) = resp.into_parts();
     if send
         .send_response(Response::from_parts(parts, ()))
@@ -354,7 +354,7 @@ async fn request(
 }
 
 /// An HTTP/3 request body as an HTTP body: DATA frames, then trailers.
-pub(crate) struct H3Body {
+struct H3Body {
     stream: RequestStream<h3_quinn::RecvStream, Bytes>,
     state: State,
     /// A frame read ahead by [`H3Body::new`].
