@@ -98,7 +98,32 @@ struct Answer {
     body: String,
 }
 
+/// A request stream whose answer is read by the test.
+type Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Reads what is left of a response body.
+async fn rest_of(stream: &mut Stream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.expect("body") {
+        out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    out
+}
+
 impl H3 {
+    /// Starts a GET of the origin's `/stream` (its second half waits for `release`) and reads
+    /// the response head.
+    async fn start_stream(&mut self) -> Stream {
+        let req = Request::get(format!("https://app.test:{PORT}/stream"))
+            .body(())
+            .expect("request");
+        let mut stream = self.send.send_request(req).await.expect("send");
+        stream.finish().await.expect("finish");
+        let resp = stream.recv_response().await.expect("head");
+        assert_eq!(resp.status(), 200);
+        stream
+    }
+
     /// Sends a request with `body` and reads the whole answer.
     async fn request(&mut self, req: Request<()>, body: Option<&str>) -> Answer {
         let mut stream = self.send.send_request(req).await.expect("send request");
@@ -110,10 +135,7 @@ impl H3 {
         }
         stream.finish().await.expect("finish");
         let resp = stream.recv_response().await.expect("response");
-        let mut out = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await.expect("body") {
-            out.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
-        }
+        let out = rest_of(&mut stream).await;
         Answer {
             status: resp.status().as_u16(),
             headers: resp.headers().clone(),
@@ -244,13 +266,7 @@ async fn an_unknown_name_fails_the_quic_handshake() {
 async fn a_reload_keeps_an_open_quic_connection_and_its_request_in_flight() {
     let s = setup("").await;
     let mut c = h3_connect(&s, "app.test").await;
-    let req = Request::get(format!("https://app.test:{PORT}/stream"))
-        .body(())
-        .expect("request");
-    let mut stream = c.send.send_request(req).await.expect("send");
-    stream.finish().await.expect("finish");
-    let resp = stream.recv_response().await.expect("head");
-    assert_eq!(resp.status(), 200);
+    let mut stream = c.start_stream().await;
     let mut first = stream
         .recv_data()
         .await
@@ -266,11 +282,7 @@ async fn a_reload_keeps_an_open_quic_connection_and_its_request_in_flight() {
     );
     s.h.reload(&more).await.expect("reload");
     s.origin.release();
-    let mut rest = Vec::new();
-    while let Some(mut chunk) = stream.recv_data().await.expect("rest of the body") {
-        rest.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
-    }
-    assert_eq!(rest, b"second\n");
+    assert_eq!(rest_of(&mut stream).await, b"second\n");
     // The same connection serves on, and a new one reaches the new site.
     let a = c.get(&format!("https://app.test:{PORT}/after")).await;
     assert_eq!(a.status, 200);
@@ -309,23 +321,14 @@ async fn a_silent_quic_client_is_closed_by_the_idle_timeout() {
 async fn shutdown_lets_a_request_in_flight_finish_then_closes_the_connection() {
     let s = setup("close_timeout = \"1s\"").await;
     let mut c = h3_connect(&s, "app.test").await;
-    let req = Request::get(format!("https://app.test:{PORT}/stream"))
-        .body(())
-        .expect("request");
-    let mut stream = c.send.send_request(req).await.expect("send");
-    stream.finish().await.expect("finish");
-    assert_eq!(stream.recv_response().await.expect("head").status(), 200);
+    let mut stream = c.start_stream().await;
     let runtime = Arc::new(s.h.runtime);
     let r = runtime.clone();
     let down = tokio::spawn(async move { r.shutdown(Duration::from_secs(10)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!down.is_finished(), "shutdown waits for the request");
     s.origin.release();
-    let mut body = Vec::new();
-    while let Some(mut chunk) = stream.recv_data().await.expect("body") {
-        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
-    }
-    assert_eq!(body, b"first\nsecond\n");
+    assert_eq!(rest_of(&mut stream).await, b"first\nsecond\n");
     assert!(down.await.expect("join"), "drained in time");
     let err = tokio::time::timeout(Duration::from_secs(5), c.quic.closed())
         .await
