@@ -33,6 +33,29 @@ pub fn http_date(t: Timestamp) -> String {
     httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(t))
 }
 
+/// `2026-12-06T04:05:00Z`.
+pub fn iso_utc(t: Timestamp) -> String {
+    let d = utc(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        d.year(),
+        d.month() as u8,
+        d.day(),
+        d.hour(),
+        d.minute(),
+        d.second()
+    )
+}
+
+/// The UTC date and time of a timestamp (one past the year 9999 reads as the epoch: no clock
+/// here gets there).
+pub fn utc(t: Timestamp) -> time::OffsetDateTime {
+    i64::try_from(t)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +64,6 @@ mod tests {
     fn http_dates_are_imf_fixdate() {
         assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(http_date(1_767_225_600), "Thu, 01 Jan 2026 00:00:00 GMT");
+        assert_eq!(iso_utc(1_767_225_600 + 3723), "2026-01-01T01:02:03Z");
     }
 }

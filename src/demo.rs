@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -108,6 +109,7 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
         base: PathBuf::from("."),
     };
     let runtime = Runtime::start(source, workers).await?;
+    warm_up(&options).await;
     let admin_token = runtime
         .admin()
         .and_then(|a| a.new_token.clone())
@@ -118,6 +120,55 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
         origin,
         options,
     })
+}
+
+/// A little traffic of each kind, so the dashboard has something to show from the start:
+/// requests over TLS to two sites, and a script in cleartext to the website, one of its
+/// requests with an API key (counted as exposed, as the dashboard and `impact` show). None of
+/// it reaches the legacy API, whose figures the printed commands explain.
+async fn warm_up(o: &DemoOptions) {
+    use http_body_util::Empty;
+    let Ok(ca) = crate::tls::load_certs(&DevCa::cert_path(&o.state_dir)) else {
+        return;
+    };
+    let Ok(cfg) = crate::tls::client_config(&ca) else {
+        return;
+    };
+    let cfg = Arc::new(cfg);
+    let get = |host: &str, port: u16, path: &str, agent: &str| {
+        http::Request::get(path)
+            .header(http::header::HOST, format!("{host}:{port}"))
+            .header(http::header::USER_AGENT, agent)
+            .body(Empty::<Bytes>::new())
+    };
+    const BROWSER: &str =
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36";
+    let tls = [
+        ("api.demo.test", o.closed_addr, "/v1/items"),
+        ("api.demo.test", o.closed_addr, "/v1/orders"),
+        ("www.demo.test", o.open_addr, "/"),
+        ("www.demo.test", o.open_addr, "/pricing"),
+    ];
+    for (host, addr, path) in tls {
+        if let Ok(req) = get(host, o.tls_port, path, BROWSER) {
+            let _ = crate::https::request((addr, o.tls_port), host, cfg.clone(), req).await;
+        }
+    }
+    let script = "python-requests/2.31.0";
+    for (path, key) in [
+        ("/feed.xml", None),
+        ("/api/status", Some("demo-warmup-key-789")),
+    ] {
+        let Ok(mut req) = get("www.demo.test", o.cleartext_port, path, script) else {
+            continue;
+        };
+        if let Some(k) = key.and_then(|k| http::HeaderValue::from_str(k).ok()) {
+            req.headers_mut().insert("x-api-key", k);
+        }
+        if let Ok(tcp) = tokio::net::TcpStream::connect((o.open_addr, o.cleartext_port)).await {
+            let _ = crate::https::send(tcp, req).await;
+        }
+    }
 }
 
 /// The demo's config, as a file would say it.
@@ -223,6 +274,8 @@ pub fn instructions(o: &DemoOptions, admin_token: &str) -> String {
   sites        api.demo.test (closed), www.demo.test (redirect), legacy.demo.test (reject)
   DNS          zone demo.test on {c} port {d} (UDP and TCP)
   admin API    https://{c}:{a}/ (token below, new at every start)
+  warm-up      a few requests sent at start: over TLS to the API and the website, and a
+               script in cleartext to the website, one request with an API key (exposed)
 
 Try these; each works pasted as is:
 

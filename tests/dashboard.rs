@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
+use portcullis::observe::{HttpVersion, Outcome, Scheme, TlsVersion};
 use portcullis::runtime::{ConfigSource, Runtime};
+use portcullis::store::{RollupBatch, Rollups as _, TrafficCount};
 use support::{get, http, https, loopback, wait_until, Deadline, TestOrigin, PATIENCE};
 
 struct Driver(Child);
@@ -30,17 +32,19 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn log_in_find_the_site_and_switch_its_mode_in_a_real_browser() {
-    for (tool, package) in [
-        ("chromedriver", "chromium-driver"),
-        ("chromium", "chromium"),
-    ] {
-        assert!(
-            Command::new(tool).arg("--version").output().is_ok(),
-            "{tool} is missing: install Debian's {package} (scripts/test.sh does it as root)"
-        );
-    }
+/// A portcullis with an admin plane, a closed pool (`api.test`) and an open one (`shop.test`,
+/// redirect), and its admin token.
+struct Edge {
+    _runtime: Runtime,
+    token: String,
+    admin: SocketAddr,
+    open: std::net::Ipv4Addr,
+    state: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _origin: TestOrigin,
+}
+
+async fn edge() -> Edge {
     let origin = TestOrigin::start().await;
     let (open, closed) = (loopback(), loopback());
     let admin_addr = SocketAddr::from((loopback(), 9443));
@@ -82,10 +86,21 @@ origin = "{o}"
         .await
         .expect("portcullis starts");
     let a = runtime.admin().expect("admin plane").clone();
-    let token = a.new_token.expect("token");
+    Edge {
+        token: a.new_token.expect("token"),
+        admin: a.addr,
+        _runtime: runtime,
+        open,
+        state,
+        _dir: dir,
+        _origin: origin,
+    }
+}
 
-    // Traffic: cleartext from a script, and TLS.
-    let clear = SocketAddr::from((open, 4080));
+/// 7 cleartext requests from a script (with an API key) and 13 over TLS to `shop.test`,
+/// waited for until the store has all 20.
+async fn traffic(e: &Edge) {
+    let clear = SocketAddr::from((e.open, 4080));
     for _ in 0..7 {
         let req = http::Request::get("/cart")
             .header("host", "shop.test")
@@ -95,10 +110,10 @@ origin = "{o}"
             .expect("req");
         assert_eq!(http(clear, req).await.status, 301);
     }
-    let roots = support::roots_from(&state.join("dev-ca.pem"));
+    let roots = support::roots_from(&e.state.join("dev-ca.pem"));
     for _ in 0..13 {
         let got = https(
-            SocketAddr::from((open, 4443)),
+            SocketAddr::from((e.open, 4443)),
             "shop.test",
             roots.clone(),
             false,
@@ -108,6 +123,7 @@ origin = "{o}"
         assert_eq!(got.status, 200);
     }
     // All 20 requests, and with them the exposure, which is written in the same transaction.
+    let state = e.state.clone();
     wait_until("the 20 requests reach the store", || {
         let state = state.clone();
         async move {
@@ -124,9 +140,27 @@ origin = "{o}"
         }
     })
     .await;
+}
 
+/// A headless Chromium driven through chromedriver; both end with it.
+struct Browser {
+    c: fantoccini::Client,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+}
+
+async fn browser() -> Browser {
+    for (tool, package) in [
+        ("chromedriver", "chromium-driver"),
+        ("chromium", "chromium"),
+    ] {
+        assert!(
+            Command::new(tool).arg("--version").output().is_ok(),
+            "{tool} is missing: install Debian's {package} (scripts/test.sh does it as root)"
+        );
+    }
     let port = free_port();
-    let _driver = Driver(
+    let driver = Driver(
         Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -165,9 +199,15 @@ origin = "{o}"
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    let base = format!("https://{}", a.addr);
+    Browser {
+        c,
+        _driver: driver,
+        _profile: profile,
+    }
+}
 
-    // Not logged in: the dashboard sends us to the login form.
+/// Logs in with the token on the login form the dashboard sends a stranger to.
+async fn log_in(c: &fantoccini::Client, base: &str, token: &str) {
     c.goto(&format!("{base}/")).await.expect("goto");
     assert!(c
         .current_url()
@@ -180,7 +220,7 @@ origin = "{o}"
         .for_element(Locator::Css("input[name=token]"))
         .await
         .expect("token field")
-        .send_keys(&token)
+        .send_keys(token)
         .await
         .expect("type");
     c.find(Locator::Css("button[type=submit]"))
@@ -189,6 +229,30 @@ origin = "{o}"
         .click()
         .await
         .expect("click");
+}
+
+/// Saves a screenshot under target/ (kept as a CI artifact; nothing is asserted on pixels).
+async fn screenshot(c: &fantoccini::Client, name: &str) {
+    std::fs::create_dir_all(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).expect("target dir");
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(
+        format!("{}/target/{name}.png", env!("CARGO_MANIFEST_DIR")),
+        png,
+    )
+    .expect("save");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_in_find_the_site_and_switch_its_mode_in_a_real_browser() {
+    let e = edge().await;
+    traffic(&e).await;
+    let b = browser().await;
+    let c = &b.c;
+    let base = format!("https://{}", e.admin);
+    let (state, clear) = (e.state.clone(), SocketAddr::from((e.open, 4080)));
+
+    // Not logged in: the dashboard sends us to the login form.
+    log_in(c, &base, &e.token).await;
 
     // The overview lists the site with its TLS share.
     let row = c
@@ -245,7 +309,7 @@ origin = "{o}"
     // The site page: chart, top cleartext families, the exposed key as a fingerprint.
     c.wait()
         .at_most(PATIENCE)
-        .for_element(Locator::Css("#chart svg"))
+        .for_element(Locator::Css("#share-chart svg"))
         .await
         .expect("chart");
     let page = c.source().await.expect("source");
@@ -284,13 +348,7 @@ origin = "{o}"
         .await
         .expect("text");
     assert!(impact.contains("7 cleartext requests"), "{impact}");
-    std::fs::create_dir_all(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).expect("target dir");
-    let png = c.screenshot().await.expect("screenshot");
-    std::fs::write(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/target/dashboard-confirm.png"),
-        png,
-    )
-    .expect("save");
+    screenshot(c, "dashboard-confirm").await;
     c.find(Locator::Id("apply"))
         .await
         .expect("apply")
@@ -305,13 +363,8 @@ origin = "{o}"
         .expect("new mode shown");
     let url = c.current_url().await.expect("url");
     assert!(url.as_str().ends_with("/ui/site/shop.test"), "{url}");
-    let png = c.screenshot().await.expect("screenshot");
-    std::fs::write(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/target/dashboard.png"),
-        png,
-    )
-    .expect("save");
-    c.close().await.expect("close");
+    screenshot(c, "dashboard").await;
+    b.c.clone().close().await.expect("close");
 
     // The edge changed, over a real socket; the audit log has it.
     assert_eq!(http(clear, get("http://shop.test/cart")).await.status, 403);
@@ -325,4 +378,207 @@ origin = "{o}"
         audit.contains("\"site\":\"shop.test\"") && audit.contains("\"who\":\"admin\""),
         "{audit}"
     );
+}
+
+/// One hour of `shop.test` responses of one scheme, as the store keeps them.
+fn hour_of(bucket: u64, scheme: Scheme, count: u64) -> TrafficCount {
+    TrafficCount {
+        bucket,
+        span: 3600,
+        site: "shop.test".into(),
+        outcome: Outcome::Response,
+        scheme,
+        port: if scheme == Scheme::Cleartext {
+            4080
+        } else {
+            4443
+        },
+        tls: if scheme == Scheme::Cleartext {
+            TlsVersion::None
+        } else {
+            TlsVersion::Tls13
+        },
+        http: HttpVersion::Http11,
+        status_class: 2,
+        count,
+    }
+}
+
+/// The plotted points of one series of a chart: bucket and value, as the SVG carries them.
+async fn plotted(c: &fantoccini::Client, chart: &str, series: &str) -> Vec<(String, String)> {
+    let css = format!("#{chart} g.series[data-series='{series}'] circle.point");
+    let mut out = Vec::new();
+    for p in c.find_all(Locator::Css(&css)).await.expect("points") {
+        let bucket = p.attr("data-bucket").await.expect("attr").expect("bucket");
+        let value = p.attr("data-value").await.expect("attr").expect("value");
+        out.push((bucket, value));
+    }
+    out
+}
+
+/// The page's width against the window's: no horizontal scroll when the first is not larger.
+async fn widths(c: &fantoccini::Client) -> (u64, u64) {
+    let v = c
+        .execute(
+            "return [document.documentElement.scrollWidth, window.innerWidth]",
+            vec![],
+        )
+        .await
+        .expect("script");
+    let w = |i: usize| v[i].as_u64().expect("number");
+    (w(0), w(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits_a_phone() {
+    let e = edge().await;
+    traffic(&e).await;
+    // Three days ago: 30 requests over TLS and 10 in cleartext, as the store holds old hours.
+    let now = portcullis::clock::now();
+    let old = (now - 3 * 86_400) / 3600 * 3600;
+    let store = portcullis::store::SqliteStore::open(&e.state).expect("store");
+    store
+        .write_rollups(&RollupBatch {
+            traffic: vec![
+                hour_of(old, Scheme::Tls, 30),
+                hour_of(old, Scheme::Cleartext, 10),
+            ],
+            ..RollupBatch::default()
+        })
+        .await
+        .expect("write an old hour");
+    let b = browser().await;
+    let c = &b.c;
+    let base = format!("https://{}", e.admin);
+    log_in(c, &base, &e.token).await;
+
+    // The overview: a chart with labelled axes, a legend and the sites' series.
+    c.wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css("#share-chart svg"))
+        .await
+        .expect("overview chart");
+    let svg = c
+        .find(Locator::Css("#share-chart svg"))
+        .await
+        .expect("svg")
+        .html(false)
+        .await
+        .expect("html");
+    for text in [
+        "time (UTC)",
+        "served over TLS (%)",
+        "readiness threshold (99.9%)",
+        "all sites",
+        "shop.test",
+    ] {
+        assert!(svg.contains(text), "{text:?} not in the chart");
+    }
+    // The closed site gets no line of its own; every site together does.
+    assert!(plotted(c, "share-chart", "api.test").await.is_empty());
+    let day = plotted(c, "share-chart", "shop.test").await;
+    assert!(!day.is_empty() && !plotted(c, "share-chart", "all sites").await.is_empty());
+    assert!(day
+        .iter()
+        .all(|(b, _)| b.parse::<u64>().expect("bucket") > old));
+
+    // The range switch: 7 days reach the old hour.
+    c.find(Locator::LinkText("7d"))
+        .await
+        .expect("7d link")
+        .click()
+        .await
+        .expect("click");
+    c.wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css("nav.ranges a.current[href='/?range=7d']"))
+        .await
+        .expect("7d shown");
+    let week = plotted(c, "share-chart", "shop.test").await;
+    assert!(
+        week.contains(&(old.to_string(), "75.000".into())),
+        "{week:?}"
+    );
+    assert_ne!(week, day, "the range changes the series");
+
+    // The site page over 7 days: what is plotted is what the API's JSON link says.
+    c.goto(&format!("{base}/ui/site/shop.test?range=7d"))
+        .await
+        .expect("site page");
+    let drawn = plotted(c, "share-chart", "shop.test").await;
+    assert!(drawn.len() >= 2, "{drawn:?}");
+    for chart in ["requests-chart", "clients-chart"] {
+        assert!(
+            !c.find_all(Locator::Css(&format!("#{chart} g.series circle.point")))
+                .await
+                .expect("points")
+                .is_empty(),
+            "{chart} has data"
+        );
+    }
+    let json = c
+        .find(Locator::Id("json"))
+        .await
+        .expect("JSON link")
+        .attr("href")
+        .await
+        .expect("attr")
+        .expect("href");
+    let csv = c
+        .find(Locator::Id("csv"))
+        .await
+        .expect("CSV link")
+        .attr("href")
+        .await
+        .expect("attr")
+        .expect("href");
+    assert!(csv.ends_with("&format=csv"), "{csv}");
+    screenshot(c, "dashboard-site-7d").await;
+    c.goto(&format!("{base}{json}")).await.expect("API");
+    let text = c
+        .find(Locator::Css("body"))
+        .await
+        .expect("body")
+        .text()
+        .await
+        .expect("text");
+    let api: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let from_api: Vec<(String, String)> = api["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p["bucket"].as_u64()?.to_string(),
+                format!("{:.3}", p["tls_percent"].as_f64()?),
+            ))
+        })
+        .collect();
+    assert_eq!(drawn, from_api);
+    let human: u64 = api["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| p["cleartext_likely_automated"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(human, 7, "the script's requests are likely automated");
+
+    // A phone: 360 px wide, no horizontal scroll on either page.
+    c.set_window_size(360, 800).await.expect("resize");
+    for page in ["/", "/ui/site/shop.test"] {
+        c.goto(&format!("{base}{page}")).await.expect("page");
+        c.wait()
+            .at_most(PATIENCE)
+            .for_element(Locator::Css("#share-chart svg"))
+            .await
+            .expect("chart");
+        let (page_width, window) = widths(c).await;
+        assert!(window <= 400, "the window is phone-sized: {window}");
+        assert!(
+            page_width <= window,
+            "{page}: {page_width} px wide in {window}"
+        );
+    }
+    screenshot(c, "dashboard-site-360px").await;
+    b.c.clone().close().await.expect("close");
 }

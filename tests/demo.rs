@@ -156,6 +156,35 @@ fn every_printed_curl_line_works_when_pasted() {
         .find_map(|l| l.split("Bearer ").nth(1).and_then(|t| t.split('\'').next()))
         .expect("token printed")
         .to_owned();
+    // The warm-up traffic the demo sent at start is in the dashboard's series: the website
+    // over TLS and from a script in cleartext, with the script's API key counted as exposed.
+    let ca = state.path().join("dev-ca.pem");
+    let api = |path: &str| {
+        let (_, text) = run(&format!(
+            "curl -sS --cacert {} -H 'Authorization: Bearer {token}' https://{closed}:9443{path}",
+            ca.display()
+        ));
+        text
+    };
+    let deadline = support::Deadline::start();
+    let series = loop {
+        let text = api("/api/sites/www.demo.test/traffic?since=1h&resolution=1h");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let sum = |k: &str| {
+            v["points"].as_array().map_or(0, |p| {
+                p.iter().map(|p| p[k].as_u64().unwrap_or(0)).sum::<u64>()
+            })
+        };
+        let got = (sum("tls"), sum("cleartext_likely_automated"));
+        if (got.0 >= 2 && got.1 >= 2) || deadline.passed() {
+            break (got, text);
+        }
+        support::pause(std::time::Duration::from_millis(250));
+    };
+    assert!(series.0 .0 >= 2 && series.0 .1 >= 2, "{}", series.1);
+    let exposures = api("/api/sites/www.demo.test/exposures");
+    assert!(exposures.contains("x-api-key"), "{exposures}");
+    assert!(!exposures.contains("demo-warmup-key-789"), "{exposures}");
     let log = std::fs::read_to_string(state.path().join("demo.log")).expect("log");
     assert!(log.contains("admin API listening"), "{log}");
     assert!(!log.contains(&token), "the admin token is in the log");

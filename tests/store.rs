@@ -11,9 +11,10 @@ use portcullis::observe::{ClientFamily, DimKind, HttpVersion, Outcome, Scheme, T
 use portcullis::stages::drain::Drain;
 use portcullis::stages::{Brownout, Plan, Plans, Stage};
 use portcullis::store::{
-    Attempt, AuditEntry, AuditEvent, DeliveryState, DimCount, EventQueue, ExposureRow, NewEvent,
-    NodeInfo, OverflowCount, PgSettings, PgStore, PolicyStore, QueueCounters, Repeat, RollupBatch,
-    Rollups, SeriesPoint, SiteState, SqliteStore, StageStep, StoreError, TrafficCount, TrafficRow,
+    Attempt, AuditEntry, AuditEvent, DeliveryState, DimCount, EventQueue, ExposureRow, FamilyPoint,
+    NewEvent, NodeInfo, OverflowCount, PgSettings, PgStore, PolicyStore, QueueCounters, Repeat,
+    RollupBatch, Rollups, SeriesPoint, SiteState, SqliteStore, StageStep, StoreError, TrafficCount,
+    TrafficRow,
 };
 use portcullis::store::{CertStore, OrderClaim, PendingChallenge, StoredCert};
 
@@ -677,6 +678,18 @@ fn exposure(site: &str, fingerprint: &str, at: u64, network: &str) -> ExposureRo
     }
 }
 
+fn family(bucket: u64, scheme: Scheme, value: &str, count: u64) -> DimCount {
+    DimCount {
+        bucket,
+        span: 60,
+        site: "s.test".into(),
+        scheme,
+        kind: DimKind::Family,
+        value: value.into(),
+        count,
+    }
+}
+
 /// What every `Rollups` backend must do: counts add up (writing twice counts twice), readers
 /// see them by site, window, scheme and dimension, exposures merge per (site, fingerprint)
 /// with the latest sighting's details, and the roll-up folds old minutes into hours without
@@ -694,6 +707,11 @@ async fn rollups_contract(r: &dyn Rollups) {
             traffic(now - 60, "other.test", Scheme::Tls, 100),
         ],
         dims: vec![
+            family(old, Scheme::Cleartext, "browser", 1),
+            family(old, Scheme::Cleartext, "curl", 1),
+            family(old + 60, Scheme::Cleartext, "python", 3),
+            // TLS traffic has families too; they are not cleartext.
+            family(old + 120, Scheme::Tls, "browser", 4),
             DimCount {
                 bucket: old,
                 span: 60,
@@ -802,6 +820,29 @@ async fn rollups_contract(r: &dyn Rollups) {
             .expect("dims"),
         vec![("/a".to_owned(), 10)]
     );
+    // Each count was written twice (whole, then split in halves).
+    let point = |bucket, likely_human, likely_automated| FamilyPoint {
+        bucket,
+        likely_human,
+        likely_automated,
+    };
+    assert_eq!(
+        r.cleartext_families("s.test", 0, 60)
+            .await
+            .expect("families"),
+        vec![point(old, 2, 2), point(old + 60, 0, 6)]
+    );
+    assert_eq!(
+        r.cleartext_families("s.test", 0, 3600)
+            .await
+            .expect("families by hour"),
+        vec![point(old, 2, 8)]
+    );
+    assert!(r
+        .cleartext_families("s.test", old + 120, 60)
+        .await
+        .expect("window")
+        .is_empty());
     assert_eq!(
         r.dims("s.test", 0, None, DimKind::Path)
             .await

@@ -10,6 +10,7 @@
 //! It never touches the edge or the firewall itself. A token never reaches a log.
 
 mod auth;
+mod charts;
 pub mod client;
 mod pages;
 mod routes;

@@ -10,8 +10,8 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use super::auth::{session_id, Session, COOKIE, SESSION_LIFETIME};
-use super::service::{apply_change, site_view, Change, Refused};
-use super::{Ctx, Peer, Role};
+use super::service::{apply_change, site_view, traffic_series, Change, Refused, TrafficPoint};
+use super::{charts, Ctx, Peer, Role};
 use crate::analytics::impact;
 
 fn random_hex(n: usize) -> String {
@@ -39,7 +39,12 @@ table{{border-collapse:collapse;background:#fff;width:100%}} th,td{{text-align:l
 .bad{{color:#b3261e;font-weight:600}} .good{{color:#1e7b34;font-weight:600}} .muted{{color:#667}}
 .card{{background:#fff;padding:1rem;margin:1rem 0;border:1px solid #e3e6ea}} code{{font-size:.9em}}
 button{{padding:.3rem .8rem}} .legend i{{display:inline-block;width:.8em;height:.8em;margin:0 .3em 0 1em}}
-figure{{margin:0}} figure svg{{width:100%;height:auto}}
+figure{{margin:0}} figure svg{{width:100%;min-width:30rem;height:auto;display:block}}
+h1{{overflow-wrap:anywhere}} header{{flex-wrap:wrap}} .card,.wide{{overflow-x:auto}}
+.split{{display:flex;flex-wrap:wrap;gap:0 1rem}} .split>#share-card{{flex:3 1 34rem;min-width:0}} .split>#stage{{flex:1 1 12rem}}
+nav.ranges{{margin:.2rem 0 .4rem}} nav.ranges a{{margin-right:.8rem}} nav.ranges a.current{{font-weight:700;color:inherit;text-decoration:none}}
+@media (max-width:40rem){{main{{padding:.6rem}} .split>#share-card{{flex-basis:100%}}}}
+@media (prefers-color-scheme:dark){{body{{background:#111418;color:#e3e6ea}} .card,table{{background:#1b1f24;border-color:#2c3138}} th,td{{border-color:#2c3138}} a{{color:#8ab4f8}} .muted{{color:#9aa3ad}} .good{{color:#6fcf83}} .bad{{color:#ff8a80}} figure svg{{filter:invert(.88) hue-rotate(180deg)}}}}
 </style></head><body><header><strong>portcullis</strong><a href="/">sites</a><a href="/ui/audit">audit log</a>
 <form method="post" action="/logout" style="margin-left:auto"><button>log out</button></form></header>
 <main><h1>{t}</h1>{body}</main></body></html>"#,
@@ -132,14 +137,42 @@ pub(crate) async fn logout(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> R
     r
 }
 
-pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
-    let hosts: Vec<String> = ctx
-        .control
-        .config()
-        .sites
-        .iter()
-        .map(|s| s.host.to_string())
-        .collect();
+#[derive(Deserialize)]
+pub(crate) struct RangeQuery {
+    range: Option<String>,
+}
+
+/// Links to the other ranges of the same page, the current one marked.
+fn range_links(current: &charts::Range, base: &str) -> String {
+    let mut s = String::from("<nav class=ranges aria-label=\"time range\">");
+    for r in &charts::RANGES {
+        if r.name == current.name {
+            s.push_str(&format!(
+                "<a class=current aria-current=page href=\"{base}?range={n}\">{n}</a>",
+                n = r.name
+            ));
+        } else {
+            s.push_str(&format!("<a href=\"{base}?range={n}\">{n}</a>", n = r.name));
+        }
+    }
+    s.push_str("</nav>");
+    s
+}
+
+/// The end of a chart ending now: the end of the current bucket.
+fn chart_end(range: &charts::Range, now: u64) -> u64 {
+    now - now % range.span + range.span
+}
+
+/// Lines a chart shows besides the total, at most: more would not be told apart.
+const SITE_LINES: usize = charts::PALETTE.len();
+
+pub(crate) async fn overview(
+    State(ctx): State<Arc<Ctx>>,
+    Query(q): Query<RangeQuery>,
+) -> Html<String> {
+    let config = ctx.control.config();
+    let hosts: Vec<String> = config.sites.iter().map(|s| s.host.to_string()).collect();
     let certs = ctx.control.certs();
     let now = crate::clock::now();
     let mut rows = String::new();
@@ -205,60 +238,104 @@ pub(crate) async fn overview(State(ctx): State<Arc<Ctx>>) -> Html<String> {
     let nodes = format!(
         "<div class=card id=nodes><h2>Nodes</h2><table><thead><tr><th>node</th><th>state</th><th>last heartbeat</th><th>config generation</th><th>version</th></tr></thead><tbody>{nodes}</tbody></table></div>"
     );
+    let chart = overview_chart(&ctx, &config, &hosts, q.range.as_deref(), now).await;
     page(
         "Sites",
-        &format!("<table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th><th>certificate</th></tr></thead><tbody>{rows}</tbody></table>{nodes}"),
+        &format!("{chart}<div class=wide><table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th><th>certificate</th></tr></thead><tbody>{rows}</tbody></table></div>{nodes}"),
     )
 }
 
-/// TLS against cleartext requests per minute over the last 24 hours, as an SVG.
-fn chart(points: &[crate::store::SeriesPoint], from: u64, to: u64) -> String {
-    use plotters::prelude::*;
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (720, 220)).into_drawing_area();
-        let _ = root.fill(&WHITE);
-        let max = points
-            .iter()
-            .map(|p| p.tls.max(p.cleartext))
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let built = ChartBuilder::on(&root)
-            .margin(8)
-            .build_cartesian_2d(from as f64..to as f64, 0f64..max as f64 * 1.1);
-        if let Ok(mut c) = built {
-            // No text: the SVG backend has no font here; the page says what the axes are.
-            let _ = c
-                .configure_mesh()
-                .x_labels(0)
-                .y_labels(0)
-                .light_line_style(WHITE)
-                .draw();
-            // Each minute as a step of its own, so a lone busy minute still shows as a bar.
-            let steps = |f: fn(&crate::store::SeriesPoint) -> u64| -> Vec<(f64, f64)> {
-                points
-                    .iter()
-                    .flat_map(|p| {
-                        let (b, v) = (p.bucket as f64, f(p) as f64);
-                        [(b, 0.0), (b, v), (b + 60.0, v), (b + 60.0, 0.0)]
-                    })
-                    .collect()
-            };
-            let tls = steps(|p| p.tls);
-            let clear = steps(|p| p.cleartext);
-            let _ = c.draw_series(
-                AreaSeries::new(tls, 0.0, RGBColor(30, 123, 52).mix(0.35))
-                    .border_style(RGBColor(30, 123, 52)),
-            );
-            let _ = c.draw_series(
-                AreaSeries::new(clear, 0.0, RGBColor(179, 38, 30).mix(0.35))
-                    .border_style(RGBColor(179, 38, 30)),
-            );
+/// The TLS share of every site together, and a line per site not yet closed (the ones with
+/// the most cleartext first).
+async fn overview_chart(
+    ctx: &Ctx,
+    config: &crate::config::Config,
+    hosts: &[String],
+    range: Option<&str>,
+    now: u64,
+) -> String {
+    let range = charts::range(range);
+    let (from, to) = (range.start(now), chart_end(range, now));
+    let mut total: std::collections::BTreeMap<u64, TrafficPoint> = Default::default();
+    let mut open = Vec::new();
+    for (h, site) in hosts.iter().zip(&config.sites) {
+        let points = traffic_series(ctx, h, from, range.span)
+            .await
+            .unwrap_or_default();
+        for p in &points {
+            let t = total.entry(p.bucket).or_insert_with(|| TrafficPoint {
+                bucket: p.bucket,
+                tls: 0,
+                cleartext: 0,
+                tls_percent: None,
+                cleartext_likely_human: 0,
+                cleartext_likely_automated: 0,
+            });
+            t.tls += p.tls;
+            t.cleartext += p.cleartext;
         }
-        let _ = root.present();
+        if !config.pools[site.pool].is_closed() {
+            let clear: u64 = points.iter().map(|p| p.cleartext).sum();
+            open.push((clear, h.clone(), points));
+        }
     }
-    svg
+    let total: Vec<TrafficPoint> = total
+        .into_values()
+        .map(|mut p| {
+            let all = p.tls + p.cleartext;
+            p.tls_percent = (all > 0).then(|| p.tls as f64 * 100.0 / all as f64);
+            p
+        })
+        .collect();
+    open.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let left_out = open.len().saturating_sub(SITE_LINES);
+    let mut lines = vec![charts::Line {
+        label: "all sites".into(),
+        color: charts::FIRST,
+        points: &total,
+    }];
+    for ((_, host, points), color) in open.iter().zip(charts::PALETTE) {
+        lines.push(charts::Line {
+            label: host.clone(),
+            color,
+            points,
+        });
+    }
+    let marks = charts::Marks {
+        threshold: Some(100.0 - config.readiness.max_cleartext_percent),
+        ..Default::default()
+    };
+    let svg = charts::share_chart(&lines, range, from, to, &marks);
+    let more = match left_out {
+        0 => String::new(),
+        n => format!(" {n} more sites that accept cleartext are in the table, not drawn."),
+    };
+    format!(
+        "<div class=card id=share-card><h2>Served over TLS, last {label}</h2>{links}<p class=muted>Every site together, and each site that still accepts cleartext, per {bucket}; the dashed line is the readiness threshold. Hover a point for its figures.{more}</p><figure id=share-chart>{svg}</figure></div>",
+        label = span_text(range.secs),
+        links = range_links(range, "/"),
+        bucket = range.bucket_text(),
+    )
+}
+
+/// Brownout windows overlapping `from..to` (at most 1,000 of them).
+fn brownout_windows(b: crate::stages::Brownout, from: u64, to: u64) -> Vec<(u64, u64)> {
+    if b.every == 0 {
+        return vec![(b.start, b.start + b.duration)];
+    }
+    let first = from.saturating_sub(b.start + b.duration) / b.every;
+    (first..)
+        .map(|k| b.start + k * b.every)
+        .take_while(|&s| s < to)
+        .map(|s| (s, s + b.duration))
+        .filter(|&(_, e)| e > from)
+        .take(1000)
+        .collect()
+}
+
+/// A site name in a URL path (`*` of a wildcard site escaped).
+fn urlencode(s: &str) -> String {
+    s.replace('*', "%2A")
 }
 
 /// "7 days", "24 hours", "30 minutes".
@@ -301,11 +378,15 @@ pub(crate) async fn site(
             .into_response();
     };
     let session = req.extensions().get::<Session>().cloned();
+    let q = Query::<RangeQuery>::try_from_uri(req.uri())
+        .map(|q| q.0.range)
+        .unwrap_or_default();
+    let range = charts::range(q.as_deref());
     let config = ctx.control.config();
     let now = crate::clock::now();
     let store = ctx.control.store();
-    let series = store
-        .series(&host, now.saturating_sub(86_400), 60)
+    let (from, to) = (range.start(now), chart_end(range, now));
+    let points = traffic_series(&ctx, &host, from, range.span)
         .await
         .unwrap_or_default();
     let report = impact::report(
@@ -318,41 +399,77 @@ pub(crate) async fn site(
     .await
     .ok();
     let mut body = format!(
-        "<div class=card><p><strong>{mode}</strong> on pool <strong>{pool}</strong>{closed} ({addrs}), TLS ports {tls:?}, cleartext ports {clear:?}. Origin <code>{origin}</code>. HSTS <code>{hsts}</code>.</p></div>",
+        "<div class=card><p><strong>{mode}</strong> on pool <strong>{pool}</strong>{closed} ({addrs}), TLS ports {tls:?}, cleartext ports {clear:?}{h3}. Origin <code>{origin}</code>. HSTS <code>{hsts}</code>.</p></div>",
         mode = v.cleartext,
         pool = esc(&v.pool),
         closed = if v.pool_closed { ", closed to cleartext" } else { "" },
         addrs = esc(&v.addresses.join(", ")),
         tls = v.tls_ports,
         clear = v.cleartext_ports,
+        h3 = if v.http3 { ", HTTP/3 on" } else { ", no HTTP/3" },
         origin = esc(&v.origin),
         hsts = esc(v.hsts.as_deref().unwrap_or("off")),
     );
-    // The last hour when that is all there is, else the last 24 hours.
-    let first = series.first().map_or(now, |p| p.bucket);
-    let (from, label) = if first >= now.saturating_sub(3600) {
-        (now.saturating_sub(3600), "last hour")
-    } else {
-        (now.saturating_sub(86_400), "last 24 hours")
+    // Stage changes from the audit log, brownout windows from the plan.
+    let events: Vec<(u64, String)> = store
+        .audit()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.site == host)
+        .filter_map(|e| match e.event {
+            crate::store::AuditEvent::Stage { after, .. } => {
+                Some((e.at, after.stage.as_str().to_owned()))
+            }
+            _ => None,
+        })
+        .collect();
+    let brownouts = v
+        .stage
+        .as_ref()
+        .and_then(|p| p.brownout)
+        .map(|b| brownout_windows(b, from, to))
+        .unwrap_or_default();
+    let marks = charts::Marks {
+        threshold: Some(100.0 - config.readiness.max_cleartext_percent),
+        events,
+        brownouts,
     };
-    let peak = series
-        .iter()
-        .map(|p| p.tls.max(p.cleartext))
-        .max()
-        .unwrap_or(0);
-    if let Some(plan) = &v.stage {
-        body.push_str(&format!(
-            "<div class=card id=stage><p>Switch-off stage: <strong>{}</strong> since {}{}{}{}</p></div>",
+    let line = [charts::Line {
+        label: host.clone(),
+        color: charts::FIRST,
+        points: &points,
+    }];
+    let share = charts::share_chart(&line, range, from, to, &marks);
+    let plan = match &v.stage {
+        Some(plan) => format!(
+            "<div class=card id=stage><h2>Switch-off plan</h2><p>Stage <strong>{}</strong> since {}.</p><ul>{}{}{}{}</ul></div>",
             plan.stage.as_str(),
-            plan.since,
-            plan.target_pool.as_ref().map(|t| format!(", moving to pool <strong>{}</strong>", esc(t))).unwrap_or_default(),
-            plan.sunset.map(|t| format!(", sunset {}", esc(&crate::clock::http_date(t)))).unwrap_or_default(),
-            plan.brownout.map(|b| format!(", brownouts of {} s every {} s from {}", b.duration, b.every, b.start)).unwrap_or_default(),
-        ));
-    }
+            esc(&crate::clock::http_date(plan.since)),
+            plan.deprecated_at.map(|t| format!("<li>deprecated (warn) since {}</li>", esc(&crate::clock::http_date(t)))).unwrap_or_default(),
+            plan.sunset.map(|t| format!("<li>sunset {}</li>", esc(&crate::clock::http_date(t)))).unwrap_or_default(),
+            plan.brownout.map(|b| format!("<li>brownouts of {} s every {} s from {}</li>", b.duration, b.every, esc(&crate::clock::http_date(b.start)))).unwrap_or_default(),
+            plan.target_pool.as_ref().map(|t| format!("<li>moving to pool <strong>{}</strong></li>", esc(t))).unwrap_or_default(),
+        ),
+        None => "<div class=card id=stage><h2>Switch-off plan</h2><p class=muted>None: the site keeps its cleartext mode until changed.</p></div>".to_owned(),
+    };
+    let api = format!(
+        "/api/sites/{}/traffic?{}",
+        esc(&urlencode(&host)),
+        range.query()
+    );
     body.push_str(&format!(
-        "<div class=card><h2>Requests per minute, {label}</h2><p class=legend><i style=\"background:#1e7b34\"></i>over TLS<i style=\"background:#b3261e\"></i>cleartext <span class=muted>(peak {peak} a minute; time runs left to right, up to now)</span></p><figure id=chart>{}</figure></div>",
-        chart(&series, from, now + 60)
+        "<div class=split><div class=card id=share-card><h2>Served over TLS, last {label}</h2>{links}<p class=muted>Per {bucket}; the dashed line is the readiness threshold ({th}% over TLS), dashed verticals are stage changes, shaded spans brownouts. Hover a point for its figures. Download: <a id=csv href=\"{api}&amp;format=csv\">CSV</a> · <a id=json href=\"{api}\">JSON</a></p><figure id=share-chart>{share}</figure></div>{plan}</div>",
+        label = span_text(range.secs),
+        links = range_links(range, &format!("/ui/site/{}", esc(&host))),
+        bucket = range.bucket_text(),
+        th = 100.0 - config.readiness.max_cleartext_percent,
+    ));
+    body.push_str(&format!(
+        "<div class=card><h2>Requests per {bucket}</h2><figure id=requests-chart>{}</figure><h2>Cleartext requests by who likely sent them</h2><figure id=clients-chart>{}</figure></div>",
+        charts::stacked_chart(&points, &charts::TLS_AND_CLEARTEXT, range, from, to),
+        charts::stacked_chart(&points, &charts::HUMAN_AND_AUTOMATED, range, from, to),
+        bucket = range.bucket_text(),
     ));
     if let Some(r) = &report {
         body.push_str(&format!(

@@ -219,7 +219,6 @@ async fn audit(State(ctx): State<Arc<Ctx>>) -> Result<Json<Vec<AuditEntry>>, Api
 #[derive(Deserialize)]
 struct Window {
     since: Option<String>,
-    resolution: Option<String>,
 }
 
 fn since(w: &Window, default: u64) -> Result<u64, ApiError> {
@@ -255,31 +254,93 @@ fn known(ctx: &Ctx, host: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A series' bucket size: `minute`, `hour`, or a duration (`10m`, `6h`, `1d`), a whole number
+/// of minutes up to a week.
+pub(crate) fn resolution(r: Option<&str>) -> Result<u64, String> {
+    let secs = match r {
+        None | Some("minute") => 60,
+        Some("hour") => 3600,
+        Some(other) => humantime::parse_duration(other)
+            .map_err(|e| {
+                format!("resolution={other:?}: {e}; use minute, hour or a duration like 10m or 6h")
+            })?
+            .as_secs(),
+    };
+    if secs < 60 || secs % 60 != 0 || secs > 7 * 86_400 {
+        return Err(format!(
+            "resolution of {secs} s: use a whole number of minutes, from 1 minute to 7 days"
+        ));
+    }
+    Ok(secs)
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    since: Option<String>,
+    resolution: Option<String>,
+    format: Option<String>,
+}
+
 async fn traffic(
     State(ctx): State<Arc<Ctx>>,
     Path(host): Path<String>,
-    Query(w): Query<Window>,
+    Query(q): Query<SeriesQuery>,
 ) -> Result<Response, ApiError> {
     let host = host.to_ascii_lowercase();
-    let span = match w.resolution.as_deref() {
-        None | Some("minute") => 60,
-        Some("hour") => 3600,
+    let span =
+        resolution(q.resolution.as_deref()).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let csv = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
         Some(other) => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
-                format!("resolution={other:?}: use minute or hour"),
+                format!("format={other:?}: use json or csv"),
             ))
         }
     };
     known(&ctx, &host)?;
+    let w = Window { since: q.since };
     let since = since(&w, 86_400)?;
-    let series = ctx
-        .control
-        .store()
-        .series(&host, since, span)
+    let points = super::service::traffic_series(&ctx, &host, since, span)
         .await
         .map_err(unavailable)?;
-    Ok(Json(json!({ "site": host, "resolution_seconds": span, "points": series })).into_response())
+    if csv {
+        let mut out = String::from(
+            "bucket,utc,tls,cleartext,tls_percent,cleartext_likely_human,cleartext_likely_automated\n",
+        );
+        for p in &points {
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{}\n",
+                p.bucket,
+                crate::clock::iso_utc(p.bucket),
+                p.tls,
+                p.cleartext,
+                p.tls_percent.map_or(String::new(), |v| format!("{v:.3}")),
+                p.cleartext_likely_human,
+                p.cleartext_likely_automated
+            ));
+        }
+        let name = format!(
+            "attachment; filename=\"{}-traffic.csv\"",
+            host.replace('*', "_")
+        );
+        return Ok((
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "text/csv; charset=utf-8".to_owned(),
+                ),
+                (axum::http::header::CONTENT_DISPOSITION, name),
+            ],
+            out,
+        )
+            .into_response());
+    }
+    Ok(
+        Json(json!({ "site": host, "since": since, "resolution_seconds": span, "points": points }))
+            .into_response(),
+    )
 }
 
 async fn site_impact(

@@ -38,6 +38,52 @@ pub(crate) struct SiteView {
 /// A node that missed this many seconds of heartbeats is shown as gone.
 pub(crate) const NODE_SILENCE: u64 = 15;
 
+/// One bucket of a site's traffic as the dashboard charts it and the API serves it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub(crate) struct TrafficPoint {
+    /// Start of the bucket, seconds since the epoch (UTC).
+    pub(crate) bucket: u64,
+    pub(crate) tls: u64,
+    pub(crate) cleartext: u64,
+    /// Share of the bucket's requests served over TLS, in percent; `None` without requests.
+    pub(crate) tls_percent: Option<f64>,
+    /// Cleartext traffic by client family: browsers, and everything else.
+    pub(crate) cleartext_likely_human: u64,
+    pub(crate) cleartext_likely_automated: u64,
+}
+
+/// A site's traffic per bucket of `span` seconds from `since` on, oldest first: the store's
+/// series with its cleartext client families.
+pub(crate) async fn traffic_series(
+    ctx: &Ctx,
+    host: &str,
+    since: u64,
+    span: u64,
+) -> Result<Vec<TrafficPoint>, crate::store::StoreError> {
+    let store = ctx.control.store();
+    let series = store.series(host, since, span).await?;
+    let families = store.cleartext_families(host, since, span).await?;
+    let mut out: Vec<TrafficPoint> = series
+        .iter()
+        .map(|p| TrafficPoint {
+            bucket: p.bucket,
+            tls: p.tls,
+            cleartext: p.cleartext,
+            tls_percent: (p.tls + p.cleartext > 0)
+                .then(|| p.tls as f64 * 100.0 / (p.tls + p.cleartext) as f64),
+            cleartext_likely_human: 0,
+            cleartext_likely_automated: 0,
+        })
+        .collect();
+    for f in families {
+        if let Ok(i) = out.binary_search_by_key(&f.bucket, |p| p.bucket) {
+            out[i].cleartext_likely_human = f.likely_human;
+            out[i].cleartext_likely_automated = f.likely_automated;
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) async fn site_view(ctx: &Ctx, host: &str) -> Option<SiteView> {
     let c = ctx.control.config();
     let s = c.sites.iter().find(|s| s.host.to_string() == host)?;

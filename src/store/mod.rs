@@ -29,8 +29,8 @@ use crate::stages::{Plan, Plans, Stage};
 pub use certs::{CertStore, OrderClaim, PendingChallenge, StoredCert};
 pub use postgres::{PgSettings, PgStore};
 pub use rollups::{
-    DimCount, ExposureRow, OverflowCount, RollupBatch, Rollups, SeriesPoint, TrafficCount,
-    TrafficRow,
+    DimCount, ExposureRow, FamilyPoint, OverflowCount, RollupBatch, Rollups, SeriesPoint,
+    TrafficCount, TrafficRow,
 };
 pub use sqlite::SqliteStore;
 

@@ -159,6 +159,43 @@ pub struct SeriesPoint {
     pub cleartext: u64,
 }
 
+/// Cleartext traffic of one time bucket by who likely sent it: people (browsers) or programs
+/// (scripts, SDKs, bots, devices, no User-Agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FamilyPoint {
+    /// Start of the bucket, seconds since the epoch.
+    pub bucket: Timestamp,
+    pub likely_human: u64,
+    pub likely_automated: u64,
+}
+
+impl FamilyPoint {
+    /// Folds `(bucket, family, count)` rows, ordered by bucket, into points.
+    pub(crate) fn fold(
+        rows: impl IntoIterator<Item = (Timestamp, String, u64)>,
+    ) -> Vec<FamilyPoint> {
+        let mut out: Vec<FamilyPoint> = Vec::new();
+        for (bucket, family, n) in rows {
+            if out.last().is_none_or(|p| p.bucket != bucket) {
+                out.push(FamilyPoint {
+                    bucket,
+                    likely_human: 0,
+                    likely_automated: 0,
+                });
+            }
+            if let Some(p) = out.last_mut() {
+                // An unknown label (written by a newer version) counts as automated.
+                match crate::observe::ClientFamily::parse(&family).is_some_and(|f| f.likely_human())
+                {
+                    true => p.likely_human += n,
+                    false => p.likely_automated += n,
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The analytics rollups. Every write is one transaction.
 #[async_trait::async_trait]
 pub trait Rollups: Send + Sync {
@@ -176,6 +213,14 @@ pub trait Rollups: Send + Sync {
         since: Timestamp,
         span: u64,
     ) -> Result<Vec<SeriesPoint>, StoreError>;
+    /// Cleartext traffic per bucket of `span` seconds (at least 60) from `since` on, by likely
+    /// people against likely programs, oldest first.
+    async fn cleartext_families(
+        &self,
+        site: &str,
+        since: Timestamp,
+        span: u64,
+    ) -> Result<Vec<FamilyPoint>, StoreError>;
     /// Counts per value of one dimension (of one scheme, or both), largest first.
     async fn dims(
         &self,

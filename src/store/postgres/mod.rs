@@ -15,8 +15,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Attempt, AuditEntry, DeliveryState, EventQueue, ExposureRow, NewEvent, NodeInfo, PolicyStore,
-    QueueCounters, QueuedEvent, Repeat, RollupBatch, Rollups, SeriesPoint, StoreError, TrafficRow,
+    Attempt, AuditEntry, DeliveryState, EventQueue, ExposureRow, FamilyPoint, NewEvent, NodeInfo,
+    PolicyStore, QueueCounters, QueuedEvent, Repeat, RollupBatch, Rollups, SeriesPoint, StoreError,
+    TrafficRow,
 };
 use crate::clock::Timestamp;
 use crate::config::{CleartextMode, Overrides};
@@ -924,6 +925,28 @@ impl Rollups for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn cleartext_families(
+        &self,
+        site: &str,
+        since: Timestamp,
+        span: u64,
+    ) -> Result<Vec<FamilyPoint>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT bucket - bucket % $3 AS b, value, SUM(count)::BIGINT FROM dims
+                 WHERE site = $1 AND bucket >= $2 AND kind = 'family' AND scheme = 'cleartext'
+                 GROUP BY b, value ORDER BY b",
+                &[&site, &(since as i64), &(span.max(60) as i64)],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(FamilyPoint::fold(rows.iter().map(|r| {
+            let (bucket, family, n): (i64, String, i64) = (r.get(0), r.get(1), r.get(2));
+            (ts(bucket), family, ts(n))
+        })))
     }
 
     async fn series(

@@ -11,7 +11,9 @@ use rusqlite::{params, Connection};
 use super::{sqlite, SqliteStore};
 use crate::clock::Timestamp;
 use crate::observe::{ClientFamily, DimKind, Outcome, Scheme, TlsVersion};
-use crate::store::{ExposureRow, RollupBatch, Rollups, SeriesPoint, StoreError, TrafficRow};
+use crate::store::{
+    ExposureRow, FamilyPoint, RollupBatch, Rollups, SeriesPoint, StoreError, TrafficRow,
+};
 
 /// The column order of `traffic`, `dims`, `overflow` and `exposures` is that of the
 /// `analytics.db` of earlier versions, which the import copies with `SELECT *`.
@@ -276,6 +278,30 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// Cleartext traffic per bucket by likely people against likely programs.
+    pub fn cleartext_families_now(
+        &self,
+        site: &str,
+        since: Timestamp,
+        span: u64,
+    ) -> Result<Vec<FamilyPoint>, StoreError> {
+        let conn = crate::lock(&self.rollups);
+        let mut q = conn
+            .prepare_cached(
+                "SELECT bucket - bucket % ?3 AS b, value, SUM(count) FROM dims
+                 WHERE site = ?1 AND bucket >= ?2 AND kind = 'family' AND scheme = 'cleartext'
+                 GROUP BY b, value ORDER BY b",
+            )
+            .map_err(|e| sqlite(&self.path, e))?;
+        let rows = q
+            .query_map(params![site, since as i64, span.max(60) as i64], |r| {
+                Ok((ts(r, 0)?, r.get::<_, String>(1)?, ts(r, 2)?))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| sqlite(&self.path, e))?;
+        Ok(FamilyPoint::fold(rows))
+    }
+
     /// Counts per value of one dimension, largest first.
     pub fn dims_now(
         &self,
@@ -396,6 +422,17 @@ impl Rollups for SqliteStore {
     ) -> Result<Vec<SeriesPoint>, StoreError> {
         let site = site.to_owned();
         self.blocking(move |s| s.series_now(&site, since, span))
+            .await
+    }
+
+    async fn cleartext_families(
+        &self,
+        site: &str,
+        since: Timestamp,
+        span: u64,
+    ) -> Result<Vec<FamilyPoint>, StoreError> {
+        let site = site.to_owned();
+        self.blocking(move |s| s.cleartext_families_now(&site, since, span))
             .await
     }
 
