@@ -447,6 +447,30 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
         })
         .await
         .expect("write an old hour");
+    // A switch-off plan: warn, then brownouts of 10 minutes every hour from half an hour ago.
+    let roots = support::roots_from(&e.state.join("dev-ca.pem"));
+    for body in [
+        serde_json::json!({"stage": "warn", "target_pool": "closed", "force": true}),
+        serde_json::json!({"stage": "brownout", "force": true, "acknowledge_exposures": true,
+            "brownout": {"start": now - 1800, "duration": 600, "every": 3600}}),
+    ] {
+        let req = http::Request::post(format!("https://{}/api/sites/shop.test/stage", e.admin))
+            .header("authorization", format!("Bearer {}", e.token))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .expect("request");
+        let got = https(
+            e.admin,
+            &e.admin.ip().to_string(),
+            roots.clone(),
+            false,
+            req,
+        )
+        .await;
+        assert_eq!(got.status, 200, "{}", got.body);
+    }
     let b = browser().await;
     let c = &b.c;
     let base = format!("https://{}", e.admin);
@@ -500,6 +524,54 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
         "{week:?}"
     );
     assert_ne!(week, day, "the range changes the series");
+
+    // The site page: the plan beside the chart, its stage changes and brownouts on the time
+    // axis, and exact figures on hover.
+    c.goto(&format!("{base}/ui/site/shop.test"))
+        .await
+        .expect("site page");
+    let plan = c
+        .wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Id("stage"))
+        .await
+        .expect("plan")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        plan.contains("Stage brownout") && plan.contains("moving to pool closed"),
+        "{plan}"
+    );
+    let svg = c
+        .find(Locator::Css("#share-chart svg"))
+        .await
+        .expect("svg")
+        .html(false)
+        .await
+        .expect("html");
+    // plotters writes each text on a line of its own.
+    let flat = svg.split_whitespace().collect::<Vec<_>>().join(" ");
+    for text in [
+        "> warn </text>",
+        "> brownout </text>",
+        "readiness threshold",
+    ] {
+        assert!(flat.contains(text), "{text:?} not in the chart: {svg}");
+    }
+    let title = c
+        .find(Locator::Css("#share-chart g.series circle.point title"))
+        .await
+        .expect("hover title")
+        .html(true)
+        .await
+        .expect("text");
+    assert!(
+        title.contains("% over TLS (") && title.contains("UTC"),
+        "{title}"
+    );
+
+    screenshot(c, "dashboard-site-24h").await;
 
     // The site page over 7 days: what is plotted is what the API's JSON link says.
     c.goto(&format!("{base}/ui/site/shop.test?range=7d"))

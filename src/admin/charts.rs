@@ -6,6 +6,7 @@
 
 use plotters::coord::combinators::BindKeyPoints;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::service::TrafficPoint;
 
@@ -279,16 +280,32 @@ pub(crate) fn share_chart(
                         })
                     });
             }
+            // A label close to the previous one goes a line lower, so both can be read.
+            let (mut last_x, mut depth) = (None::<u64>, 0u32);
             for (t, stage) in &marks.events {
                 if (from..=to).contains(t) {
+                    depth = match last_x {
+                        Some(x) if t.saturating_sub(x) < (to - from) / 12 => depth + 1,
+                        _ => 0,
+                    };
+                    last_x = Some(*t);
+                    let label_y = 100.0 - f64::from(depth % 4) * (100.5 - lo) * 0.07;
                     let style = ShapeStyle::from(&BLACK.mix(0.6)).stroke_width(1);
                     let _ =
                         c.draw_series(DashedLineSeries::new([(*t, lo), (*t, 100.5)], 4, 4, style));
-                    let _ = c.draw_series(std::iter::once(Text::new(
-                        stage.clone(),
-                        (*t, 100.0),
-                        ("sans-serif", 13).into_font().color(&BLACK),
-                    )));
+                    let _ =
+                        c.draw_series(std::iter::once(Text::new(stage.clone(), (*t, label_y), {
+                            // Near the right edge the text runs leftwards, inside the chart.
+                            let h = if *t > to - (to - from) / 5 {
+                                HPos::Right
+                            } else {
+                                HPos::Left
+                            };
+                            ("sans-serif", 14)
+                                .into_font()
+                                .color(&BLACK)
+                                .pos(Pos::new(h, VPos::Top))
+                        })));
                 }
             }
             if let Some(th) = marks.threshold {
