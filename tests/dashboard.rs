@@ -150,6 +150,11 @@ struct Browser {
 }
 
 async fn browser() -> Browser {
+    browser_with(&[]).await
+}
+
+/// A browser with more Chromium flags.
+async fn browser_with(extra: &[&str]) -> Browser {
     for (tool, package) in [
         ("chromedriver", "chromium-driver"),
         ("chromium", "chromium"),
@@ -182,6 +187,10 @@ async fn browser() -> Browser {
             ]
         }
     });
+    let mut caps = caps;
+    if let Some(args) = caps["goog:chromeOptions"]["args"].as_array_mut() {
+        args.extend(extra.iter().map(|a| serde_json::json!(a)));
+    }
     let caps = caps.as_object().expect("object").clone();
     // chromedriver starts listening some time after it is spawned; until then, connecting fails.
     let deadline = Deadline::start();
@@ -653,4 +662,31 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
     }
     screenshot(c, "dashboard-site-360px").await;
     b.c.clone().close().await.expect("close");
+
+    // Dark mode: the page follows the system's preference, the charts with it.
+    let dark = browser_with(&["--force-dark-mode"]).await;
+    let c = &dark.c;
+    log_in(c, &base, &e.token).await;
+    c.goto(&format!("{base}/ui/site/shop.test"))
+        .await
+        .expect("page");
+    c.wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css("#share-chart svg"))
+        .await
+        .expect("chart");
+    let styles = c
+        .execute(
+            "return [getComputedStyle(document.body).backgroundColor, getComputedStyle(document.querySelector('#share-chart svg')).filter]",
+            vec![],
+        )
+        .await
+        .expect("script");
+    assert_eq!(styles[0], "rgb(17, 20, 24)", "{styles:?}");
+    assert!(
+        styles[1].as_str().is_some_and(|f| f.contains("invert")),
+        "{styles:?}"
+    );
+    screenshot(c, "dashboard-site-dark").await;
+    dark.c.clone().close().await.expect("close");
 }
