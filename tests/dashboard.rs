@@ -232,12 +232,33 @@ async fn log_in(c: &fantoccini::Client, base: &str, token: &str) {
         .send_keys(token)
         .await
         .expect("type");
-    c.find(Locator::Css("button[type=submit]"))
+    click(c, Locator::Css("button[type=submit]"), "button").await;
+}
+
+/// Waits for an element to be on the page.
+async fn shown(c: &fantoccini::Client, at: Locator<'_>, what: &str) {
+    c.wait()
+        .at_most(PATIENCE)
+        .for_element(at)
         .await
-        .expect("button")
-        .click()
+        .expect(what);
+}
+
+/// Clicks an element.
+async fn click(c: &fantoccini::Client, at: Locator<'_>, what: &str) {
+    c.find(at).await.expect(what).click().await.expect("click");
+}
+
+/// The text of an element, once it is there.
+async fn text_of(c: &fantoccini::Client, at: Locator<'_>, what: &str) -> String {
+    c.wait()
+        .at_most(PATIENCE)
+        .for_element(at)
         .await
-        .expect("click");
+        .expect(what)
+        .text()
+        .await
+        .expect("text")
 }
 
 /// Saves a screenshot under target/ (kept as a CI artifact; nothing is asserted on pixels).
@@ -286,15 +307,7 @@ async fn log_in_find_the_site_and_switch_its_mode_in_a_real_browser() {
         .expect("text");
     assert_eq!(cert, "development", "{cert}");
     // The nodes panel shows this node, alive.
-    let nodes = c
-        .wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Id("nodes"))
-        .await
-        .expect("nodes panel")
-        .text()
-        .await
-        .expect("text");
+    let nodes = text_of(c, Locator::Id("nodes"), "nodes panel").await;
     assert!(
         nodes.contains("(this node)") && nodes.contains("alive"),
         "{nodes}"
@@ -308,19 +321,10 @@ async fn log_in_find_the_site_and_switch_its_mode_in_a_real_browser() {
     assert_eq!(cookie.http_only(), Some(true));
     assert_eq!(format!("{:?}", cookie.same_site()), "Some(Strict)");
 
-    c.find(Locator::LinkText("shop.test"))
-        .await
-        .expect("link")
-        .click()
-        .await
-        .expect("click");
+    click(c, Locator::LinkText("shop.test"), "link").await;
 
     // The site page: chart, top cleartext families, the exposed key as a fingerprint.
-    c.wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("#share-chart svg"))
-        .await
-        .expect("chart");
+    shown(c, Locator::Css("#share-chart svg"), "chart").await;
     let page = c.source().await.expect("source");
     assert!(page.contains("python"), "client family shown");
     assert!(page.contains("x-api-key"), "exposure shown");
@@ -341,35 +345,18 @@ async fn log_in_find_the_site_and_switch_its_mode_in_a_real_browser() {
         .click()
         .await
         .expect("select");
-    c.find(Locator::Id("review"))
-        .await
-        .expect("review")
-        .click()
-        .await
-        .expect("click");
-    let impact = c
-        .wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Id("impact"))
-        .await
-        .expect("impact")
-        .text()
-        .await
-        .expect("text");
+    click(c, Locator::Id("review"), "review").await;
+    let impact = text_of(c, Locator::Id("impact"), "impact").await;
     assert!(impact.contains("7 cleartext requests"), "{impact}");
     screenshot(c, "dashboard-confirm").await;
-    c.find(Locator::Id("apply"))
-        .await
-        .expect("apply")
-        .click()
-        .await
-        .expect("click");
+    click(c, Locator::Id("apply"), "apply").await;
     // Back on the site page, which shows the new mode and no longer offers a review.
-    c.wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("#mode option[value=reject][selected]"))
-        .await
-        .expect("new mode shown");
+    shown(
+        c,
+        Locator::Css("#mode option[value=reject][selected]"),
+        "new mode shown",
+    )
+    .await;
     let url = c.current_url().await.expect("url");
     assert!(url.as_str().ends_with("/ui/site/shop.test"), "{url}");
     screenshot(c, "dashboard").await;
@@ -486,11 +473,7 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
     log_in(c, &base, &e.token).await;
 
     // The overview: a chart with labelled axes, a legend and the sites' series.
-    c.wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("#share-chart svg"))
-        .await
-        .expect("overview chart");
+    shown(c, Locator::Css("#share-chart svg"), "overview chart").await;
     let svg = c
         .find(Locator::Css("#share-chart svg"))
         .await
@@ -516,17 +499,13 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
         .all(|(b, _)| b.parse::<u64>().expect("bucket") > old));
 
     // The range switch: 7 days reach the old hour.
-    c.find(Locator::LinkText("7d"))
-        .await
-        .expect("7d link")
-        .click()
-        .await
-        .expect("click");
-    c.wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("nav.ranges a.current[href='/?range=7d']"))
-        .await
-        .expect("7d shown");
+    click(c, Locator::LinkText("7d"), "7d link").await;
+    shown(
+        c,
+        Locator::Css("nav.ranges a.current[href='/?range=7d']"),
+        "7d shown",
+    )
+    .await;
     let week = plotted(c, "share-chart", "shop.test").await;
     assert!(
         week.contains(&(old.to_string(), "75.000".into())),
@@ -539,15 +518,7 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
     c.goto(&format!("{base}/ui/site/shop.test"))
         .await
         .expect("site page");
-    let plan = c
-        .wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Id("stage"))
-        .await
-        .expect("plan")
-        .text()
-        .await
-        .expect("text");
+    let plan = text_of(c, Locator::Id("stage"), "plan").await;
     assert!(
         plan.contains("Stage brownout") && plan.contains("moving to pool closed"),
         "{plan}"
@@ -597,22 +568,16 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
             "{chart} has data"
         );
     }
-    let json = c
-        .find(Locator::Id("json"))
-        .await
-        .expect("JSON link")
-        .attr("href")
-        .await
-        .expect("attr")
-        .expect("href");
-    let csv = c
-        .find(Locator::Id("csv"))
-        .await
-        .expect("CSV link")
-        .attr("href")
-        .await
-        .expect("attr")
-        .expect("href");
+    let href = |id: &'static str| async move {
+        c.find(Locator::Id(id))
+            .await
+            .expect("download link")
+            .attr("href")
+            .await
+            .expect("attr")
+            .expect("href")
+    };
+    let (json, csv) = (href("json").await, href("csv").await);
     assert!(csv.ends_with("&format=csv"), "{csv}");
     screenshot(c, "dashboard-site-7d").await;
     c.goto(&format!("{base}{json}")).await.expect("API");
@@ -648,11 +613,7 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
     c.set_window_size(360, 800).await.expect("resize");
     for page in ["/", "/ui/site/shop.test"] {
         c.goto(&format!("{base}{page}")).await.expect("page");
-        c.wait()
-            .at_most(PATIENCE)
-            .for_element(Locator::Css("#share-chart svg"))
-            .await
-            .expect("chart");
+        shown(c, Locator::Css("#share-chart svg"), "chart").await;
         let (page_width, window) = widths(c).await;
         assert!(window <= 400, "the window is phone-sized: {window}");
         assert!(
@@ -670,11 +631,7 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
     c.goto(&format!("{base}/ui/site/shop.test"))
         .await
         .expect("page");
-    c.wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("#share-chart svg"))
-        .await
-        .expect("chart");
+    shown(c, Locator::Css("#share-chart svg"), "chart").await;
     let styles = c
         .execute(
             "return [getComputedStyle(document.body).backgroundColor, getComputedStyle(document.querySelector('#share-chart svg')).filter]",

@@ -208,6 +208,20 @@ fn runs(points: &[TrafficPoint], span: u64) -> Vec<Vec<(u64, f64)>> {
     out
 }
 
+/// Draws the legend of the series drawn so far.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    c: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) {
+    let _ = c
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(200, 200, 200))
+        .label_font(("sans-serif", 15))
+        .draw();
+}
+
 /// The time axis: `from..to` with ticks on whole hours or days.
 fn x_axis(
     range: &Range,
@@ -369,13 +383,7 @@ pub(crate) fn share_chart(
                     }
                 }
             }
-            let _ = c
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(200, 200, 200))
-                .label_font(("sans-serif", 15))
-                .draw();
+            legend(&mut c, SeriesLabelPosition::LowerLeft);
         }
         let _ = root.present();
     }
@@ -491,13 +499,7 @@ pub(crate) fn stacked_chart(
                     );
                 }
             }
-            let _ = c
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(200, 200, 200))
-                .label_font(("sans-serif", 15))
-                .draw();
+            legend(&mut c, SeriesLabelPosition::UpperLeft);
         }
         let _ = root.present();
     }
