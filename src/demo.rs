@@ -123,7 +123,7 @@ pub async fn start(options: DemoOptions, workers: Option<&Workers>) -> Result<De
 }
 
 /// A little traffic of each kind, so the dashboard has something to show from the start:
-/// requests over TLS to two sites, and a script in cleartext to the website, one of its
+/// requests over TLS to two sites (one of them over HTTP/3 too), and a script in cleartext to the website, one of its
 /// requests with an API key (counted as exposed, as the dashboard and `impact` show). None of
 /// it reaches the legacy API, whose figures the printed commands explain.
 async fn warm_up(o: &DemoOptions) {
@@ -153,6 +153,14 @@ async fn warm_up(o: &DemoOptions) {
         if let Ok(req) = get(host, o.tls_port, path, BROWSER) {
             let _ = crate::https::request((addr, o.tls_port), host, cfg.clone(), req).await;
         }
+    }
+    // And once over HTTP/3, as a browser that read the Alt-Svc header would.
+    if let Ok(req) = http::Request::get(format!("https://api.demo.test:{}/v1/items", o.tls_port))
+        .header(http::header::USER_AGENT, BROWSER)
+        .body(())
+    {
+        let addr = std::net::SocketAddr::from((o.closed_addr, o.tls_port));
+        let _ = crate::https::h3_request(addr, "api.demo.test", (*cfg).clone(), req).await;
     }
     let script = "python-requests/2.31.0";
     for (path, key) in [
@@ -274,8 +282,8 @@ pub fn instructions(o: &DemoOptions, admin_token: &str) -> String {
   sites        api.demo.test (closed), www.demo.test (redirect), legacy.demo.test (reject)
   DNS          zone demo.test on {c} port {d} (UDP and TCP)
   admin API    https://{c}:{a}/ (token below, new at every start)
-  warm-up      a few requests sent at start: over TLS to the API and the website, and a
-               script in cleartext to the website, one request with an API key (exposed)
+  warm-up      a few requests sent at start: over TLS to the API (HTTP/3 once) and the
+               website, and a script in cleartext to the website, one with an API key (exposed)
 
 Try these; each works pasted as is:
 

@@ -1,6 +1,6 @@
 //! The one HTTPS client helper: a TCP connection and a TLS handshake with a given SNI name and
 //! client config ([`connect`]), one HTTP/1.1 request over a stream ([`send`]), or both
-//! ([`request`]). For the CLI's admin calls, the readiness self-probe and `portcullis probe`.
+//! ([`request`]); and one HTTP/3 request over a QUIC connection of its own ([`h3_request`]). For the CLI's admin calls, the readiness self-probe and `portcullis probe`.
 //!
 //! A leaf: it imports none of our modules. It sets no timeout (the caller bounds the whole
 //! exchange), keeps no connection for reuse and speaks no HTTP/2: a caller that offers `h2` in
@@ -35,6 +35,9 @@ pub enum HttpsError {
     /// The HTTP/1.1 exchange failed (the peer closed, or answered with something not HTTP).
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    /// The QUIC connection or the HTTP/3 exchange failed.
+    #[error("{0}")]
+    Http3(String),
 }
 
 /// Connects to `addr` and completes a TLS handshake sending `name` as SNI and verifying the
@@ -86,6 +89,55 @@ where
 {
     let tls = connect(addr, name, config).await?;
     Ok(send(tls, req).await?)
+}
+
+/// Sends one bodiless HTTP/3 request to `addr` over a QUIC connection of its own (SNI `name`,
+/// ALPN `h3`, certificates verified as `config` says) and returns the answer's head and body.
+/// The connection is closed once the body is read.
+pub async fn h3_request(
+    addr: std::net::SocketAddr,
+    name: &str,
+    mut config: ClientConfig,
+    req: http::Request<()>,
+) -> Result<http::Response<bytes::Bytes>, HttpsError> {
+    use bytes::Buf as _;
+    let fail = |e: &dyn std::fmt::Display| HttpsError::Http3(e.to_string());
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    config.enable_early_data = false;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| fail(&e))?;
+    let local: std::net::SocketAddr = match addr {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let mut endpoint = quinn::Endpoint::client(local).map_err(|e| fail(&e))?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(addr, name)
+        .map_err(|e| fail(&e))?
+        .await
+        .map_err(|e| fail(&e))?;
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .map_err(|e| fail(&e))?;
+    let drive = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    let exchange = async {
+        let mut stream = send.send_request(req).await.map_err(|e| fail(&e))?;
+        stream.finish().await.map_err(|e| fail(&e))?;
+        let head = stream.recv_response().await.map_err(|e| fail(&e))?;
+        let mut body = bytes::BytesMut::new();
+        while let Some(mut chunk) = stream.recv_data().await.map_err(|e| fail(&e))? {
+            body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+        }
+        Ok(head.map(|()| body.freeze()))
+    };
+    let out = exchange.await;
+    conn.close(0u32.into(), b"done");
+    drive.abort();
+    // Lets the close reach the server before the socket goes.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.wait_idle()).await;
+    out
 }
 
 #[cfg(test)]

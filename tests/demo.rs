@@ -106,6 +106,8 @@ fn every_printed_curl_line_works_when_pasted() {
             Some(0),
             &[
                 "portcullis_requests_total{site=\"legacy.demo.test\",scheme=\"cleartext\",status=\"4xx\"} 2",
+                // The demo's warm-up request over HTTP/3.
+                "portcullis_requests_total{site=\"api.demo.test\",scheme=\"h3\",status=\"2xx\"} 1",
                 "portcullis_exposures_total{site=\"legacy.demo.test\",kind=\"header\"} 1",
                 "portcullis_exposures_total{site=\"legacy.demo.test\",kind=\"body\"} 1",
             ],
