@@ -100,8 +100,9 @@ impl ProbeReport {
                 "  HTTP/3: {}{}",
                 match (&a.tls.http3.offered, &a.tls.http3.error) {
                     (true, _) => format!(
-                        "offered (a QUIC handshake on UDP port {} negotiated h3)",
-                        self.tls_port
+                        "offered (UDP port {}: a GET over HTTP/3 answered {})",
+                        self.tls_port,
+                        a.tls.http3.status.unwrap_or_default()
                     ),
                     (false, e) => format!("not offered ({})", e.as_deref().unwrap_or("no answer")),
                 },

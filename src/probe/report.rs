@@ -141,8 +141,10 @@ pub struct TlsReport {
 /// HTTP/3 on the TLS port's number, over UDP.
 #[derive(Debug, Clone, Serialize)]
 pub struct Http3 {
-    /// A QUIC handshake negotiated `h3`.
+    /// A QUIC handshake negotiated `h3` and a GET was answered.
     pub offered: bool,
+    /// The GET's status.
+    pub status: Option<u16>,
     /// Why not, when it did not.
     pub error: Option<String>,
 }

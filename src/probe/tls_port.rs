@@ -79,7 +79,10 @@ pub(super) async fn probe_tls(
     addr: SocketAddr,
     path: &str,
 ) -> TlsReport {
-    let (mut report, http3) = tokio::join!(probe_tcp(o, host, addr, path), probe_h3(o, host, addr));
+    let (mut report, http3) = tokio::join!(
+        probe_tcp(o, host, addr, path),
+        probe_h3(o, host, addr, path)
+    );
     report.http3 = http3;
     report
 }
@@ -94,6 +97,7 @@ async fn probe_tcp(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &str) -
         // Filled in by `probe_tls`.
         http3: Http3 {
             offered: false,
+            status: None,
             error: None,
         },
     };
@@ -243,61 +247,39 @@ fn recording_config(
     Ok((cfg, verifier))
 }
 
-/// A QUIC handshake offering only `h3` to the TLS port's number over UDP; the connection
-/// is closed right after (no request is sent on it). UDP has no refusal to wait for, so
-/// silence past a few seconds (or `--timeout`, if shorter) means no HTTP/3.
-async fn probe_h3(o: &ProbeOptions, host: &str, addr: SocketAddr) -> Http3 {
+/// One HTTP/3 GET of `path` on the TLS port's number over UDP (ALPN `h3` only). UDP has no
+/// refusal to wait for, so silence past a few seconds (or `--timeout`, if shorter) means no
+/// HTTP/3. The certificate is recorded, not required, as on TCP.
+async fn probe_h3(o: &ProbeOptions, host: &str, addr: SocketAddr, path: &str) -> Http3 {
     const QUIC_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
     let failed = |e: String| Http3 {
         offered: false,
+        status: None,
         error: Some(e),
     };
-    let mut cfg = match recording_config(o) {
+    let cfg = match recording_config(o) {
         Ok((cfg, _)) => cfg,
         Err(e) => return failed(e),
     };
-    cfg.alpn_protocols = vec![b"h3".to_vec()];
-    cfg.enable_early_data = false;
-    let crypto = match quinn::crypto::rustls::QuicClientConfig::try_from(cfg) {
-        Ok(c) => c,
-        Err(e) => return failed(format!("QUIC TLS config: {e}")),
+    let authority = if addr.port() == 443 {
+        host.to_owned()
+    } else {
+        format!("{host}:{}", addr.port())
     };
-    let local: SocketAddr = match addr {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let mut endpoint = match quinn::Endpoint::client(local) {
-        Ok(e) => e,
-        Err(e) => return failed(format!("UDP socket: {e}")),
-    };
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let connecting = match endpoint.connect(addr, host) {
-        Ok(c) => c,
-        Err(e) => return failed(format!("QUIC: {e}")),
+    let Ok(req) = Request::get(format!("https://{authority}{path}")).body(()) else {
+        return failed(format!("{authority}{path} is not a request target"));
     };
     let patience = o.timeout.min(QUIC_PATIENCE);
-    let result = match tokio::time::timeout(patience, connecting).await {
+    match tokio::time::timeout(patience, crate::https::h3_request(addr, host, cfg, req)).await {
         Err(_) => failed(format!(
             "no QUIC answer within {}",
             humantime::format_duration(patience)
         )),
         Ok(Err(e)) => failed(format!("QUIC: {e}")),
-        Ok(Ok(conn)) => {
-            let alpn = conn
-                .handshake_data()
-                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-                .and_then(|d| d.protocol);
-            conn.close(0u32.into(), b"probe done");
-            match alpn.as_deref() {
-                Some(b"h3") => Http3 {
-                    offered: true,
-                    error: None,
-                },
-                _ => failed("QUIC without h3".into()),
-            }
-        }
-    };
-    // Lets the close reach the server before the socket goes.
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.wait_idle()).await;
-    result
+        Ok(Ok(resp)) => Http3 {
+            offered: true,
+            status: Some(resp.status().as_u16()),
+            error: None,
+        },
+    }
 }
