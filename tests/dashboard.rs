@@ -507,6 +507,21 @@ async fn the_tls_share_is_charted_as_the_api_reports_it_over_each_range_and_fits
     )
     .await;
     let week = plotted(c, "share-chart", "shop.test").await;
+    // The table links each site's series for the range shown.
+    let links = c
+        .find(Locator::XPath(
+            "//tr[td/a[text()='shop.test']]/td[@class='series']/a[text()='CSV']",
+        ))
+        .await
+        .expect("CSV link in the table")
+        .attr("href")
+        .await
+        .expect("attr")
+        .expect("href");
+    assert!(
+        links.contains("since=604800s&resolution=3600s&format=csv"),
+        "{links}"
+    );
     assert!(
         week.contains(&(old.to_string(), "75.000".into())),
         "{week:?}"

@@ -115,7 +115,10 @@ async fn closed_portcullis_gets_an_a() {
     assert_eq!(tls["cleartext_to_tls_port"]["kind"], "client_error");
     assert_eq!(tls["cleartext_to_tls_port"]["status"], 400);
     assert_eq!(tls["http3"]["offered"], true, "{r:#}");
-    assert_eq!(tls["http3"]["status"], 200, "the GET over HTTP/3 reached the origin");
+    assert_eq!(
+        tls["http3"]["status"], 200,
+        "the GET over HTTP/3 reached the origin"
+    );
     assert_eq!(tls["alt_svc"], "h3=\":5443\"; ma=86400");
 }
 

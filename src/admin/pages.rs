@@ -173,6 +173,7 @@ pub(crate) async fn overview(
 ) -> Html<String> {
     let config = ctx.control.config();
     let hosts: Vec<String> = config.sites.iter().map(|s| s.host.to_string()).collect();
+    let range = charts::range(q.range.as_deref());
     let certs = ctx.control.certs();
     let now = crate::clock::now();
     let mut rows = String::new();
@@ -211,7 +212,12 @@ pub(crate) async fn overview(
             None => "<span class=muted>no data</span>",
         };
         rows.push_str(&format!(
-            "<tr><td><a href=\"/ui/site/{h}\">{h}</a></td><td>{mode}</td><td>{pool}{closed}</td><td>{req}</td><td>{share}</td><td>{verdict}</td><td class=cert>{cert}</td></tr>",
+            "<tr><td><a href=\"/ui/site/{h}\">{h}</a></td><td>{mode}</td><td>{pool}{closed}</td><td>{req}</td><td>{share}</td><td>{verdict}</td><td class=cert>{cert}</td><td class=series><a href=\"{api}&amp;format=csv\">CSV</a> · <a href=\"{api}\">JSON</a></td></tr>",
+            api = format!(
+                "/api/sites/{}/traffic?{}",
+                esc(&urlencode(&v.host)),
+                range.query()
+            ),
             h = esc(&v.host),
             mode = v.cleartext,
             pool = esc(&v.pool),
@@ -238,10 +244,10 @@ pub(crate) async fn overview(
     let nodes = format!(
         "<div class=card id=nodes><h2>Nodes</h2><table><thead><tr><th>node</th><th>state</th><th>last heartbeat</th><th>config generation</th><th>version</th></tr></thead><tbody>{nodes}</tbody></table></div>"
     );
-    let chart = overview_chart(&ctx, &config, &hosts, q.range.as_deref(), now).await;
+    let chart = overview_chart(&ctx, &config, &hosts, range, now).await;
     page(
         "Sites",
-        &format!("{chart}<div class=wide><table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th><th>certificate</th></tr></thead><tbody>{rows}</tbody></table></div>{nodes}"),
+        &format!("{chart}<div class=wide><table><thead><tr><th>site</th><th>cleartext mode</th><th>pool</th><th>requests, 24 h</th><th>served over TLS, 24 h</th><th>readiness</th><th>certificate</th><th>series, {r}</th></tr></thead><tbody>{rows}</tbody></table></div>{nodes}", r = range.name),
     )
 }
 
@@ -251,10 +257,9 @@ async fn overview_chart(
     ctx: &Ctx,
     config: &crate::config::Config,
     hosts: &[String],
-    range: Option<&str>,
+    range: &charts::Range,
     now: u64,
 ) -> String {
-    let range = charts::range(range);
     let (from, to) = (range.start(now), chart_end(range, now));
     let mut total: std::collections::BTreeMap<u64, TrafficPoint> = Default::default();
     let mut open = Vec::new();
