@@ -6,6 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -15,10 +16,15 @@ use portcullis::runtime::{ConfigSource, Runtime};
 use portcullis::store::{RollupBatch, Rollups as _, TrafficCount};
 use support::{get, http, https, loopback, wait_until, Deadline, TestOrigin, PATIENCE};
 
+/// chromedriver in a process group of its own, with the browsers it starts: dropping it kills
+/// the whole group, so a test that fails before closing its session leaves no Chromium behind.
 struct Driver(Child);
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -168,6 +174,7 @@ async fn browser_with(extra: &[&str]) -> Browser {
     let driver = Driver(
         Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
