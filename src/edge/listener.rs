@@ -264,7 +264,7 @@ pub(crate) fn conn_info(
         agent: Default::default(),
         watch: Watch::new(),
         capture: None,
-        alt_svc: snap.alt_svc(key),
+        alt_svc: snap.alt_svc(key.0),
     }
 }
 

@@ -295,7 +295,7 @@ impl Edge {
         self.shared.snapshot.store(snap.clone());
         for h in listeners.values() {
             if let Some(endpoint) = &h.quic {
-                quic::update(&self.shared, &snap, endpoint);
+                quic::update(&snap, endpoint);
             }
         }
         for key in removed {
@@ -376,7 +376,7 @@ impl Edge {
             Sockets::Udp(socket) => {
                 let endpoint = {
                     let _rt = self.shared.workers.first().map(|h| h.enter());
-                    quic::endpoint(&self.shared, snap, socket)?
+                    quic::endpoint(snap, socket)?
                 };
                 let accept =
                     quic::accept_loop(self.shared.clone(), key, endpoint.clone(), stop.clone());

@@ -49,7 +49,8 @@ pub(crate) struct QuicState {
 }
 
 impl QuicState {
-    /// The server config for `crypto` (a snapshot's) and the edge's timeouts.
+    /// The server config for `crypto` (a snapshot's) and the edge's timeouts; built once per
+    /// snapshot, shared by every QUIC socket.
     pub(crate) fn server_config(
         &self,
         crypto: Arc<quinn::crypto::rustls::QuicServerConfig>,
@@ -75,19 +76,15 @@ impl QuicState {
     }
 }
 
-/// Opens the QUIC endpoint of one listener on the runtime this is called in.
+/// Opens the QUIC endpoint of one listener, serving `snap`'s config, on the runtime this is
+/// called in.
 pub(crate) fn endpoint(
-    shared: &Shared,
     snap: &Snapshot,
     socket: std::net::UdpSocket,
 ) -> std::io::Result<quinn::Endpoint> {
-    let cfg = snap
-        .quic
-        .clone()
-        .map(|c| shared.quic.server_config(c, &snap.config.edge));
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        cfg,
+        snap.quic.clone(),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
@@ -95,9 +92,9 @@ pub(crate) fn endpoint(
 
 /// Points a running endpoint at a new snapshot's certificates and settings; connections in
 /// progress keep what they negotiated.
-pub(crate) fn update(shared: &Shared, snap: &Snapshot, endpoint: &quinn::Endpoint) {
-    if let Some(c) = snap.quic.clone() {
-        endpoint.set_server_config(Some(shared.quic.server_config(c, &snap.config.edge)));
+pub(crate) fn update(snap: &Snapshot, endpoint: &quinn::Endpoint) {
+    if let Some(c) = &snap.quic {
+        endpoint.set_server_config(Some(c.clone()));
     }
 }
 

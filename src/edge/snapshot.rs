@@ -24,8 +24,12 @@ pub struct Snapshot {
     /// Increases by one on each successful reload.
     pub generation: u64,
     pub(crate) tls: Arc<ServerConfig>,
-    /// The TLS side of the QUIC sockets (same certificates, ALPN h3); `None` without any.
-    pub(crate) quic: Option<Arc<quinn::crypto::rustls::QuicServerConfig>>,
+    /// The QUIC sockets' config (same certificates, ALPN h3, the edge's timeouts); `None`
+    /// without any QUIC socket.
+    pub(crate) quic: Option<quinn::ServerConfig>,
+    /// `Alt-Svc: h3=":PORT"; ma=86400` by the address of every QUIC socket: what TLS
+    /// connections to the same address and port advertise.
+    alt_svc: HashMap<SocketAddr, HeaderValue>,
     pub(crate) pools: Vec<PoolRoutes>,
     pub(crate) sites: Vec<SiteRuntime>,
     pub(crate) listeners: BTreeMap<(SocketAddr, ListenerKind), usize>,
@@ -108,6 +112,7 @@ impl Snapshot {
             generation: 0,
             tls: tls::server_config(SniCerts::default(), resumption)?,
             quic: None,
+            alt_svc: HashMap::new(),
             pools: Vec::new(),
             sites: Vec::new(),
             listeners: BTreeMap::new(),
@@ -248,16 +253,28 @@ impl Snapshot {
                 };
             }
         }
-        let quic = listeners
+        let alt_svc: HashMap<SocketAddr, HeaderValue> = listeners
             .keys()
-            .any(|(_, kind)| *kind == ListenerKind::Quic)
-            .then(|| tls::quic_server_config(&tls))
-            .transpose()?;
+            .filter(|(_, kind)| *kind == ListenerKind::Quic)
+            .filter_map(|(addr, _)| {
+                let v = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", addr.port()));
+                Some((*addr, v.ok()?))
+            })
+            .collect();
+        let quic = match alt_svc.is_empty() {
+            true => None,
+            false => Some(
+                shared
+                    .quic
+                    .server_config(tls::quic_server_config(&tls)?, &config.edge),
+            ),
+        };
         Ok(Snapshot {
             config,
             generation,
             tls,
             quic,
+            alt_svc,
             pools,
             sites,
             listeners,
@@ -280,15 +297,10 @@ impl Snapshot {
         self.sites.get(pool.find(name)?)
     }
 
-    /// `Alt-Svc: h3=":PORT"; ma=86400` for a TLS socket whose address and port also have a
-    /// QUIC socket.
-    pub(crate) fn alt_svc(&self, key: (SocketAddr, ListenerKind)) -> Option<HeaderValue> {
-        if key.1 == ListenerKind::Cleartext
-            || !self.listeners.contains_key(&(key.0, ListenerKind::Quic))
-        {
-            return None;
-        }
-        HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", key.0.port())).ok()
+    /// The `Alt-Svc` value a connection to `addr` advertises: there is a QUIC socket on the
+    /// same address and port.
+    pub(crate) fn alt_svc(&self, addr: SocketAddr) -> Option<HeaderValue> {
+        self.alt_svc.get(&addr).cloned()
     }
 
     pub(crate) fn listener_keys(&self) -> Vec<(SocketAddr, ListenerKind)> {
