@@ -598,3 +598,72 @@ async fn dashboard_pages_need_a_session_read_without_javascript_and_changes_need
         403
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traffic_series_comes_as_json_or_csv_at_any_whole_minute_and_bad_queries_say_why() {
+    let s = setup().await;
+    let clear = SocketAddr::from((s.open, 4080));
+    for _ in 0..3 {
+        assert_eq!(http(clear, get("http://www.test/")).await.status, 301);
+    }
+    let path = "/api/sites/www.test/traffic?since=1h&resolution=10m";
+    let deadline = support::Deadline::start();
+    let json = loop {
+        let (status, _, body) = s.call(Some(&s.token), Method::GET, path, "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let clear: u64 = v["points"]
+            .as_array()
+            .expect("points")
+            .iter()
+            .map(|p| p["cleartext"].as_u64().unwrap_or(0))
+            .sum();
+        if clear == 3 || deadline.passed() {
+            break v;
+        }
+        support::pause(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(json["resolution_seconds"], 600);
+    let p = &json["points"][0];
+    assert_eq!(p["bucket"].as_u64().expect("bucket") % 600, 0, "{json}");
+    assert_eq!(p["tls_percent"], 0.0, "{json}");
+    assert_eq!(
+        p["cleartext_likely_automated"], 3,
+        "no User-Agent: a program"
+    );
+    let (status, headers, csv) = s
+        .call(
+            Some(&s.token),
+            Method::GET,
+            &format!("{path}&format=csv"),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{csv}");
+    assert_eq!(headers["content-type"], "text/csv; charset=utf-8");
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("bucket,utc,tls,cleartext,tls_percent,cleartext_likely_human,cleartext_likely_automated")
+    );
+    let row = lines.next().expect("a row");
+    assert!(row.ends_with(",0,3,0.000,0,3"), "{row}");
+    for (query, says) in [
+        ("resolution=90s", "whole number of minutes"),
+        ("resolution=30d", "from 1 minute to 7 days"),
+        ("resolution=soon", "use minute, hour or a duration like 10m"),
+        ("format=xml", "use json or csv"),
+        ("since=yesterday", "write it like 24h or 7d"),
+    ] {
+        let (status, _, body) = s
+            .call(
+                Some(&s.token),
+                Method::GET,
+                &format!("/api/sites/www.test/traffic?{query}"),
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+}

@@ -994,3 +994,68 @@ async fn dns_stops_on_its_token_open_connections_included() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+#[test]
+fn a_site_without_http3_gets_no_h3_in_its_https_record() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("p.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[state]
+dir = "{}"
+[dns]
+listen = "127.0.0.1:5300"
+zones = ["example.test"]
+[[pool]]
+name = "quic"
+addresses = ["192.0.2.1"]
+tls_ports = [443]
+[[pool]]
+name = "tcp"
+addresses = ["192.0.2.2"]
+tls_ports = [443]
+http3 = false
+[[site]]
+host = "a.example.test"
+pool = "quic"
+origin = "http://127.0.0.1:9"
+[[site]]
+host = "b.example.test"
+pool = "quic"
+origin = "http://127.0.0.1:9"
+http3 = false
+[[site]]
+host = "c.example.test"
+pool = "tcp"
+origin = "http://127.0.0.1:9"
+"#,
+            dir.path().join("state").display()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["dns", "export", "example.test", "-c"])
+        .arg(&file)
+        .output()
+        .expect("export");
+    let zone = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{zone}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, alpn) in [
+        ("a", "h3,h2,http/1.1"),
+        ("b", "h2,http/1.1"),
+        ("c", "h2,http/1.1"),
+    ] {
+        assert!(
+            zone.contains(&format!(
+                "{name}.example.test. 300 IN HTTPS 1 . alpn=\"{alpn}\""
+            )),
+            "{name}: {zone}"
+        );
+    }
+}
